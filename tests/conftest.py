@@ -1,0 +1,120 @@
+"""Shared fixtures: a real SeaweedFS S3 server, a warmed real CPU engine, daemons in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from watcher.daemon import Daemon, running
+from watcher.decode import RenderedPage
+from watcher.embedded import SeaweedS3
+from watcher.engines.base import Engine, PageResult
+from watcher.engines.cpu import CpuEngine
+from watcher.settings import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(data_dir=tmp_path_factory.mktemp("weed"), buckets=("warmup",))
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def bucket(weed: SeaweedS3) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    weed.sync_client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3(weed: SeaweedS3) -> Any:
+    return weed.sync_client()
+
+
+_shared_cpu: CpuEngine | None = None
+
+
+class CountingEngine(Engine):
+    """The real CPU engine, shared across the session (warmed once), counting its calls.
+
+    Counting is how tests prove "nothing done twice"; sharing only saves the model load.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        global _shared_cpu
+        if _shared_cpu is None:
+            _shared_cpu = CpuEngine(concurrency=1)
+        self.inner = _shared_cpu
+        self.name = self.inner.name
+        self.model = self.inner.model
+        self.calls: list[int] = []
+
+    async def warm(self) -> None:
+        await self.inner.warm()
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        self.calls.append(page.index)
+        return await self.inner.recognize(page)
+
+
+def make_settings(server: SeaweedS3, bucket: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "s3_endpoint": server.endpoint,
+        "s3_bucket": bucket,
+        "s3_access_key": server.access_key,
+        "s3_secret_key": server.secret_key,
+        "poll_interval": 0.5,
+        "http_port": 0,
+        "http_host": "127.0.0.1",
+        "lease_seconds": 10,
+        "drain_seconds": 20,
+        "s3_max_attempts": 3,
+        "s3_connect_timeout": 1,
+        "s3_read_timeout": 10,
+        "render_dpi": 100,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def daemon_running(settings: Settings, engine: Engine | None = None) -> AsyncIterator[Daemon]:
+    daemon = Daemon(settings, engine=engine or CountingEngine())
+    async with running(daemon):
+        await asyncio.wait_for(daemon.listening.wait(), 10)
+        yield daemon
+
+
+def object_exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except Exception:
+        return False
+    return True
+
+
+async def wait_for_keys(s3: Any, bucket: str, keys: list[str], timeout: float = 120) -> None:
+    """Wait until every key exists in the bucket (results are the daemon's only output)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    missing = list(keys)
+    while missing:
+        exists = await asyncio.gather(*(asyncio.to_thread(object_exists, s3, bucket, k) for k in missing))
+        missing = [k for k, ok in zip(missing, exists, strict=True) if not ok]
+        if not missing:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {missing}")
+        await asyncio.sleep(0.3)

@@ -1,0 +1,143 @@
+"""End to end: real SeaweedFS over HTTP, the real CPU engine, generated documents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib.resources import files
+from typing import Any
+
+import aiohttp
+import jsonschema
+from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from docgen import make_image, make_pdf, make_tiff
+from rapidfuzz import fuzz
+
+from watcher.embedded import SeaweedS3
+
+SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
+
+PDF_PAGES = [
+    ["QUARTERLY REPORT ALPHA", "Revenue grew strongly"],
+    ["Second page BRAVO", "Costs were stable"],
+    ["Third page CHARLIE", "Outlook remains positive"],
+]
+
+# key (relative to input/) -> (bytes, expected phrases, page count)
+DOCUMENTS: dict[str, tuple[bytes, list[str], int]] = {
+    "reports/q3 report.pdf": (make_pdf(PDF_PAGES), [l for p in PDF_PAGES for l in p], 3),
+    "scans/plus+sign.png": (make_image(["Invoice number 4711", "ACME GmbH"], "PNG"),
+                            ["Invoice number 4711", "ACME GmbH"], 1),
+    "scans/percent%20name.jpg": (make_image(["Delivery note 99", "Blue widgets"], "JPEG"),
+                                 ["Delivery note 99", "Blue widgets"], 1),
+    "Документы/договор №1.tiff": (make_tiff([["Contract page one"], ["Contract page two"]]),
+                                  ["Contract page one", "Contract page two"], 2),
+    "misc/old scan.bmp": (make_image(["Bitmap scanner output"], "BMP"),
+                          ["Bitmap scanner output"], 1),
+    "misc/phone.webp": (make_image(["Photo taken with phone"], "WEBP"),
+                        ["Photo taken with phone"], 1),
+    # Named like an image, but it is a PDF: content decides, not the extension.
+    "misc/misnamed.png": (make_pdf([["Actually a PDF file"]]), ["Actually a PDF file"], 1),
+}
+
+
+def contains_fuzzy(text: str, phrase: str) -> bool:
+    return fuzz.partial_ratio(phrase.lower(), text.lower()) >= 85
+
+
+def load_json(s3: Any, bucket: str, key: str) -> Any:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+async def test_documents_become_results_and_a_second_run_does_nothing(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    for rel, (body, _, _) in DOCUMENTS.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=body)
+    s3.put_object(Bucket=bucket, Key="input/reports/", Body=b"")  # a folder marker
+    settings = make_settings(weed, bucket)
+    results = [f"output/{rel}.json" for rel in DOCUMENTS]
+
+    engine = CountingEngine()
+    async with daemon_running(settings, engine) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}"
+        await wait_for_keys(s3, bucket, results)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/health") as resp:
+                assert resp.status == 200
+                health = await resp.json()
+            async with http.get(f"{url}/ready") as resp:
+                assert resp.status == 200, await resp.text()
+            async with http.get(f"{url}/metrics") as resp:
+                metrics = await resp.text()
+    assert health["status"] == "healthy" and health["paddleocr"] == "ready"
+    total_pages = sum(pages for _, _, pages in DOCUMENTS.values())
+    assert f"watcher_pages_total {float(total_pages)}" in metrics
+    assert f'watcher_documents_total{{outcome="done"}} {float(len(DOCUMENTS))}' in metrics
+    for name in ("watcher_stage_seconds_bucket", "watcher_inflight_documents",
+                 "watcher_backlog_documents", "watcher_engine_ready 1.0"):
+        assert name in metrics
+    assert len(engine.calls) == total_pages
+
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
+    keys = {item["Key"] for item in listing}
+    assert not any(k.endswith(".error.json") for k in keys), keys
+    assert "output/reports/.json" not in keys  # the folder marker is not a document
+    for rel, (body, phrases, pages) in DOCUMENTS.items():
+        result = load_json(s3, bucket, f"output/{rel}.json")
+        jsonschema.validate(result, SCHEMA)
+        head = s3.head_object(Bucket=bucket, Key=f"input/{rel}")
+        assert result["source"] == {
+            "bucket": bucket, "key": f"input/{rel}", "etag": head["ETag"].strip('"'),
+            "size": len(body), "last_modified": result["source"]["last_modified"],
+        }
+        assert len(result["pages"]) == pages
+        for page in result["pages"]:
+            for block in page["blocks"]:
+                x0, y0, x1, y1 = block["bbox"]
+                assert 0 <= x0 < x1 <= page["width"] + 1 and 0 <= y0 < y1 <= page["height"] + 1
+        text = " ".join(b["text"] for p in result["pages"] for b in p["blocks"])
+        markdown = s3.get_object(Bucket=bucket, Key=f"output/{rel}.md")["Body"].read().decode()
+        assert markdown == result["markdown"]
+        for phrase in phrases:
+            assert contains_fuzzy(text, phrase), (rel, phrase, text)
+            assert contains_fuzzy(markdown, phrase), (rel, phrase, markdown)
+    # Reading order survives into Markdown: page 1 before page 3, line 1 before line 2.
+    report = load_json(s3, bucket, "output/reports/q3 report.pdf.json")["markdown"].lower()
+    assert report.index("alpha") < report.index("bravo") < report.index("charlie")
+    assert report.index("revenue") < report.index("bravo")
+    # Not ASCII-escaped: the Cyrillic key appears as UTF-8 in the stored JSON.
+    raw = s3.get_object(Bucket=bucket, Key="output/Документы/договор №1.tiff.json")["Body"].read()
+    assert "Документы".encode() in raw
+
+    stamps = {i["Key"]: (i["ETag"], i["LastModified"]) for i in listing}
+    second = CountingEngine()
+    async with daemon_running(settings, second) as daemon:
+        await daemon.wait_polls(3, timeout=30)
+        await asyncio.sleep(0.5)
+    assert second.calls == []
+    after = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
+    assert {i["Key"]: (i["ETag"], i["LastModified"]) for i in after} == stamps
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+
+
+async def test_replaced_source_is_processed_again(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    key = "input/letter.png"
+    s3.put_object(Bucket=bucket, Key=key, Body=make_image(["First version KILO"], "PNG"))
+    settings = make_settings(weed, bucket)
+    engine = CountingEngine()
+    async with daemon_running(settings, engine) as daemon:
+        await wait_for_keys(s3, bucket, ["output/letter.png.json"])
+        first = load_json(s3, bucket, "output/letter.png.json")
+        assert contains_fuzzy(first["markdown"], "First version KILO")
+        s3.put_object(Bucket=bucket, Key=key, Body=make_image(["Second version LIMA"], "PNG"))
+        new_etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        for _ in range(100):
+            result = load_json(s3, bucket, "output/letter.png.json")
+            if result["source"]["etag"] == new_etag:
+                break
+            await asyncio.sleep(0.3)
+        await daemon.wait_polls(daemon.polls + 2, timeout=30)
+    assert result["source"]["etag"] == new_etag
+    assert contains_fuzzy(result["markdown"], "Second version LIMA")
+    assert len(engine.calls) == 2

@@ -1,0 +1,53 @@
+"""Command line: `watcher run` (the daemon) and `watcher demo` (embedded S3 + samples)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from watcher.settings import SettingsError, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _run() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"watcher: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from watcher.daemon import Daemon
+    from watcher.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+
+    async def main() -> None:
+        daemon = Daemon(settings)
+        daemon.install_signal_handlers()
+        await daemon.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="watcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon against the S3 endpoint in the environment")
+    demo = sub.add_parser("demo", help="embedded SeaweedFS + CPU engine + the sample documents")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep the daemon and S3 server up after the samples are done")
+    demo.add_argument("--http-port", type=int, default=8081)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run()
+    from watcher.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running, http_port=args.http_port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The daemon's life: HTTP first, engine warm-up, discovery and workers, then a drain.
+
+Shutdown (SIGTERM/SIGINT, or `request_stop()`): discovery stops, idle workers stop, busy
+workers get WATCHER_DRAIN_SECONDS to finish their document; whatever is still running
+then is cancelled and its lease released, so another replica (or the next start) takes
+it over at once. A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from watcher.decode import Decoder
+from watcher.discovery import Discovery
+from watcher.engines import Engine, EngineState, create_engine
+from watcher.layout import Layout
+from watcher.logs import get_logger, scrubber
+from watcher.metrics import Metrics
+from watcher.settings import Settings
+from watcher.health import HealthServer
+from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
+from watcher.worker import DocumentWorker
+from watcher.workqueue import WorkQueue
+
+log = get_logger("watcher.daemon")
+
+StorageFactory = Callable[[Settings], AbstractAsyncContextManager[Storage]]
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        storage_factory: StorageFactory = open_storage,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine or create_engine(settings)
+        self.storage_factory = storage_factory
+        self.metrics = Metrics()
+        self.queue = WorkQueue(settings.queue_size)
+        self.decoder = Decoder()
+        self.http = HealthServer(self, settings.http_host, settings.http_port)
+        self.started_at = time.monotonic()
+        self.s3_reachable: bool | None = None
+        self.s3_error: str | None = None
+        self.inflight = 0
+        self.backlog = 0
+        self.polls = 0
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self._busy: dict[asyncio.Task[None], ObjectRef | None] = {}
+        self.poll_done = asyncio.Condition()
+        self.listening = asyncio.Event()
+
+    # --- control -----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("second_stop_signal_skipping_drain")
+            self._force.set()
+        self._stop.set()
+
+    def poke(self) -> None:
+        """Start the next discovery poll now (notifications call this)."""
+        self._poll_now.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    def scrub(self, data: Any) -> Any:
+        return scrubber.scrub(data)
+
+    def refresh_gauges(self) -> None:
+        self.metrics.inflight.set(self.inflight)
+        self.metrics.backlog.set(self.backlog)
+        self.metrics.engine_ready.set(1 if self.engine.state is EngineState.READY else 0)
+
+    async def wait_polls(self, count: int, timeout: float) -> None:
+        """Test and demo helper: wait until `count` discovery polls have completed."""
+        async with asyncio.timeout(timeout):
+            async with self.poll_done:
+                await self.poll_done.wait_for(lambda: self.polls >= count)
+
+    # --- life --------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.http.start()
+        log.info("http_listening", host=self.settings.http_host, port=self.http.port)
+        self.listening.set()
+        try:
+            async with self.storage_factory(self.settings) as storage:
+                await self._serve(storage)
+        finally:
+            self.draining = True
+            await self.engine.close()
+            self.decoder.shutdown()
+            await self.http.stop()
+            log.info("daemon_stopped")
+
+    async def _serve(self, storage: Storage) -> None:
+        worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder)
+        discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
+        warm = asyncio.create_task(self.engine.start(), name="engine-warm")
+        poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
+        workers = [
+            asyncio.create_task(self._work_forever(worker), name=f"worker-{i}")
+            for i in range(self.settings.max_inflight_documents)
+        ]
+        log.info(
+            "daemon_started", bucket=self.settings.s3_bucket, engine=self.engine.name,
+            input_prefix=self.settings.input_prefix, output_prefix=self.settings.output_prefix,
+            replica=self.settings.replica_id,
+        )
+        await self._stop.wait()
+        self.draining = True
+        log.info("drain_started", inflight=self.inflight, grace_seconds=self.settings.drain_seconds)
+        poller.cancel()
+        warm.cancel()
+        await self._drain(workers)
+        await asyncio.gather(poller, warm, return_exceptions=True)
+
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
+        for task in workers:
+            if self._busy.get(task) is None:
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        pending = {t for t in workers if not t.done() and self._busy.get(t) is not None}
+        force = asyncio.create_task(self._force.wait())
+        while pending and not self._force.is_set() and loop.time() < deadline:
+            _done, waiting = await asyncio.wait(
+                pending | {force}, timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            pending = waiting - {force}
+        force.cancel()
+        leftover = [t for t in pending if not t.done()]
+        if leftover:
+            log.warning("drain_timeout_releasing", documents=len(leftover))
+            for task in leftover:
+                task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _wait_engine_ready(self) -> None:
+        while self.engine.state is not EngineState.READY:
+            await asyncio.sleep(0.2)
+
+    async def _work_forever(self, worker: DocumentWorker) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        self._busy[me] = None
+        await self._wait_engine_ready()
+        while not self._stop.is_set():
+            ref = await self.queue.take()
+            self._busy[me] = ref
+            self.inflight += 1
+            try:
+                await worker.process(ref)
+            finally:
+                self.inflight -= 1
+                self._busy[me] = None
+                self.queue.finish(ref)
+                self.refresh_gauges()
+
+    async def _discover_forever(self, discovery: Discovery) -> None:
+        while not self._stop.is_set():
+            self._poll_now.clear()
+            await self._poll_once(discovery)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_interval):
+                    await self._poll_now.wait()
+
+    async def _poll_once(self, discovery: Discovery) -> None:
+        started = time.perf_counter()
+        try:
+            todo = await discovery.scan()
+        except StorageUnavailable as exc:
+            if self.s3_reachable is not False:
+                log.error("s3_unreachable", error=str(exc))
+            self.s3_reachable, self.s3_error = False, str(exc)
+            self.metrics.s3_errors.inc()
+        else:
+            if self.s3_reachable is False:
+                log.info("s3_reachable_again")
+            self.s3_reachable, self.s3_error = True, None
+            offered = sum(1 for ref in todo if self.queue.offer(ref))
+            self.backlog = sum(1 for ref in todo if ref not in self._busy.values())
+            self.metrics.polls.inc()
+            if offered:
+                log.info("discovery_found", new=offered, backlog=self.backlog,
+                         seconds=round(time.perf_counter() - started, 3))
+        self.refresh_gauges()
+        async with self.poll_done:
+            self.polls += 1
+            self.poll_done.notify_all()
+
+
+@contextlib.asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a daemon in the background of the current loop; stop and drain on exit."""
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        yield task
+    finally:
+        daemon.request_stop()
+        await task

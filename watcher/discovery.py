@@ -1,0 +1,60 @@
+"""Discovery: list the input prefix and yield the source versions that are not done.
+
+Done-ness lives in S3: a version is done when `<output>/<rel>.json` (or `.error.json`)
+carries its ETag in metadata. The output listing tells which results exist; a HEAD per
+new result tells which source ETag it records, cached by the result's own ETag so a
+steady bucket costs two listings a poll and nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from watcher.layout import SOURCE_ETAG_META, Layout, shard_of
+from watcher.settings import ClaimMode, Settings
+from watcher.storage import ObjectRef, Storage, clean_etag
+
+
+class Discovery:
+    def __init__(self, storage: Storage, settings: Settings, layout: Layout) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.layout = layout
+        self._recorded: dict[tuple[str, str], str] = {}  # (result key, result etag) -> source etag
+        self._head_limit = asyncio.Semaphore(16)
+
+    def _mine(self, key: str) -> bool:
+        if self.settings.claim_mode is not ClaimMode.SHARD:
+            return True
+        return shard_of(key, self.settings.shard_count) == self.settings.shard_index
+
+    async def _recorded_etag(self, result: ObjectRef) -> str | None:
+        cache_key = (result.key, result.etag)
+        if cache_key not in self._recorded:
+            async with self._head_limit:
+                head = await self.storage.head(result.key)
+            if head is None:
+                return None
+            self._recorded[cache_key] = clean_etag(head.get("Metadata", {}).get(SOURCE_ETAG_META, ""))
+        return self._recorded[cache_key]
+
+    async def _is_done(self, ref: ObjectRef, outputs: dict[str, ObjectRef]) -> bool:
+        for result_key in (self.layout.result_json(ref.key), self.layout.error_json(ref.key)):
+            result = outputs.get(result_key)
+            if result is not None and await self._recorded_etag(result) == ref.etag:
+                return True
+        return False
+
+    async def scan(self) -> list[ObjectRef]:
+        """Source versions under the input prefix with no result for their ETag, oldest first."""
+        outputs = {ref.key: ref async for ref in self.storage.list_objects(self.layout.output_prefix)}
+        candidates = [
+            ref
+            async for ref in self.storage.list_objects(self.layout.input_prefix)
+            if self.layout.is_document_key(ref.key) and self._mine(ref.key)
+        ]
+        done = await asyncio.gather(*(self._is_done(ref, outputs) for ref in candidates))
+        self._recorded = {k: v for k, v in self._recorded.items() if k[0] in outputs}
+        todo = [ref for ref, is_done in zip(candidates, done, strict=True) if not is_done]
+        todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
+        return todo

@@ -1,0 +1,94 @@
+"""The engine interface: warm once, then recognise rendered pages."""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from watcher.decode import RenderedPage
+from watcher.logs import get_logger
+
+log = get_logger("watcher.engine")
+
+
+class EngineState(StrEnum):
+    NOT_INITIALIZED = "not_initialized"
+    WARMING = "warming"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class Block:
+    """One layout element on a page, in page pixel coordinates."""
+
+    type: str
+    bbox: list[float]  # [x0, y0, x1, y1]
+    text: str
+    score: float | None = None
+    order: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PageResult:
+    index: int
+    width: int
+    height: int
+    blocks: list[Block]
+    markdown: str
+    raw: dict[str, Any] | None = None
+
+
+WARMUP_TEXT = "WATCHER WARMUP 2026"
+
+
+def synthetic_page() -> RenderedPage:
+    """A small page with known text, run through the engine before any document."""
+    image = Image.new("RGB", (640, 200), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((40, 70), WARMUP_TEXT, fill="black", font=ImageFont.load_default(size=40))
+    return RenderedPage(0, image, image.width, image.height)
+
+
+class Engine(abc.ABC):
+    name: str = "engine"
+    model: str = ""
+
+    def __init__(self) -> None:
+        self.state = EngineState.NOT_INITIALIZED
+        self.error: str | None = None
+        self.warm_seconds: float | None = None
+
+    async def start(self) -> None:
+        """Load and warm; never raises: failure is reported through `state`/`error`."""
+        self.state = EngineState.WARMING
+        started = time.perf_counter()
+        log.info("engine_warming", engine=self.name, model=self.model)
+        try:
+            await self.warm()
+        except Exception as exc:
+            self.state = EngineState.FAILED
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("engine_failed", engine=self.name, error=self.error, exc_info=True)
+            return
+        self.warm_seconds = round(time.perf_counter() - started, 3)
+        self.state = EngineState.READY
+        self.error = None
+        log.info("engine_ready", engine=self.name, model=self.model, seconds=self.warm_seconds)
+
+    @abc.abstractmethod
+    async def warm(self) -> None:
+        """Load models and run `synthetic_page()` through the whole path."""
+
+    @abc.abstractmethod
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        """Recognise one rendered page; must not block the event loop."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release threads, sessions and connections."""

@@ -1,0 +1,35 @@
+"""Why a document failed: permanent errors carry a stable code and an operator's message.
+
+Permanent errors end in an `.error.json` record and are never retried for the same
+source version. Anything else (S3 unavailable, engine unreachable) is transient: the
+document is released and discovery offers it again.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    EMPTY = "empty"
+    CORRUPT = "corrupt"
+    ENCRYPTED = "encrypted"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_LARGE = "too_large"
+    TOO_MANY_PAGES = "too_many_pages"
+    PAGE_TOO_LARGE = "page_too_large"
+    ENGINE_FAILED = "engine_failed"
+    INTERNAL = "internal_error"
+
+
+class DocumentError(Exception):
+    """A permanent problem with one document version."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot serve right now (VLM server down); the document waits."""

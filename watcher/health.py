@@ -1,0 +1,106 @@
+"""The operator's HTTP surface on WATCHER_HTTP_PORT: /health, /ready, /metrics.
+
+It starts before anything else and only reads in-memory state, so it answers within
+milliseconds while the engine warms or pages are being recognised.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from watcher import __version__
+from watcher.engines.base import EngineState
+
+if TYPE_CHECKING:
+    from watcher.daemon import Daemon
+
+
+def health_body(daemon: Daemon) -> dict[str, Any]:
+    engine = daemon.engine
+    return {
+        "status": "healthy",
+        # Operators' existing probes read this key; it carries the engine state.
+        "paddleocr": engine.state.value,
+        "engine": {
+            "name": engine.name,
+            "model": engine.model,
+            "state": engine.state.value,
+            "error": engine.error,
+            "warm_seconds": engine.warm_seconds,
+        },
+        "s3": {
+            "bucket": daemon.settings.s3_bucket,
+            "reachable": daemon.s3_reachable,
+            "error": daemon.s3_error,
+        },
+        "inflight_documents": daemon.inflight,
+        "backlog_documents": daemon.backlog,
+        "draining": daemon.draining,
+        "uptime_seconds": round(time.monotonic() - daemon.started_at, 1),
+        "version": __version__,
+    }
+
+
+def readiness_problems(daemon: Daemon) -> list[str]:
+    problems = []
+    engine = daemon.engine
+    if engine.state is not EngineState.READY:
+        detail = f": {engine.error}" if engine.error else ""
+        problems.append(f"engine {engine.name} is {engine.state.value}{detail}")
+    if daemon.s3_reachable is None:
+        problems.append("S3 has not been checked yet")
+    elif not daemon.s3_reachable:
+        problems.append(f"S3 is unreachable: {daemon.s3_error}")
+    if daemon.draining:
+        problems.append("shutting down")
+    return problems
+
+
+class HealthServer:
+    def __init__(self, daemon: Daemon, host: str, port: int) -> None:
+        self.daemon = daemon
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.daemon.scrub(health_body(self.daemon)))
+
+    async def ready(self, _request: web.Request) -> web.Response:
+        problems = readiness_problems(self.daemon)
+        if problems:
+            body = {"status": "not_ready", "reasons": problems}
+            return web.json_response(self.daemon.scrub(body), status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        self.daemon.refresh_gauges()
+        return web.Response(
+            body=self.daemon.metrics.render(),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:  # tests ask for any free port
+            server = site._server
+            if server is not None and getattr(server, "sockets", None):
+                self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,50 @@
+"""Prometheus metrics, one registry per daemon (tests run several in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGES = ("claim", "fetch", "decode", "engine", "render", "publish", "settle", "document")
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.documents = Counter(
+            "watcher_documents", "Documents finished, by outcome.", ["outcome"], registry=r
+        )
+        self.pages = Counter("watcher_pages", "Pages recognised.", registry=r)
+        self.stage_seconds = Histogram(
+            "watcher_stage_seconds", "Time spent per stage.", ["stage"], buckets=_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("watcher_inflight_documents", "Documents being processed.", registry=r)
+        self.backlog = Gauge(
+            "watcher_backlog_documents", "Documents discovered and waiting for a worker.", registry=r
+        )
+        self.engine_ready = Gauge("watcher_engine_ready", "1 when the engine is warm.", registry=r)
+        self.s3_errors = Counter(
+            "watcher_s3_unavailable", "S3 operations that failed after retries.", registry=r
+        )
+        self.polls = Counter("watcher_discovery_polls", "Discovery listings completed.", registry=r)
+        for outcome in ("done", "error", "skipped", "retry"):
+            self.documents.labels(outcome)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""Render: the result JSON (schema `watcher.result/1`), its Markdown, and error records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from watcher import __version__
+from watcher.engines.base import Engine, PageResult
+from watcher.errors import ErrorCode
+from watcher.storage import ObjectRef
+
+SCHEMA_VERSION = "1.0"
+ERROR_SCHEMA_VERSION = "1.0"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _source(ref: ObjectRef) -> dict[str, Any]:
+    return {
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "etag": ref.etag,
+        "size": ref.size,
+        "last_modified": ref.last_modified.isoformat() if ref.last_modified else None,
+    }
+
+
+def _block(block: Any) -> dict[str, Any]:
+    data = asdict(block)
+    extra = data.pop("extra") or {}
+    data.update(extra)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def render_markdown(pages: list[PageResult]) -> str:
+    """Pages in order, each introduced by an HTML comment that Markdown viewers hide."""
+    parts = [f"<!-- page {p.index + 1} -->\n\n{p.markdown.strip()}".rstrip() for p in pages]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_result(
+    ref: ObjectRef,
+    engine: Engine,
+    doc_format: str,
+    pages: list[PageResult],
+    markdown: str,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "source": _source(ref),
+        "engine": {"name": engine.name, "model": engine.model},
+        "document": {"format": doc_format, "page_count": len(pages)},
+        "pages": [],
+        "markdown": markdown,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "created_at": _now(),
+        "watcher_version": __version__,
+    }
+    for page in pages:
+        entry: dict[str, Any] = {
+            "index": page.index,
+            "width": page.width,
+            "height": page.height,
+            "blocks": [_block(b) for b in page.blocks],
+            "markdown": page.markdown,
+        }
+        if page.raw is not None:
+            entry["raw"] = page.raw
+        result["pages"].append(entry)
+    return result
+
+
+def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -> dict[str, Any]:
+    return {
+        "schema_version": ERROR_SCHEMA_VERSION,
+        "source": _source(ref),
+        "error": {"code": code.value, "message": message, "attempts": attempts},
+        "created_at": _now(),
+        "watcher_version": __version__,
+    }
+
+
+def to_json_bytes(data: dict[str, Any]) -> bytes:
+    # Documents are often Russian: keep UTF-8 readable, not \u-escaped.
+    return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
