@@ -25,7 +25,7 @@ PDF_PAGES = [
 
 # key (relative to input/) -> (bytes, expected phrases, page count)
 DOCUMENTS: dict[str, tuple[bytes, list[str], int]] = {
-    "reports/q3 report.pdf": (make_pdf(PDF_PAGES), [l for p in PDF_PAGES for l in p], 3),
+    "reports/q3 report.pdf": (make_pdf(PDF_PAGES), [line for p in PDF_PAGES for line in p], 3),
     "scans/plus+sign.png": (make_image(["Invoice number 4711", "ACME GmbH"], "PNG"),
                             ["Invoice number 4711", "ACME GmbH"], 1),
     "scans/percent%20name.jpg": (make_image(["Delivery note 99", "Blue widgets"], "JPEG"),

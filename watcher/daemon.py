@@ -19,11 +19,11 @@ from typing import Any
 from watcher.decode import Decoder
 from watcher.discovery import Discovery
 from watcher.engines import Engine, EngineState, create_engine
+from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
 from watcher.metrics import Metrics
 from watcher.settings import Settings
-from watcher.health import HealthServer
 from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
 from watcher.worker import DocumentWorker
 from watcher.workqueue import WorkQueue
@@ -135,13 +135,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_seconds
         pending = {t for t in workers if not t.done() and self._busy.get(t) is not None}
-        force = asyncio.create_task(self._force.wait())
+        force: asyncio.Task[Any] = asyncio.create_task(self._force.wait())
         while pending and not self._force.is_set() and loop.time() < deadline:
             _done, waiting = await asyncio.wait(
-                pending | {force}, timeout=deadline - loop.time(),
+                {*pending, force}, timeout=deadline - loop.time(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            pending = waiting - {force}
+            pending = {t for t in waiting if t is not force}
         force.cancel()
         leftover = [t for t in pending if not t.done()]
         if leftover:
@@ -151,15 +151,15 @@ class Daemon:
         await asyncio.gather(*workers, return_exceptions=True)
 
     async def _wait_engine_ready(self) -> None:
-        while self.engine.state is not EngineState.READY:
+        while self.engine.state is not EngineState.READY or self.engine.unavailable:
             await asyncio.sleep(0.2)
 
     async def _work_forever(self, worker: DocumentWorker) -> None:
         me = asyncio.current_task()
         assert me is not None
         self._busy[me] = None
-        await self._wait_engine_ready()
         while not self._stop.is_set():
+            await self._wait_engine_ready()
             ref = await self.queue.take()
             self._busy[me] = ref
             self.inflight += 1

@@ -173,7 +173,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return image.point(lambda v: v / 256).convert("RGB")  # type: ignore[no-any-return]
+        return image.point(lambda v: v / 256).convert("RGB")
     return image.convert("RGB")
 
 

@@ -98,7 +98,7 @@ class SeaweedS3:
         if self.buckets:
             args.append(f"-bucket={','.join(self.buckets)}")
         self.log_path = self.log_path or self.data_dir / "weed.log"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -113,7 +113,7 @@ class SeaweedS3:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"weed mini exited early; see {self.log_path}")
             try:
-                urllib.request.urlopen(self.endpoint, timeout=1)  # noqa: S310 - loopback only
+                urllib.request.urlopen(self.endpoint, timeout=1)
             except urllib.error.HTTPError:
                 # Any S3 answer (403 for an unsigned request) means it is serving; the
                 # buckets given by -bucket may take a moment longer.

@@ -24,10 +24,10 @@ async def fetch(storage: Storage, ref: ObjectRef, temp_dir: str | None, max_byte
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            await storage.download(ref, fh.write)
-        if path.stat().st_size > max_bytes:
+            written = await storage.download(ref, fh.write)
+        if written > max_bytes:
             raise DocumentError(ErrorCode.TOO_LARGE, "the object grew past WATCHER_MAX_OBJECT_BYTES")
     except BaseException:
-        path.unlink(missing_ok=True)
+        os.unlink(path)
         raise
     return path

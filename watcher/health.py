@@ -31,6 +31,7 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "state": engine.state.value,
             "error": engine.error,
             "warm_seconds": engine.warm_seconds,
+            "unavailable": engine.unavailable,
         },
         "s3": {
             "bucket": daemon.settings.s3_bucket,
@@ -51,6 +52,8 @@ def readiness_problems(daemon: Daemon) -> list[str]:
     if engine.state is not EngineState.READY:
         detail = f": {engine.error}" if engine.error else ""
         problems.append(f"engine {engine.name} is {engine.state.value}{detail}")
+    elif engine.unavailable:
+        problems.append(f"engine {engine.name} is unreachable: {engine.unavailable}")
     if daemon.s3_reachable is None:
         problems.append("S3 has not been checked yet")
     elif not daemon.s3_reachable:
@@ -97,9 +100,9 @@ class HealthServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         if self.port == 0:  # tests ask for any free port
-            server = site._server
-            if server is not None and getattr(server, "sockets", None):
-                self.port = server.sockets[0].getsockname()[1]
+            sockets = getattr(site._server, "sockets", None) or []
+            if sockets:
+                self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -19,9 +20,11 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     HTTPClientError,
     ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 from tenacity import (
     AsyncRetrying,
@@ -147,7 +150,7 @@ class Storage:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = await self._call("list", lambda kw=kwargs: self.client.list_objects_v2(**kw))
+            page: dict[str, Any] = await self._call("list", partial(self.client.list_objects_v2, **kwargs))
             for item in page.get("Contents", []):
                 yield ObjectRef(
                     bucket=self.bucket,
@@ -190,10 +193,10 @@ class Storage:
 
         return await self._call("get", op)
 
-    async def download(self, ref: ObjectRef, sink: Callable[[bytes], None]) -> int:
+    async def download(self, ref: ObjectRef, sink: Callable[[bytes], object]) -> int:
         """Stream one exact version (If-Match) into `sink`; returns bytes written.
 
-        Raises PreconditionFailed if the object changed since discovery and None-like
+        Raises PreconditionFailed if the object changed since discovery and
         FileNotFoundError if it is gone: both mean "drop it, discovery will see the truth".
         """
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from watcher.claim import Claims, Lease
-from watcher.decode import Decoder, Document, Limits, RenderedPage
+from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
 from watcher.errors import DocumentError, EngineUnavailable, ErrorCode
 from watcher.fetch import fetch
@@ -29,6 +31,7 @@ from watcher.settle import settle
 from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnavailable
 
 log = get_logger("watcher.worker")
+T = TypeVar("T")
 
 
 class LeaseLost(Exception):
@@ -137,7 +140,16 @@ class DocumentWorker:
             doc = await self.decoder.open(path, ref.size, self.limits, ref.key)
         log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
         try:
-            pages = await self._pages(ref, doc, timings)
+            if self.engine.document_level:
+                t1 = time.perf_counter()
+                with self.metrics.stage("engine"):
+                    pages = await self._engine_call(
+                        ref, self.engine.recognize_document(path, doc.format.value, doc.page_count)
+                    )
+                timings["engine_seconds"] = time.perf_counter() - t1
+                self.metrics.pages.inc(len(pages))
+            else:
+                pages = await self._pages(ref, doc, timings)
         finally:
             await self.decoder.close(doc)
         timings["total_pipeline_seconds"] = time.perf_counter() - t0
@@ -159,7 +171,7 @@ class DocumentWorker:
                     page = await self.decoder.render(doc, index)
                 t1 = time.perf_counter()
                 with self.metrics.stage("engine"):
-                    results[index] = await self._engine_call(ref, page)
+                    results[index] = await self._engine_call(ref, self.engine.recognize(page))
                 t2 = time.perf_counter()
                 timings["decode_seconds"] += t1 - t0
                 timings["engine_seconds"] += t2 - t1
@@ -174,12 +186,9 @@ class DocumentWorker:
             raise group_error.exceptions[0] from None
         return [r for r in results if r is not None]
 
-    async def _engine_call(self, ref: ObjectRef, page: RenderedPage) -> PageResult:
+    async def _engine_call(self, ref: ObjectRef, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(
-                self.engine.recognize(page),
-                timeout=self.settings.engine_timeout,
-            )
+            return await asyncio.wait_for(call, timeout=self.settings.engine_timeout)
         except (DocumentError, EngineUnavailable):
             raise
         except Exception as exc:

@@ -6,6 +6,7 @@ import abc
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -59,11 +60,27 @@ def synthetic_page() -> RenderedPage:
 class Engine(abc.ABC):
     name: str = "engine"
     model: str = ""
+    # Document-level engines (PaddleOCR-VL) read the whole file themselves, because they
+    # merge tables and re-level titles across pages; page-level ones get rendered pages.
+    document_level: bool = False
 
     def __init__(self) -> None:
         self.state = EngineState.NOT_INITIALIZED
         self.error: str | None = None
         self.warm_seconds: float | None = None
+        # Set while a warm engine cannot reach its backend (VLM server down): /ready turns
+        # 503 and workers hold documents back instead of failing them.
+        self.unavailable: str | None = None
+
+    def mark_unavailable(self, reason: str) -> None:
+        if self.unavailable is None:
+            log.warning("engine_unavailable", engine=self.name, reason=reason)
+        self.unavailable = reason
+
+    def mark_available(self) -> None:
+        if self.unavailable is not None:
+            log.info("engine_available_again", engine=self.name)
+        self.unavailable = None
 
     async def start(self) -> None:
         """Load and warm; never raises: failure is reported through `state`/`error`."""
@@ -89,6 +106,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def recognize(self, page: RenderedPage) -> PageResult:
         """Recognise one rendered page; must not block the event loop."""
+
+    async def recognize_document(
+        self, path: Path, doc_format: str, page_count: int
+    ) -> list[PageResult]:
+        """Document-level engines only: recognise the file at `path` (right extension)."""
+        raise NotImplementedError
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads, sessions and connections."""
