@@ -1,0 +1,148 @@
+"""Bad documents get a clear error record; good ones beside them are still processed."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from importlib.resources import files
+from typing import Any
+
+import aiohttp
+import jsonschema
+import pytest
+from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from docgen import make_image, make_pdf
+from PIL import Image
+
+from watcher.decode import RenderedPage
+from watcher.embedded import SeaweedS3
+from watcher.engines.base import PageResult
+
+ERROR_SCHEMA = json.loads((files("watcher") / "schema" / "error-v1.json").read_text())
+
+
+def pixel_bomb() -> bytes:
+    """A 20000x20000 PNG: a few hundred kB on disk, 400 megapixels once decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000), 1).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def truncated_png() -> bytes:
+    data = make_image(["This image is cut short"], "PNG")
+    return data[: len(data) // 2]
+
+
+def broken_pdf() -> bytes:
+    return b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\ntrailer\n%%EOF garbage"
+
+
+BAD: dict[str, tuple[bytes, str, str]] = {
+    # rel key -> (bytes, expected error.code, a word the message must contain)
+    "bad/empty.pdf": (b"", "empty", "empty"),
+    "bad/broken.pdf": (broken_pdf(), "corrupt", "PDF"),
+    "bad/locked.pdf": (make_pdf([["Secret page"]], password="hunter2"), "encrypted", "password"),
+    "bad/notes.txt": (b"just some text, not a document\n", "unsupported_format", "PDF, PNG"),
+    "bad/report.docx": (b"PK\x03\x04" + b"\x00" * 200, "unsupported_format", ".docx"),
+    "bad/cut.png": (truncated_png(), "corrupt", "image"),
+    "bad/bomb.png": (pixel_bomb(), "page_too_large", "WATCHER_MAX_PAGE_PIXELS"),
+    "bad/long.pdf": (make_pdf([[f"Page {i}"] for i in range(6)]), "too_many_pages",
+                     "WATCHER_MAX_PAGES"),
+    "bad/huge.bmp": (make_image(["big"], "BMP", size=(1200, 900)), "too_large",
+                     "WATCHER_MAX_OBJECT_BYTES"),
+}
+
+
+async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    good = {"good/first.png": ["Good document ECHO"], "good/second.png": ["Another good FOXTROT"]}
+    # Bad documents first, so the good ones come after them in the queue.
+    for rel, (body, _, _) in BAD.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=body)
+    for rel, lines in good.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=make_image(lines, "PNG"))
+    settings = make_settings(weed, bucket, max_pages=5, max_object_bytes=2_000_000)
+    engine = CountingEngine()
+    statuses: list[int] = []
+
+    async with daemon_running(settings, engine) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}/health"
+
+        async def probe() -> None:
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        statuses.append(resp.status)
+                    await asyncio.sleep(0.1)
+
+        prober = asyncio.create_task(probe())
+        try:
+            await wait_for_keys(
+                s3, bucket,
+                [f"output/{r}.error.json" for r in BAD] + [f"output/{r}.json" for r in good],
+            )
+        finally:
+            prober.cancel()
+        await daemon.wait_polls(daemon.polls + 2, timeout=30)
+
+    assert statuses and set(statuses) == {200}
+    for rel, (body, code, word) in BAD.items():
+        record = json.loads(s3.get_object(Bucket=bucket, Key=f"output/{rel}.error.json")["Body"].read())
+        jsonschema.validate(record, ERROR_SCHEMA)
+        assert record["error"]["code"] == code, (rel, record)
+        assert word.lower() in record["error"]["message"].lower(), (rel, record)
+        assert record["source"]["key"] == f"input/{rel}" and record["source"]["size"] == len(body)
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{rel}")["Contents"]}
+        assert keys == {f"output/{rel}.error.json"}  # an error record, no half result
+    # The bad documents never reached the engine; each good page did, exactly once.
+    assert len(engine.calls) == len(good)
+    # Error records are done-ness too: nothing is retried on later polls.
+    assert daemon.metrics.documents.labels("error")._value.get() == len(BAD)
+
+
+class CrashingEngine(CountingEngine):
+    """Failure injection around the real CPU engine: pages whose text says CRASH raise."""
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        result = await super().recognize(page)
+        if any("CRASH" in b.text.upper() for b in result.blocks):
+            raise RuntimeError("simulated engine crash")
+        return result
+
+
+async def test_a_document_that_keeps_crashing_the_engine_is_given_up(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/poison.png", Body=make_image(["CRASH ME"], "PNG"))
+    s3.put_object(Bucket=bucket, Key="input/fine.png", Body=make_image(["Perfectly fine"], "PNG"))
+    settings = make_settings(weed, bucket, max_attempts=3, poll_interval=0.3)
+    engine = CrashingEngine()
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, ["output/poison.png.error.json", "output/fine.png.json"])
+    record = json.loads(s3.get_object(Bucket=bucket, Key="output/poison.png.error.json")["Body"].read())
+    assert record["error"]["code"] == "engine_failed"
+    assert record["error"]["attempts"] == 3
+    assert "simulated engine crash" in record["error"]["message"]
+    assert engine.calls.count(0) == 3 + 1  # three poison attempts, one good page
+
+
+@pytest.mark.parametrize("rel", ["bad/broken.pdf"])
+async def test_a_fixed_document_replaces_its_error_record(
+    weed: SeaweedS3, bucket: str, s3: Any, rel: str
+) -> None:
+    key = f"input/{rel}"
+    s3.put_object(Bucket=bucket, Key=key, Body=broken_pdf())
+    settings = make_settings(weed, bucket)
+    async with daemon_running(settings):
+        await wait_for_keys(s3, bucket, [f"output/{rel}.error.json"])
+        s3.put_object(Bucket=bucket, Key=key, Body=make_pdf([["Repaired document GOLF"]]))
+        await wait_for_keys(s3, bucket, [f"output/{rel}.json"])
+        for _ in range(50):
+            listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
+            if f"output/{rel}.error.json" not in {o["Key"] for o in listing}:
+                break
+            await asyncio.sleep(0.2)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
+    assert keys == {f"output/{rel}.json", f"output/{rel}.md"}

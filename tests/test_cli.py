@@ -1,0 +1,137 @@
+"""The real command line: configuration errors, JSON logs, /health under load, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from docgen import make_pdf
+
+from watcher.embedded import SeaweedS3, free_ports
+
+SECRET = "very-secret-value-9f3a7c"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDRU_", "WATCHER_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "watcher", "run"], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_missing_settings_stop_start_up_with_exit_code_2() -> None:
+    proc = run_cli(base_env())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    for name in ("CLOUDRU_S3_ENDPOINT", "CLOUDRU_S3_BUCKET", "CLOUDRU_S3_ACCESS_KEY",
+                 "CLOUDRU_S3_SECRET_KEY"):
+        assert any(name in line and "required" in line for line in lines), lines
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "phrase"),
+    [
+        ("WATCHER_HTTP_PORT", "eighty", "integer"),
+        ("WATCHER_POLL_INTERVAL", "-1", "greater than 0"),
+        ("WATCHER_ENGINE", "tesseract", "cpu"),
+        ("CLOUDRU_S3_ENDPOINT", "storage.example:443", "http"),
+        ("CLOUDRU_S3_SECRET_KEY", "   ", "empty"),
+        ("WATCHER_OUTPUT_PREFIX", "input/results/", "overlap"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_never_echoes_secrets(
+    name: str, value: str, phrase: str
+) -> None:
+    env = base_env(
+        CLOUDRU_S3_ENDPOINT="http://127.0.0.1:9", CLOUDRU_S3_BUCKET="documents",
+        CLOUDRU_S3_ACCESS_KEY="tenant:key-id-1234", CLOUDRU_S3_SECRET_KEY=SECRET,
+    )
+    env[name] = value
+    proc = run_cli(env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert (name in lines[0] or name == "WATCHER_OUTPUT_PREFIX") and phrase in lines[0], lines
+    assert SECRET not in proc.stderr + proc.stdout
+
+
+def http_get(url: str) -> tuple[int, bytes, float]:
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            return resp.status, resp.read(), time.perf_counter() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), time.perf_counter() - started
+
+
+def test_daemon_process_serves_health_under_load_and_exits_0_on_sigterm(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/big.pdf",
+                  Body=make_pdf([[f"Busy page {i}", "lots of text here"] for i in range(8)]))
+    (port,) = free_ports(1)
+    env = base_env(
+        CLOUDRU_S3_ENDPOINT=weed.endpoint, CLOUDRU_S3_BUCKET=bucket,
+        CLOUDRU_S3_ACCESS_KEY=weed.access_key, CLOUDRU_S3_SECRET_KEY=weed.secret_key,
+        WATCHER_HTTP_PORT=str(port), WATCHER_POLL_INTERVAL="0.5", WATCHER_RENDER_DPI="150",
+        WATCHER_DRAIN_SECONDS="60",
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, body, _ = http_get(f"{base}/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no /health within 30 s"
+                time.sleep(0.1)
+        assert status == 200 and json.loads(body)["status"] == "healthy"
+        # While pages are being recognised, /health keeps answering.
+        latencies, saw_inflight = [], False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status, body, seconds = http_get(f"{base}/health")
+            assert status == 200
+            health = json.loads(body)
+            saw_inflight |= health["inflight_documents"] > 0
+            if saw_inflight:
+                latencies.append(seconds)
+            if len(latencies) >= 20:
+                break
+            time.sleep(0.05)
+        assert saw_inflight and len(latencies) >= 20
+        metrics = http_get(f"{base}/metrics")[1].decode()
+        assert "watcher_inflight_documents 1.0" in metrics
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    for expected in ("http_listening", "engine_ready", "document_fetched", "document_decoded",
+                     "document_done", "drain_started", "daemon_stopped"):
+        assert expected in names, names
+    done = next(e for e in events if e["event"] == "document_done")
+    assert done["key"] == "input/big.pdf" and done["pages"] == 8 and "etag" in done
+    assert weed.secret_key not in output and weed.access_key not in output
+    # The in-flight document was finished during the drain, not dropped.
+    assert s3.head_object(Bucket=bucket, Key="output/big.pdf.json")
+    print(f"/health latency while busy: max {max(latencies) * 1000:.1f} ms")

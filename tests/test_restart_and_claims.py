@@ -1,0 +1,125 @@
+"""Restarts and replicas: nothing lost, nothing done twice (engine calls counted)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from docgen import make_image, make_pdf
+
+from watcher.daemon import Daemon, running
+from watcher.embedded import SeaweedS3
+
+
+def upload_batch(s3: Any, bucket: str, count: int) -> list[str]:
+    rels = []
+    for i in range(count):
+        rel = f"batch/doc-{i:02d}.pdf"
+        s3.put_object(Bucket=bucket, Key=f"input/{rel}",
+                      Body=make_pdf([[f"Batch document {i}", "first page"], ["second page"]]))
+        rels.append(rel)
+    return rels
+
+
+def result_keys(rels: list[str]) -> list[str]:
+    return [f"output/{rel}.json" for rel in rels]
+
+
+def count_results(s3: Any, bucket: str) -> int:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/batch/")
+    return sum(1 for o in listing.get("Contents", []) if o["Key"].endswith(".json"))
+
+
+async def test_restart_in_the_middle_of_a_batch(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    rels = upload_batch(s3, bucket, 6)
+    settings = make_settings(weed, bucket, max_inflight_documents=2)
+    first = CountingEngine()
+    async with daemon_running(settings, first):
+        while await asyncio.to_thread(count_results, s3, bucket) < 2:
+            await asyncio.sleep(0.1)
+        # Leaving the block sends the stop: in-flight documents finish within the drain.
+    done_after_first = await asyncio.to_thread(count_results, s3, bucket)
+    assert 2 <= done_after_first < len(rels), "the restart must land mid-batch"
+    assert len(first.calls) == 2 * done_after_first  # in-flight work was finished, not dropped
+    stamps = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
+
+    second = CountingEngine()
+    async with daemon_running(settings, second):
+        await wait_for_keys(s3, bucket, result_keys(rels))
+    assert len(first.calls) + len(second.calls) == 2 * len(rels)  # every page exactly once
+    after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
+    assert all(after[k] == v for k, v in stamps.items())  # the first run's results untouched
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+
+
+async def test_a_cut_off_drain_releases_its_lease_for_the_next_start(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/long.pdf",
+                  Body=make_pdf([[f"Long document page {i}"] for i in range(6)]))
+    settings = make_settings(weed, bucket, drain_seconds=0, page_concurrency=1)
+    first = CountingEngine()
+    async with daemon_running(settings, first):
+        while not first.calls:
+            await asyncio.sleep(0.05)
+    # No grace: the document was cancelled mid-way, its lease deleted, nothing published.
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) == 0
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    second = CountingEngine()
+    async with daemon_running(settings, second):
+        await wait_for_keys(s3, bucket, ["output/long.pdf.json"], timeout=60)
+    assert sorted(second.calls) == list(range(6))
+
+
+async def test_two_replicas_share_a_backlog_without_doing_anything_twice(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    rels = upload_batch(s3, bucket, 6)
+    engines = [CountingEngine(), CountingEngine()]
+    async with (
+        daemon_running(make_settings(weed, bucket, replica_id="replica-a"), engines[0]),
+        daemon_running(make_settings(weed, bucket, replica_id="replica-b"), engines[1]),
+    ):
+        await wait_for_keys(s3, bucket, result_keys(rels))
+    assert len(engines[0].calls) + len(engines[1].calls) == 2 * len(rels)
+    assert engines[0].calls and engines[1].calls  # both replicas did real work
+
+
+async def test_a_live_lease_is_respected_and_an_expired_one_taken_over(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/held.png", Body=make_image(["Held elsewhere"], "PNG"))
+    s3.put_object(Bucket=bucket, Key="input/stale.png", Body=make_image(["Stale lease"], "PNG"))
+    now = time.time()
+    for rel, expires in (("held.png", now + 3600), ("stale.png", now - 5)):
+        lease = {"owner": "crashed-replica", "source_key": f"input/{rel}", "expires_at": expires}
+        s3.put_object(Bucket=bucket, Key=f".watcher/leases/{rel}.lease", Body=json.dumps(lease))
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, replica_id="replica-c")
+    daemon = Daemon(settings, engine=engine)
+    async with running(daemon):
+        await wait_for_keys(s3, bucket, ["output/stale.png.json"])
+        await daemon.wait_polls(daemon.polls + 3, timeout=30)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
+    assert "output/held.png.json" not in keys
+    assert len(engine.calls) == 1
+    # The held lease is untouched; the stale one was taken over, then released.
+    leases = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/")["Contents"]}
+    assert leases == {".watcher/leases/held.png.lease"}
+
+
+async def test_shard_mode_splits_keys_between_replicas(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    rels = upload_batch(s3, bucket, 6)
+    engines = [CountingEngine(), CountingEngine()]
+    async with (
+        daemon_running(make_settings(weed, bucket, claim_mode="shard", shard_count=2,
+                                     shard_index=0), engines[0]),
+        daemon_running(make_settings(weed, bucket, claim_mode="shard", shard_count=2,
+                                     shard_index=1), engines[1]),
+    ):
+        await wait_for_keys(s3, bucket, result_keys(rels))
+    assert len(engines[0].calls) + len(engines[1].calls) == 2 * len(rels)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
