@@ -113,7 +113,8 @@ class PdfDocument(Document):
             pixels = width_pt * height_pt * scale * scale
             if pixels > self.limits.max_page_pixels:
                 # A poster-sized page still gets read: render it smaller rather than refuse.
-                scale *= math.sqrt(self.limits.max_page_pixels / pixels)
+                # PDFium rounds each side up, so stay a hair under the limit.
+                scale *= math.sqrt(self.limits.max_page_pixels / pixels) * 0.999
             if width_pt * scale < 1 or height_pt * scale < 1:
                 raise DocumentError(ErrorCode.CORRUPT, f"page {index + 1} has no area")
             bitmap = page.render(scale=scale)

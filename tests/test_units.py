@@ -1,0 +1,152 @@
+"""Small pieces on their own: format sniffing, reading order, layout, redaction, settings."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from docgen import make_image, make_pdf, make_tiff
+from PIL import Image
+
+from watcher.decode import Format, Limits, open_document, sniff
+from watcher.engines.base import Block
+from watcher.engines.cpu import lines_to_markdown, reading_order
+from watcher.errors import DocumentError, ErrorCode
+from watcher.layout import Layout, shard_of
+from watcher.logs import REDACTED, SecretScrubber
+from watcher.settings import SettingsError, load_settings
+
+LIMITS = Limits(max_pages=10, max_page_pixels=10_000_000, render_dpi=100)
+REQUIRED = {"s3_endpoint": "http://127.0.0.1:9", "s3_bucket": "docs",
+            "s3_access_key": "tenant:key", "s3_secret_key": "secret-secret"}
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [
+        (make_pdf([["x"]]), Format.PDF),
+        (make_image(["x"], "PNG"), Format.PNG),
+        (make_image(["x"], "JPEG"), Format.JPEG),
+        (make_tiff([["x"]]), Format.TIFF),
+        (make_image(["x"], "BMP"), Format.BMP),
+        (make_image(["x"], "WEBP"), Format.WEBP),
+        (b"hello world", None),
+        (b"PK\x03\x04", None),
+    ],
+)
+def test_sniff_reads_content_not_names(data: bytes, fmt: Format | None) -> None:
+    assert sniff(data[:2048]) is fmt
+
+
+def test_multi_page_tiff_pages_render_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "scan.tif"
+    path.write_bytes(make_tiff([["one"], ["two"], ["three"]]))
+    doc = open_document(path, path.stat().st_size, LIMITS)
+    assert doc.format is Format.TIFF and doc.page_count == 3
+    pages = [doc.render(i) for i in range(3)]
+    assert [p.index for p in pages] == [0, 1, 2]
+    assert all(p.image.mode == "RGB" and p.width == 1000 for p in pages)
+    doc.close()
+
+
+def test_transparent_png_is_flattened_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "alpha.png"
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(path)
+    doc = open_document(path, path.stat().st_size, LIMITS)
+    assert doc.render(0).image.getpixel((5, 5)) == (255, 255, 255)
+    doc.close()
+
+
+def test_a_poster_sized_pdf_page_is_scaled_under_the_pixel_limit(tmp_path: Path) -> None:
+    from fpdf import FPDF
+
+    pdf = FPDF(format=(2000, 2000))  # millimetres: a 2 m square poster
+    pdf.add_page()
+    path = tmp_path / "poster.pdf"
+    path.write_bytes(bytes(pdf.output()))
+    doc = open_document(path, path.stat().st_size, LIMITS)
+    page = doc.render(0)
+    assert page.width * page.height <= LIMITS.max_page_pixels
+    doc.close()
+
+
+def test_open_document_rejects_with_codes(tmp_path: Path) -> None:
+    cases = {
+        "empty.pdf": (b"", ErrorCode.EMPTY),
+        "junk.pdf": (b"%PDF-1.4 nothing useful", ErrorCode.CORRUPT),
+        "many.pdf": (make_pdf([["p"]] * 11), ErrorCode.TOO_MANY_PAGES),
+        "text.png": (b"not an image at all", ErrorCode.UNSUPPORTED_FORMAT),
+    }
+    for name, (data, code) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(DocumentError) as info:
+            open_document(path, len(data), LIMITS, key=f"input/{name}")
+        assert info.value.code is code, name
+
+
+def block(text: str, x0: float, y0: float, x1: float, y1: float) -> Block:
+    return Block(type="text", bbox=[x0, y0, x1, y1], text=text)
+
+
+def test_reading_order_and_paragraphs() -> None:
+    blocks = [
+        block("world", 200, 12, 300, 40),
+        block("Hello", 10, 10, 180, 40),
+        block("second line", 10, 50, 200, 80),
+        block("new paragraph", 10, 160, 250, 190),
+    ]
+    assert [b.text for b in reading_order(blocks)] == ["Hello", "world", "second line", "new paragraph"]
+    assert lines_to_markdown(blocks) == "Hello world\nsecond line\n\nnew paragraph"
+
+
+def test_layout_keys_keep_the_relative_path() -> None:
+    layout = Layout("input/", "output/", ".watcher/leases/", "done/")
+    key = "input/Папка/a b+c%20.pdf"
+    assert layout.result_json(key) == "output/Папка/a b+c%20.pdf.json"
+    assert layout.error_json(key) == "output/Папка/a b+c%20.pdf.error.json"
+    assert layout.lease(key) == ".watcher/leases/Папка/a b+c%20.pdf.lease"
+    assert not layout.is_document_key("input/folder/")
+    assert not layout.is_document_key("input/")
+    assert layout.is_document_key(key)
+
+
+def test_shards_are_stable_and_cover_every_key() -> None:
+    keys = [f"input/{i}.pdf" for i in range(200)]
+    shards = [shard_of(k, 3) for k in keys]
+    assert set(shards) == {0, 1, 2}
+    assert shards == [shard_of(k, 3) for k in keys]
+
+
+def test_scrubber_masks_known_secrets_anywhere_and_secret_keys() -> None:
+    scrub = SecretScrubber(["s3cr3t-value-xyz"])
+    event = {"event": "x", "url": "http://h/?sig=s3cr3t-value-xyz", "api_key": "abc",
+             "nested": {"list": ["s3cr3t-value-xyz"]}}
+    out = scrub(None, "info", dict(event))
+    assert out["url"] == f"http://h/?sig={REDACTED}"
+    assert out["api_key"] == REDACTED and out["nested"]["list"] == [REDACTED]
+
+
+def test_settings_defaults_and_overrides() -> None:
+    settings = load_settings(**REQUIRED)
+    assert settings.s3_region == "ru-central-1"
+    assert settings.input_prefix == "input/" and settings.output_prefix == "output/"
+    assert settings.http_port == 8081 and settings.poll_interval == 5
+    assert settings.engine.value == "cpu"
+    assert load_settings(**REQUIRED, output_prefix="results").output_prefix == "results/"
+    with pytest.raises(SettingsError) as info:
+        load_settings(**REQUIRED, shard_count=2, shard_index=2)
+    assert "WATCHER_SHARD_INDEX" in str(info.value)
+
+
+def test_pixel_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000), 1).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    doc = open_document(path, path.stat().st_size, LIMITS)
+    with pytest.raises(DocumentError) as info:
+        doc.render(0)
+    assert info.value.code is ErrorCode.PAGE_TOO_LARGE
+    doc.close()
