@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from typing import Any
 
 from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
 from watcher.daemon import Daemon, running
+from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
+from watcher.engines.base import PageResult
 
 
 def upload_batch(s3: Any, bucket: str, count: int) -> list[str]:
@@ -123,3 +126,37 @@ async def test_shard_mode_splits_keys_between_replicas(weed: SeaweedS3, bucket: 
         await wait_for_keys(s3, bucket, result_keys(rels))
     assert len(engines[0].calls) + len(engines[1].calls) == 2 * len(rels)
     assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+
+
+class LivePageTracker(CountingEngine):
+    """The real CPU engine, tracking how many rendered pages are alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive = 0
+        self.max_alive = 0
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        self.alive += 1
+        self.max_alive = max(self.max_alive, self.alive)
+        weakref.finalize(page.image, self._gone)
+        return await super().recognize(page)
+
+
+async def test_long_pdf_pages_are_rendered_on_demand(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    pages = 30
+    s3.put_object(Bucket=bucket, Key="input/long.pdf",
+                  Body=make_pdf([[f"Page number {i}"] for i in range(pages)]))
+    settings = make_settings(weed, bucket, render_dpi=40, page_concurrency=3)
+    engine = LivePageTracker()
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, ["output/long.pdf.json"], timeout=240)
+    assert sorted(engine.calls) == list(range(pages))
+    # Memory is bounded by the setting, not by the page count: at most 3 pages in flight,
+    # plus one whose bitmap the OCR thread has not let go of yet when the next is rendered.
+    assert 2 <= engine.max_alive <= 3 + 1
+    result = json.loads(s3.get_object(Bucket=bucket, Key="output/long.pdf.json")["Body"].read())
+    assert [p["index"] for p in result["pages"]] == list(range(pages))

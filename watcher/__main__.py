@@ -29,7 +29,12 @@ def _run() -> int:
         daemon.install_signal_handlers()
         await daemon.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        # Nearly always the health port being taken; say so in one line, not a traceback.
+        print(f"watcher: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -46,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run()
     from watcher.demo import run_demo
 
-    return run_demo(keep_running=args.keep_running, http_port=args.http_port)
+    try:
+        return run_demo(keep_running=args.keep_running, http_port=args.http_port)
+    except OSError as exc:
+        print(f"watcher: cannot start the demo: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

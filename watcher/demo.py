@@ -46,8 +46,12 @@ async def _demo(server: SeaweedS3, keep_running: bool, http_port: int) -> int:
     configure_logging(settings.log_level, "console", settings.secrets())
     client = server.sync_client()
     daemon = Daemon(settings)
-    async with running(daemon):
-        await daemon.listening.wait()
+    async with running(daemon) as task:
+        listening = asyncio.create_task(daemon.listening.wait())
+        await asyncio.wait([listening, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            listening.cancel()
+            task.result()  # raises why the daemon could not start (port taken, ...)
         print(f"S3 endpoint  {server.endpoint}  bucket '{BUCKET}'")
         print(f"health       http://127.0.0.1:{daemon.http.port}/health  (/ready, /metrics)")
         keys = []

@@ -85,6 +85,7 @@ class DocumentWorker:
             lease = await self.claims.acquire(ref)
         if lease is None:
             return "skipped"
+        log.info("document_claimed")
         try:
             outcome = await self._fetched(ref, lease)
             if outcome == "done":
@@ -174,6 +175,7 @@ class DocumentWorker:
                 t1 = time.perf_counter()
                 with self.metrics.stage("engine"):
                     results[index] = await self._engine_call(ref, self.engine.recognize(page))
+                del page  # free the bitmap before the gate lets the next page render
                 t2 = time.perf_counter()
                 timings["decode_seconds_sum"] += t1 - t0
                 timings["engine_seconds_sum"] += t2 - t1
