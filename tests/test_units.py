@@ -150,3 +150,16 @@ def test_pixel_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
         doc.render(0)
     assert info.value.code is ErrorCode.PAGE_TOO_LARGE
     doc.close()
+
+
+def test_credentials_can_come_from_a_mounted_secret_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "CLOUDRU_S3_SECRET_KEY").write_text("from-a-mounted-file")
+    env = {"PATH": "/usr/bin:/bin", "WATCHER_SECRETS_DIR": str(tmp_path),
+           "CLOUDRU_S3_ENDPOINT": "http://127.0.0.1:9", "CLOUDRU_S3_BUCKET": "docs",
+           "CLOUDRU_S3_ACCESS_KEY": "tenant:key"}
+    code = "from watcher.settings import load_settings as l; print(l().s3_secret_key.get_secret_value())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "from-a-mounted-file", out.stderr
