@@ -146,3 +146,42 @@ async def test_a_fixed_document_replaces_its_error_record(
             await asyncio.sleep(0.2)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert keys == {f"output/{rel}.json", f"output/{rel}.md"}
+
+
+class FlakyWarmEngine(CountingEngine):
+    """Failure injection: the first warm-up fails, as when a VLM server is not up yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warm_calls = 0
+
+    async def warm(self) -> None:
+        self.warm_calls += 1
+        if self.warm_calls == 1:
+            raise RuntimeError("backend not up yet")
+        await super().warm()
+
+
+async def test_a_failed_warm_up_is_retried_and_work_waits_for_it(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/waits.png", Body=make_image(["Waited for engine"], "PNG"))
+    settings = make_settings(weed, bucket, engine_retry_seconds=1.0)
+    engine = FlakyWarmEngine()
+    async with daemon_running(settings, engine) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(50):
+                async with http.get(f"{url}/health") as resp:
+                    health = await resp.json()
+                if health["engine"]["state"] == "failed":
+                    break
+                await asyncio.sleep(0.05)
+            assert health["paddleocr"] == "failed" and "not up yet" in health["engine"]["error"]
+            async with http.get(f"{url}/ready") as resp:
+                assert resp.status == 503
+                assert "failed" in (await resp.json())["reasons"][0]
+        await wait_for_keys(s3, bucket, ["output/waits.png.json"])
+    assert engine.warm_calls == 2
+    assert not any(o["Key"].endswith(".error.json")
+                   for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"])

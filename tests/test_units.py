@@ -163,3 +163,12 @@ def test_credentials_can_come_from_a_mounted_secret_directory(tmp_path: Path) ->
     code = "from watcher.settings import load_settings as l; print(l().s3_secret_key.get_secret_value())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "from-a-mounted-file", out.stderr
+
+
+def test_vlm_engines_get_enough_pages_in_flight_to_fill_the_server() -> None:
+    vlm = load_settings(**REQUIRED, engine="openai-vlm", vlm_max_concurrency=16)
+    assert vlm.max_inflight_documents * vlm.page_concurrency >= 16
+    explicit = load_settings(**REQUIRED, engine="openai-vlm", page_concurrency=1)
+    assert explicit.page_concurrency == 1
+    cpu = load_settings(**REQUIRED)
+    assert (cpu.max_inflight_documents, cpu.page_concurrency) == (2, 2)

@@ -109,7 +109,7 @@ class Daemon:
     async def _serve(self, storage: Storage) -> None:
         worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder)
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
-        warm = asyncio.create_task(self.engine.start(), name="engine-warm")
+        warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
         workers = [
             asyncio.create_task(self._work_forever(worker), name=f"worker-{i}")
@@ -149,6 +149,15 @@ class Daemon:
             for task in leftover:
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _keep_engine_warm(self) -> None:
+        """Warm the engine; if warm-up fails (VLM server late or broken), try again later."""
+        await self.engine.start()
+        while True:
+            await asyncio.sleep(self.settings.engine_retry_seconds)
+            if self.engine.state is EngineState.FAILED:
+                log.info("engine_retrying_warm_up", engine=self.engine.name)
+                await self.engine.start()
 
     async def _wait_engine_ready(self) -> None:
         while self.engine.state is not EngineState.READY or self.engine.unavailable:

@@ -7,11 +7,13 @@ value itself, because some of them are secrets.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import uuid
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -102,6 +104,7 @@ class Settings(BaseSettings):
     engine_concurrency: PositiveInt = Field(default=1, alias="WATCHER_ENGINE_CONCURRENCY")
     queue_size: PositiveInt = Field(default=1000, alias="WATCHER_QUEUE_SIZE")
     max_attempts: PositiveInt = Field(default=3, alias="WATCHER_MAX_ATTEMPTS")
+    engine_retry_seconds: PositiveFloat = Field(default=60.0, alias="WATCHER_ENGINE_RETRY_SECONDS")
     drain_seconds: Annotated[float, Field(ge=0)] = Field(default=30.0, alias="WATCHER_DRAIN_SECONDS")
     engine_timeout: PositiveFloat = Field(default=600.0, alias="WATCHER_ENGINE_TIMEOUT")
 
@@ -117,6 +120,60 @@ class Settings(BaseSettings):
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8081, alias="WATCHER_HTTP_PORT")
     log_level: str = Field(default="INFO", alias="WATCHER_LOG_LEVEL")
     log_format: str = Field(default="json", alias="WATCHER_LOG_FORMAT")
+
+    # --- VLM engines ---
+    # Read by the openai-vlm and paddleocr-vl engines only; harmless for the CPU engine.
+    vlm_url: str = Field(default="http://127.0.0.1:8080/v1", alias="WATCHER_VLM_URL")
+    vlm_model: str = Field(default="PaddleOCR-VL-0.9B", alias="WATCHER_VLM_MODEL", min_length=1)
+    vlm_prompt_preset: Literal["paddleocr-vl", "granite-docling"] = Field(
+        default="paddleocr-vl", alias="WATCHER_VLM_PROMPT_PRESET"
+    )
+    vlm_prompt: str | None = Field(default=None, alias="WATCHER_VLM_PROMPT")
+    vlm_max_concurrency: PositiveInt = Field(default=16, alias="WATCHER_VLM_MAX_CONCURRENCY")
+    vlm_timeout: PositiveFloat = Field(default=120.0, alias="WATCHER_VLM_TIMEOUT")
+    vlm_max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=3, alias="WATCHER_VLM_MAX_RETRIES"
+    )
+    vlm_max_tokens: PositiveInt = Field(default=4096, alias="WATCHER_VLM_MAX_TOKENS")
+    vlm_startup_timeout: PositiveFloat = Field(default=900.0, alias="WATCHER_VLM_STARTUP_TIMEOUT")
+    vlm_api_key: SecretStr | None = Field(default=None, alias="WATCHER_VLM_API_KEY")
+    pipeline_version: str = Field(default="v1", alias="WATCHER_PIPELINE_VERSION")
+    layout_device: str = Field(default="gpu", alias="WATCHER_LAYOUT_DEVICE")
+
+    @field_validator("vlm_url")
+    @classmethod
+    def _vlm_url_shape(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("vlm_prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str | None) -> str | None:
+        # An empty override would silently send no instruction; treat it as "use the preset".
+        return value if value and value.strip() else None
+
+    @field_validator("vlm_api_key")
+    @classmethod
+    def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("pipeline_version")
+    @classmethod
+    def _pipeline_version(cls, value: str) -> str:
+        # The values PaddleOCR 3.x's PaddleOCRVL accepts (v1.6 from paddleocr 3.7 on).
+        if value not in {"v1", "v1.5", "v1.6"}:
+            raise ValueError("must be one of v1, v1.5, v1.6")
+        return value
+
+    @field_validator("layout_device")
+    @classmethod
+    def _layout_device(cls, value: str) -> str:
+        if not re.fullmatch(r"(cpu|gpu|npu|xpu|mlu|dcu|gcu)(:\d+(,\d+)*)?", value):
+            raise ValueError("must look like cpu, gpu or gpu:0")
+        return value
+
+    # --- end of VLM engines ---
 
     @field_validator("s3_endpoint")
     @classmethod
@@ -171,9 +228,25 @@ class Settings(BaseSettings):
             raise ValueError("WATCHER_SHARD_INDEX must be below WATCHER_SHARD_COUNT")
         return self
 
+    @model_validator(mode="after")
+    def _fill_a_vlm_server(self) -> Settings:
+        # A VLM server is only kept busy when pages in flight reach its request bound
+        # (bench/vlm_utilisation.py: 0.43 utilisation at 2x2, 0.99 at 8x4 for a bound of 16);
+        # the CPU defaults would starve it, so VLM engines get their own unless set.
+        if self.engine is EngineName.CPU:
+            return self
+        if "page_concurrency" not in self.model_fields_set:
+            self.page_concurrency = 4
+        if "max_inflight_documents" not in self.model_fields_set:
+            self.max_inflight_documents = max(4, math.ceil(self.vlm_max_concurrency / 2))
+        return self
+
     def secrets(self) -> list[str]:
         """Values that must never reach logs, results or /health."""
-        return [self.s3_secret_key.get_secret_value(), self.s3_access_key.get_secret_value()]
+        values = [self.s3_secret_key.get_secret_value(), self.s3_access_key.get_secret_value()]
+        if self.vlm_api_key is not None:  # VLM engines
+            values.append(self.vlm_api_key.get_secret_value())
+        return values
 
 
 class SettingsError(Exception):

@@ -12,6 +12,15 @@ def create_engine(settings: Settings) -> Engine:
         from watcher.engines.cpu import CpuEngine
 
         return CpuEngine(concurrency=settings.engine_concurrency)
+    if settings.engine is EngineName.OPENAI_VLM:
+        from watcher.engines.openai_vlm import OpenAIVlmEngine
+
+        return OpenAIVlmEngine(settings)
+    if settings.engine is EngineName.PADDLEOCR_VL:
+        # Importing the module is cheap: paddleocr itself loads inside the worker threads.
+        from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
+
+        return PaddleOcrVlEngine(settings)
     raise NotImplementedError(f"WATCHER_ENGINE={settings.engine.value} is not available yet")
 
 

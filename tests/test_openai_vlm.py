@@ -1,0 +1,309 @@
+"""The openai-vlm engine end to end: real SeaweedFS, the real daemon and engine, and a
+protocol fake of the vLLM server (tests/vlm_fake.py) that OCRs the pages it is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from importlib.resources import files
+from typing import Any
+
+import aiohttp
+import jsonschema
+import pytest
+from conftest import daemon_running, make_settings, wait_for_keys
+from docgen import make_image, make_pdf
+from rapidfuzz import fuzz
+from vlm_fake import FakeVlmServer
+
+from watcher.embedded import SeaweedS3
+from watcher.engines import create_engine
+from watcher.engines.base import EngineState
+from watcher.engines.openai_vlm import OpenAIVlmEngine, parse_doctags, text_page
+from watcher.settings import Settings
+
+SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
+MODEL = "PaddleOCR-VL-0.9B"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeVlmServer]:
+    server = await FakeVlmServer(served_model=MODEL).start()
+    yield server
+    await server.stop()
+
+
+def vlm_settings(weed: SeaweedS3, bucket: str, fake: FakeVlmServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "engine": "openai-vlm",
+        "vlm_url": fake.url,
+        "vlm_model": MODEL,
+        "vlm_timeout": 30,
+        "vlm_max_retries": 2,
+        "vlm_startup_timeout": 20,
+        "poll_interval": 0.3,
+    }
+    values.update(overrides)
+    return make_settings(weed, bucket, **values)
+
+
+def fast_engine(settings: Settings) -> OpenAIVlmEngine:
+    # Same engine, shorter probe and backoff so that failure tests take seconds.
+    return OpenAIVlmEngine(settings, probe_interval=0.2, backoff_initial=0.05, backoff_max=0.2)
+
+
+def contains_fuzzy(text: str, phrase: str) -> bool:
+    return fuzz.partial_ratio(phrase.lower(), text.lower()) >= 85
+
+
+def load_json(s3: Any, bucket: str, key: str) -> Any:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def output_keys(s3: Any, bucket: str) -> set[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("Contents", [])
+    return {item["Key"] for item in listing}
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.1)
+
+
+async def test_results_carry_the_words_read_by_the_vlm(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    docs = {
+        "scans/invoice.png": (make_image(["Invoice number 4711", "ACME GmbH"], "PNG"),
+                              ["Invoice number 4711", "ACME GmbH"], 1),
+        "reports/two.pdf": (make_pdf([["First page ALPHA"], ["Second page BRAVO"]]),
+                            ["First page ALPHA", "Second page BRAVO"], 2),
+    }
+    for rel, (body, _, _) in docs.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=body)
+    settings = vlm_settings(weed, bucket, fake)
+    engine = create_engine(settings)
+    assert isinstance(engine, OpenAIVlmEngine)
+    async with daemon_running(settings, engine) as daemon:
+        await wait_for_keys(s3, bucket, [f"output/{rel}.json" for rel in docs], timeout=90)
+        status, _ = await get(f"http://127.0.0.1:{daemon.http.port}/ready")
+        assert status == 200
+    assert not any(k.endswith(".error.json") for k in output_keys(s3, bucket))
+    for rel, (_, phrases, pages) in docs.items():
+        result = load_json(s3, bucket, f"output/{rel}.json")
+        jsonschema.validate(result, SCHEMA)
+        assert result["engine"] == {"name": "openai-vlm", "model": MODEL}
+        assert len(result["pages"]) == pages
+        for page in result["pages"]:
+            assert page["raw"]["response"]
+            for block in page["blocks"]:
+                assert block["type"] == "text"
+                assert block["bbox"] == [0, 0, page["width"], page["height"]]
+        for phrase in phrases:
+            assert contains_fuzzy(result["markdown"], phrase), (rel, phrase, result["markdown"])
+    # One warm-up request plus one per page, all with the preset's prompt.
+    assert fake.requests == 1 + sum(p for _, _, p in docs.values())
+    assert set(fake.prompts) == {"OCR:"}
+    assert set(fake.auth_headers) == {None}
+
+
+async def test_wrong_model_name_is_a_clear_failure_and_documents_wait(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    fake.served_model = "some-other-model"
+    s3.put_object(Bucket=bucket, Key="input/a.png", Body=make_image(["Waiting document KILO"], "PNG"))
+    settings = vlm_settings(weed, bucket, fake)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine) as daemon:
+        base = f"http://127.0.0.1:{daemon.http.port}"
+        await wait_until(lambda: engine.state is EngineState.FAILED, what="engine failed")
+        status, ready = await get(f"{base}/ready")
+        assert status == 503
+        reason = " ".join(ready["reasons"])
+        assert MODEL in reason and "--served-model-name" in reason, reason
+        status, health = await get(f"{base}/health")
+        assert status == 200 and health["engine"]["state"] == "failed"
+        await daemon.wait_polls(daemon.polls + 2, timeout=10)
+        assert output_keys(s3, bucket) == set()
+        # The operator fixes the served name: the engine recovers without a restart.
+        fake.served_model = MODEL
+        await wait_for_keys(s3, bucket, ["output/a.png.json"], timeout=60)
+        status, _ = await get(f"{base}/ready")
+        assert status == 200
+    assert contains_fuzzy(load_json(s3, bucket, "output/a.png.json")["markdown"], "Waiting document KILO")
+    assert output_keys(s3, bucket) == {"output/a.png.json", "output/a.png.md"}
+
+
+async def test_model_renamed_while_running_fails_the_engine_not_the_document(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    settings = vlm_settings(weed, bucket, fake)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine) as daemon:
+        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        fake.served_model = "renamed-model"
+        s3.put_object(Bucket=bucket, Key="input/b.png", Body=make_image(["Renamed model LIMA"], "PNG"))
+        await wait_until(lambda: engine.state is EngineState.FAILED, what="engine failed")
+        assert engine.error is not None and MODEL in engine.error
+        assert "The model `PaddleOCR-VL-0.9B` does not exist." in engine.error
+        status, ready = await get(f"http://127.0.0.1:{daemon.http.port}/ready")
+        assert status == 503 and MODEL in " ".join(ready["reasons"])
+        await daemon.wait_polls(daemon.polls + 2, timeout=10)
+        assert output_keys(s3, bucket) == set()
+        fake.served_model = MODEL
+        await wait_for_keys(s3, bucket, ["output/b.png.json"], timeout=60)
+    assert not any(k.endswith(".error.json") for k in output_keys(s3, bucket))
+
+
+async def test_server_errors_are_retried(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    settings = vlm_settings(weed, bucket, fake, vlm_max_retries=3)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine):
+        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        fake.fail_next = 2
+        s3.put_object(Bucket=bucket, Key="input/c.png", Body=make_image(["Retried page MIKE"], "PNG"))
+        await wait_for_keys(s3, bucket, ["output/c.png.json"], timeout=60)
+    assert fake.statuses.count(500) == 2
+    assert fake.statuses[-3:] == [500, 500, 200]
+    assert engine.unavailable is None
+    assert contains_fuzzy(load_json(s3, bucket, "output/c.png.json")["markdown"], "Retried page MIKE")
+    assert not any(k.endswith(".error.json") for k in output_keys(s3, bucket))
+
+
+async def test_a_hanging_server_times_out_and_the_document_is_done_later(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    # Two attempts per request (one retry): two hung requests outlast the first try of
+    # the document, which is deferred, then done once the server answers again.
+    settings = vlm_settings(weed, bucket, fake, vlm_timeout=2, vlm_max_retries=1)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine):
+        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        fake.hang_next, fake.hang_seconds = 2, 3.0
+        s3.put_object(Bucket=bucket, Key="input/d.png", Body=make_image(["Slow server NOVEMBER"], "PNG"))
+        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        await wait_for_keys(s3, bucket, ["output/d.png.json"], timeout=60)
+    assert fake.hang_next == 0
+    assert fake.requests >= 1 + 3
+    assert contains_fuzzy(load_json(s3, bucket, "output/d.png.json")["markdown"], "Slow server NOVEMBER")
+    assert not any(k.endswith(".error.json") for k in output_keys(s3, bucket))
+
+
+async def test_server_down_then_back(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    settings = vlm_settings(weed, bucket, fake, vlm_max_retries=1)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine) as daemon:
+        ready_url = f"http://127.0.0.1:{daemon.http.port}/ready"
+        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await fake.stop()
+        s3.put_object(Bucket=bucket, Key="input/e.png", Body=make_image(["Server came back OSCAR"], "PNG"))
+        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        status, ready = await get(ready_url)
+        assert status == 503 and "unreachable" in " ".join(ready["reasons"])
+        await daemon.wait_polls(daemon.polls + 2, timeout=10)
+        assert output_keys(s3, bucket) == set()
+        await fake.start()  # same port
+        await wait_for_keys(s3, bucket, ["output/e.png.json"], timeout=60)
+        status, _ = await get(ready_url)
+        assert status == 200
+    assert engine.unavailable is None
+    assert output_keys(s3, bucket) == {"output/e.png.json", "output/e.png.md"}
+
+
+async def test_requests_in_flight_never_exceed_the_bound(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    fake.delay = 0.3
+    for n in range(3):
+        pages = [[f"Doc {n} page {p}"] for p in range(3)]
+        s3.put_object(Bucket=bucket, Key=f"input/doc{n}.pdf", Body=make_pdf(pages))
+    settings = vlm_settings(weed, bucket, fake, vlm_max_concurrency=3,
+                            max_inflight_documents=3, page_concurrency=4, render_dpi=50)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, [f"output/doc{n}.pdf.json" for n in range(3)], timeout=90)
+    # Up to 9 pages were ready at once; the engine let exactly 3 through at a time.
+    assert fake.max_inflight == 3
+    assert fake.requests == 1 + 9
+
+
+async def test_api_key_is_sent_as_bearer(
+    weed: SeaweedS3, bucket: str, fake: FakeVlmServer
+) -> None:
+    settings = vlm_settings(weed, bucket, fake, vlm_api_key="vlm-secret-123",
+                            vlm_prompt="Read this page.")
+    assert "vlm-secret-123" in settings.secrets()
+    engine = fast_engine(settings)
+    await engine.start()
+    try:
+        assert engine.state is EngineState.READY, engine.error
+    finally:
+        await engine.close()
+    assert fake.auth_headers == ["Bearer vlm-secret-123"]
+    assert fake.prompts == ["Read this page."]
+
+
+DOCTAGS = (
+    "<doctag><page_header><loc_10><loc_5><loc_200><loc_15>ACME Corp</page_header>"
+    "<title><loc_50><loc_20><loc_450><loc_40>Annual Report</title>"
+    "<section_header_level_1><loc_50><loc_50><loc_300><loc_60>Summary</section_header_level_1>"
+    "<text><loc_50><loc_70><loc_450><loc_100>Revenue grew strongly.</text>"
+    "<unordered_list><list_item><loc_60><loc_110><loc_300><loc_120>first point</list_item>"
+    "<list_item><loc_60><loc_121><loc_300><loc_130>second point</list_item></unordered_list>"
+    "<otsl><loc_50><loc_140><loc_450><loc_200><ched>Year<ched>Value<nl><fcel>2024<fcel>10<nl>"
+    "<fcel>2025<fcel>12<nl><caption><loc_50><loc_201><loc_450><loc_210>Table 1</caption></otsl>"
+    "<formula><loc_50><loc_220><loc_300><loc_240>E = mc^2</formula>"
+    "<picture><loc_10><loc_250><loc_200><loc_400></picture>"
+    "<page_footer><loc_10><loc_480><loc_100><loc_490>Page 1</page_footer></doctag>"
+)
+
+
+def test_doctags_become_blocks_with_page_pixel_boxes() -> None:
+    blocks, markdown = parse_doctags(DOCTAGS, 1000, 1400)
+    assert [b.type for b in blocks] == [
+        "page_header", "title", "section_header_level_1", "text", "list_item", "list_item",
+        "otsl", "caption", "formula", "picture", "page_footer",
+    ]
+    title = blocks[1]
+    assert title.text == "Annual Report"
+    assert title.bbox == [100.0, 56.0, 900.0, 112.0]  # 0..500 grid scaled to 1000 x 1400
+    table = blocks[6]
+    assert table.extra["otsl"].startswith("<ched>Year") and table.extra["otsl_simple"] is True
+    assert blocks[8].extra == {"latex": "E = mc^2"}
+    assert [b.order for b in blocks] == list(range(len(blocks)))
+    assert markdown == (
+        "# Annual Report\n\n## Summary\n\nRevenue grew strongly.\n\n- first point\n- second point"
+        "\n\n| Year | Value |\n| --- | --- |\n| 2024 | 10 |\n| 2025 | 12 |\n\nTable 1"
+        "\n\n$$\nE = mc^2\n$$"
+    )
+    assert "ACME Corp" not in markdown and "Page 1" not in markdown
+
+
+def test_spanning_otsl_table_keeps_the_raw_tokens() -> None:
+    text = ("<doctag><otsl><loc_0><loc_0><loc_500><loc_500><ched>Name<lcel><nl>"
+            "<fcel>a<fcel>b<nl></otsl></doctag>")
+    blocks, markdown = parse_doctags(text, 500, 500)
+    assert blocks[0].extra["otsl_simple"] is False
+    assert "<lcel>" in blocks[0].extra["otsl"]
+    assert markdown.startswith("| Name |  |")
+
+
+def test_plain_text_answer_is_one_block_per_paragraph() -> None:
+    page = text_page(2, 800, 600, "First paragraph\nstill first\n\nSecond one\n")
+    assert [b.text for b in page.blocks] == ["First paragraph\nstill first", "Second one"]
+    assert all(b.bbox == [0.0, 0.0, 800.0, 600.0] for b in page.blocks)
+    assert page.raw == {"response": "First paragraph\nstill first\n\nSecond one\n"}

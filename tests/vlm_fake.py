@@ -1,0 +1,148 @@
+"""A PROTOCOL FAKE of the GPU VLM server (vLLM's OpenAI-compatible API).
+
+vLLM with an OCR VLM needs a GPU that CI does not have, so this boundary is faked: a real
+aiohttp server on a loopback port that speaks the same protocol (`GET /health`,
+`GET /v1/models`, `POST /v1/chat/completions`, vLLM's 404 body for an unknown model).
+It is honest about the content: it decodes the base64 PNG it is sent and reads it with
+the real CPU OCR (RapidOCR), so the words in the results really come from the page image.
+
+Knobs for the failure tests: `served_model`, `delay` (seconds per request),
+`fail_next` (answer the next N requests with 500), `hang_next`/`hang_seconds` (hold the
+next N requests), `stop()`/`start()` (the server goes away and comes back on the same
+port). It records requests, statuses and the maximum number of requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from watcher.decode import RenderedPage
+from watcher.engines.cpu import CpuEngine
+
+_ocr: CpuEngine | None = None
+
+
+def shared_ocr() -> CpuEngine:
+    """One RapidOCR for every fake in the session: the model load is the slow part."""
+    global _ocr
+    if _ocr is None:
+        _ocr = CpuEngine(concurrency=1)
+    return _ocr
+
+
+@dataclass
+class FakeVlmServer:
+    served_model: str = "PaddleOCR-VL-0.9B"
+    delay: float = 0.0
+    fail_next: int = 0
+    hang_next: int = 0
+    hang_seconds: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: int = 0
+    statuses: list[int] = field(default_factory=list)
+    inflight: int = 0
+    max_inflight: int = 0
+    prompts: list[str] = field(default_factory=list)
+    auth_headers: list[str | None] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def start(self) -> FakeVlmServer:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            sockets = getattr(site._server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, _request: web.Request) -> web.Response:
+        return web.json_response({
+            "object": "list",
+            "data": [{"id": self.served_model, "object": "model", "owned_by": "vllm"}],
+        })
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            response = await self._answer(request)
+        finally:
+            self.inflight -= 1
+        self.statuses.append(response.status)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = await request.json()
+        self.auth_headers.append(request.headers.get("Authorization"))
+        if body.get("model") != self.served_model:
+            return web.json_response(
+                {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                           "type": "NotFoundError", "code": 404}},
+                status=404,
+            )
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.json_response(
+                {"error": {"message": "injected failure", "type": "InternalServerError",
+                           "code": 500}}, status=500)
+        if self.hang_next > 0:
+            self.hang_next -= 1
+            await asyncio.sleep(self.hang_seconds)
+        image_url, prompt = "", ""
+        for part in body["messages"][0]["content"]:
+            if part.get("type") == "image_url":
+                image_url = part["image_url"]["url"]
+            elif part.get("type") == "text":
+                prompt = part["text"]
+        self.prompts.append(prompt)
+        started = time.perf_counter()
+        text = await self.read_image(image_url)
+        remaining = self.delay - (time.perf_counter() - started)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        return web.json_response({
+            "id": f"chatcmpl-{self.requests}",
+            "object": "chat.completion",
+            "model": self.served_model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+    async def read_image(self, data_url: str) -> str:
+        prefix = "data:image/png;base64,"
+        if not data_url.startswith(prefix):
+            raise web.HTTPBadRequest(text="expected a PNG data URL")
+        image = Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):]))).convert("RGB")
+        result = await shared_ocr().recognize(RenderedPage(0, image, image.width, image.height))
+        return result.markdown

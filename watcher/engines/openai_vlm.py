@@ -1,0 +1,445 @@
+"""The openai-vlm engine: any OCR VLM behind an OpenAI-compatible endpoint (vLLM).
+
+Each page is one chat-completions request with the page as a PNG data URL. The engine
+bounds its requests in flight (WATCHER_VLM_MAX_CONCURRENCY) so that vLLM's scheduler,
+not a pile of queued HTTP requests, decides the batch; and it tells three failures
+apart, because each needs a different answer:
+
+* server down, 5xx, timeouts: retried with backoff and jitter; still failing, the engine
+  is marked unavailable (the document waits, /ready is 503) and a background probe of
+  `/health` brings it back by itself;
+* 401/403/404 (wrong served model name, wrong key): a configuration error that no retry
+  fixes: the engine turns FAILED with a message naming the model, documents wait, and the
+  probe restores it once the server serves the configured model;
+* other 4xx (the page is too large for the context, ...): a problem with this page; it
+  counts as an engine crash, so the worker retries then records `engine_failed`.
+
+Output: with the `paddleocr-vl` preset the model answers Markdown/plain text without
+coordinates, so each paragraph becomes a `text` block whose bbox is the whole page.
+With `granite-docling` the answer is DocTags, whose elements carry locations on a
+0..500 grid; those become blocks with real bboxes in page pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from PIL import Image
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from watcher.decode import RenderedPage
+from watcher.engines import vlm_server
+from watcher.engines.base import WARMUP_TEXT, Block, Engine, EngineState, PageResult, synthetic_page
+from watcher.errors import EngineUnavailable
+from watcher.logs import get_logger
+from watcher.settings import Settings
+
+log = get_logger("watcher.engine")
+
+PRESET_PROMPTS = {
+    "paddleocr-vl": "OCR:",
+    "granite-docling": "Convert this page to docling.",
+}
+
+# Statuses that mean "this deployment is misconfigured", not "this page is bad".
+_CONFIG_STATUSES = {401, 403, 404}
+
+
+class _Transient(Exception):
+    """The server is down, overloaded or slow: worth another try."""
+
+
+class VlmRequestRejected(Exception):
+    """The server refused this page (4xx): counted as an engine crash by the worker."""
+
+
+def encode_png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    # compress_level 1: the bytes only cross loopback, and zlib time is CPU the box needs.
+    image.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _server_message(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:300]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if data.get("message"):
+            return str(data["message"])
+    return body.strip()[:300]
+
+
+class OpenAIVlmEngine(Engine):
+    name = "openai-vlm"
+
+    def __init__(
+        self,
+        settings: Settings,
+        probe_interval: float = 2.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.model = settings.vlm_model
+        self.url = settings.vlm_url
+        self.preset = settings.vlm_prompt_preset
+        self.prompt = settings.vlm_prompt or PRESET_PROMPTS[self.preset]
+        self.max_concurrency = settings.vlm_max_concurrency
+        self.max_retries = settings.vlm_max_retries
+        self.max_tokens = settings.vlm_max_tokens
+        self.startup_timeout = settings.vlm_startup_timeout
+        self.request_timeout = aiohttp.ClientTimeout(total=settings.vlm_timeout)
+        self.api_key = settings.vlm_api_key.get_secret_value() if settings.vlm_api_key else None
+        self.probe_interval = probe_interval
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._probe: asyncio.Task[None] | None = None
+        # Set while the server rejects our configuration (model name, key); cleared by
+        # the probe once the server serves the configured model again.
+        self._config_error: str | None = None
+
+    # --- life ----------------------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # A couple of spare connections for the probe beside the bounded requests.
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency + 4)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def warm(self) -> None:
+        session = self._http()
+        if self._probe is None:
+            self._probe = asyncio.create_task(
+                vlm_server.probe_forever(self, session, self.url, self.probe_interval,
+                                         on_healthy=self._recover_config),
+                name="vlm-probe",
+            )
+        await vlm_server.wait_for_health(session, self.url, self.startup_timeout, self.name)
+        try:
+            await vlm_server.check_model(session, self.url, self.model, self.api_key)
+        except RuntimeError as exc:
+            self._config_error = str(exc)
+            raise
+        await self._warm_retrying()
+
+    async def _warm_retrying(self) -> None:
+        # A server that just came up may still stall or 5xx its first requests; only a
+        # configuration error, or running out of WATCHER_VLM_STARTUP_TIMEOUT, ends warm-up.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.startup_timeout
+        while True:
+            try:
+                await self._warm_page()
+                return
+            except EngineUnavailable:
+                if self._config_error is not None or loop.time() > deadline:
+                    raise
+                log.warning("vlm_warmup_retry", engine=self.name, reason=self.unavailable)
+            await asyncio.sleep(1.0)
+
+    async def _warm_page(self) -> None:
+        result = await self.recognize(synthetic_page())
+        text = result.markdown + " " + " ".join(b.text for b in result.blocks)
+        if "WARMUP" not in text.upper():
+            raise RuntimeError(f"warm-up page read as {text.strip()!r}, expected {WARMUP_TEXT!r}")
+
+    async def _recover_config(self) -> None:
+        """Probe hook: leave FAILED once the server serves the configured model."""
+        if self._config_error is None:
+            return
+        models = await vlm_server.served_models(self._http(), self.url, self.api_key)
+        if models is not None and self.model not in models:
+            return
+        self._config_error = None
+        try:
+            await self._warm_page()
+        except Exception as exc:
+            if self._config_error is None:
+                self._config_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.state = EngineState.READY
+        self.error = None
+        log.info("engine_recovered", engine=self.name, model=self.model)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- requests ------------------------------------------------------------------------
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        # PNG encoding of a full page takes tens of milliseconds: not on the event loop.
+        image_b64 = await asyncio.to_thread(encode_png_b64, page.image)
+        text = await self.complete(image_b64)
+        if self.preset == "granite-docling":
+            return doctags_page(page.index, page.width, page.height, text)
+        return text_page(page.index, page.width, page.height, text)
+
+    async def complete(self, image_b64: str) -> str:
+        payload = {
+            "model": self.model,
+            "messages": [{
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
+                    {"type": "text", "text": self.prompt},
+                ],
+            }],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        }
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            # Full jitter: many pages failing together must not retry in lockstep.
+            wait=wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max),
+            retry=retry_if_exception_type(_Transient),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    text = await self._post(payload)
+        except _Transient as exc:
+            reason = (f"VLM server {self.url} still failing after {self.max_retries + 1} "
+                      f"attempts: {exc}")
+            self.mark_unavailable(reason)
+            raise EngineUnavailable(reason) from exc
+        self.mark_available()
+        return text
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning("vlm_request_retry", engine=self.name, attempt=state.attempt_number,
+                    error=str(exc))
+
+    async def _post(self, payload: dict[str, Any]) -> str:
+        session = self._http()
+        headers = vlm_server.auth_headers(self.api_key)
+        # The slot is held for the request only, never across a backoff sleep.
+        async with self._slots:
+            try:
+                async with session.post(f"{self.url}/chat/completions", json=payload,
+                                        headers=headers, timeout=self.request_timeout) as resp:
+                    status = resp.status
+                    body = await resp.text()
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                raise _Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+        if status >= 500 or status == 429:
+            raise _Transient(f"HTTP {status}: {_server_message(body)}")
+        if status in _CONFIG_STATUSES:
+            self._config_failed(status, _server_message(body))
+        if status >= 400:
+            raise VlmRequestRejected(f"the VLM server rejected the page: HTTP {status}: "
+                                     f"{_server_message(body)}")
+        try:
+            data = json.loads(body)
+            content = data["choices"][0]["message"].get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise VlmRequestRejected(f"unexpected answer from the VLM server: {body[:200]!r}") from exc
+        return str(content or "")
+
+    def _config_failed(self, status: int, message: str) -> None:
+        if status == 404:
+            error = vlm_server.model_mismatch_message(self.model, message)
+        else:
+            error = (f"the VLM server refused our credentials (HTTP {status}: {message}); "
+                     f"check WATCHER_VLM_API_KEY")
+        if self.state is not EngineState.FAILED or self.error != error:
+            log.error("engine_failed", engine=self.name, model=self.model, error=error)
+        self._config_error = error
+        self.state = EngineState.FAILED
+        self.error = error
+        raise EngineUnavailable(error)
+
+
+# --- output mapping ----------------------------------------------------------------------
+def text_page(index: int, width: int, height: int, text: str) -> PageResult:
+    """Markdown/plain text without coordinates: one block per paragraph, bbox = page."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    blocks = [
+        Block(type="text", bbox=[0.0, 0.0, float(width), float(height)], text=p, order=i)
+        for i, p in enumerate(paragraphs)
+    ]
+    return PageResult(index=index, width=width, height=height, blocks=blocks,
+                      markdown=text.strip(), raw={"response": text})
+
+
+DOCTAGS_GRID = 500
+_ELEMENT = re.compile(r"<(?P<tag>[a-z][a-z0-9_]*)>(?P<body>.*?)</(?P=tag)>", re.S)
+_LOCS = re.compile(r"\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>")
+_TAG = re.compile(r"<[^>]+>")
+_OTSL_TOKEN = re.compile(r"<(fcel|ecel|lcel|ucel|xcel|ched|rhed|srow|nl)>([^<]*)")
+_LISTS = {"unordered_list": False, "ordered_list": True}
+_FURNITURE = {"page_header", "page_footer"}
+
+
+@dataclass
+class _Element:
+    tag: str
+    bbox: list[float]
+    text: str
+    markdown: str
+    extra: dict[str, Any]
+
+
+def _bbox(body: str, width: int, height: int) -> tuple[list[float], str]:
+    match = _LOCS.match(body)
+    if match is None:
+        return [0.0, 0.0, float(width), float(height)], body
+    x0, y0, x1, y1 = (int(v) for v in match.groups())
+    sx, sy = width / DOCTAGS_GRID, height / DOCTAGS_GRID
+    left, right = sorted((min(x0, x1) * sx, max(x0, x1) * sx))
+    top, bottom = sorted((min(y0, y1) * sy, max(y0, y1) * sy))
+    left, top = max(0.0, min(left, width - 1.0)), max(0.0, min(top, height - 1.0))
+    right, bottom = min(float(width), max(right, left + 1)), min(float(height), max(bottom, top + 1))
+    return [round(left, 1), round(top, 1), round(right, 1), round(bottom, 1)], body[match.end():]
+
+
+def _plain(fragment: str) -> str:
+    return _TAG.sub("", fragment).strip()
+
+
+def otsl_rows(body: str) -> tuple[list[list[str]], bool]:
+    """OTSL table tokens to rows of cell text; `simple` when no cell spans another."""
+    rows: list[list[str]] = []
+    row: list[str] = []
+    simple = True
+    for token, content in _OTSL_TOKEN.findall(body):
+        if token == "nl":
+            rows.append(row)
+            row = []
+            continue
+        if token in {"lcel", "ucel", "xcel"}:
+            simple = False
+        row.append(content.strip())
+    if row:
+        rows.append(row)
+    rows = [r for r in rows if r]
+    if rows and len({len(r) for r in rows}) != 1:
+        simple = False
+    return rows, simple
+
+
+def _markdown_table(rows: list[list[str]]) -> str:
+    cells = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + " --- |" * len(cells[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def _table(bbox: list[float], body: str, width: int, height: int) -> list[_Element]:
+    elements: list[_Element] = []
+    captions = [m for m in _ELEMENT.finditer(body) if m.group("tag") == "caption"]
+    for cap in captions:
+        cap_bbox, rest = _bbox(cap.group("body"), width, height)
+        elements.append(_Element("caption", cap_bbox, _plain(rest), _plain(rest), {}))
+    table_body = _ELEMENT.sub(lambda m: "" if m.group("tag") == "caption" else m.group(0), body)
+    rows, simple = otsl_rows(table_body)
+    text = "\n".join(" ".join(c for c in r if c) for r in rows)
+    rectangular = bool(rows) and len({len(r) for r in rows}) == 1
+    # Spanning cells become empty cells; the raw OTSL stays in the block for exact layout.
+    markdown = _markdown_table(rows) if rectangular else text
+    table = _Element("otsl", bbox, text, markdown, {"otsl": table_body.strip(), "otsl_simple": simple})
+    return [table, *elements]
+
+
+def _element(tag: str, body: str, width: int, height: int) -> list[_Element]:
+    if tag in _LISTS:
+        items = []
+        for n, item in enumerate(m for m in _ELEMENT.finditer(body) if m.group("tag") == "list_item"):
+            bbox, rest = _bbox(item.group("body"), width, height)
+            text = _plain(rest)
+            bullet = f"{n + 1}." if _LISTS[tag] else "-"
+            items.append(_Element("list_item", bbox, text, f"{bullet} {text}", {"list": tag}))
+        return items
+    bbox, rest = _bbox(body, width, height)
+    if tag == "otsl":
+        return _table(bbox, rest, width, height)
+    if tag in {"picture", "chart"}:
+        inner = [m for m in _ELEMENT.finditer(rest) if m.group("tag") == "caption"]
+        out = [_Element(tag, bbox, "", "", {})]
+        for cap in inner:
+            cap_bbox, cap_rest = _bbox(cap.group("body"), width, height)
+            out.append(_Element("caption", cap_bbox, _plain(cap_rest), _plain(cap_rest), {}))
+        return out
+    if tag == "code":
+        lang = re.match(r"\s*<_([^>]*)_>", rest)
+        code = _plain(rest)
+        extra = {"language": lang.group(1)} if lang else {}
+        return [_Element(tag, bbox, code, f"```{extra.get('language', '').lower()}\n{code}\n```", extra)]
+    text = _plain(rest)
+    if tag == "formula":
+        return [_Element(tag, bbox, text, f"$$\n{text}\n$$", {"latex": text})]
+    if tag == "title":
+        return [_Element(tag, bbox, text, f"# {text}", {})]
+    level = re.fullmatch(r"section_header_level_(\d+)", tag)
+    if level:
+        hashes = "#" * min(6, int(level.group(1)) + 1)
+        return [_Element(tag, bbox, text, f"{hashes} {text}", {})]
+    # Running headers and footers are kept as blocks but left out of the reading text.
+    return [_Element(tag, bbox, text, "" if tag in _FURNITURE else text, {})]
+
+
+def parse_doctags(text: str, width: int, height: int) -> tuple[list[Block], str]:
+    """DocTags (granite-docling / SmolDocling) to blocks in page pixels and Markdown."""
+    body = text.strip()
+    wrapper = re.fullmatch(r"\s*<doctag>(.*?)(</doctag>)?\s*", body, re.S)
+    if wrapper:
+        body = wrapper.group(1)
+    elements: list[_Element] = []
+    for match in _ELEMENT.finditer(body):
+        elements.extend(_element(match.group("tag"), match.group("body"), width, height))
+    blocks = [
+        Block(type=e.tag, bbox=e.bbox, text=e.text, order=i, extra=e.extra)
+        for i, e in enumerate(elements)
+    ]
+    parts: list[str] = []
+    previous: _Element | None = None
+    for e in elements:
+        if not e.markdown:
+            continue
+        # Consecutive items of one list form one Markdown list, not separate paragraphs.
+        if previous is not None and e.tag == previous.tag == "list_item" and e.extra == previous.extra:
+            parts[-1] += "\n" + e.markdown
+        else:
+            parts.append(e.markdown)
+        previous = e
+    return blocks, "\n\n".join(parts)
+
+
+def doctags_page(index: int, width: int, height: int, text: str) -> PageResult:
+    blocks, markdown = parse_doctags(text, width, height)
+    if not blocks and text.strip():
+        # Not DocTags after all (a prompt override, a different model): keep the text.
+        return text_page(index, width, height, _plain(text) or text)
+    return PageResult(index=index, width=width, height=height, blocks=blocks,
+                      markdown=markdown, raw={"response": text})
