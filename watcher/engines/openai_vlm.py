@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import re
@@ -185,14 +184,8 @@ class OpenAIVlmEngine(Engine):
         log.info("engine_recovered", engine=self.name, model=self.model)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await vlm_server.close_probe_and_session(self._probe, self._session)
+        self._probe, self._session = None, None
 
     # --- requests ------------------------------------------------------------------------
     async def recognize(self, page: RenderedPage) -> PageResult:

@@ -18,7 +18,6 @@ kept whole as `PageResult.raw`, which the result file carries as `pages[].raw`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import json
 import math
@@ -300,12 +299,6 @@ class PaddleOcrVlEngine(Engine):
             raise RuntimeError(f"warm-up page read as {text.strip()!r}, expected {WARMUP_TEXT!r}")
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await vlm_server.close_probe_and_session(self._probe, self._session)
+        self._probe, self._session = None, None
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ after the server was unreachable; so that logic lives here once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -131,3 +132,15 @@ async def probe_forever(
             if time.monotonic() - last_error_log > 60:
                 log.warning("vlm_probe_error", engine=engine.name, error=f"{type(exc).__name__}: {exc}")
                 last_error_log = time.monotonic()
+
+
+async def close_probe_and_session(
+    probe: asyncio.Task[None] | None, session: aiohttp.ClientSession | None
+) -> None:
+    """Stop an engine's probe before its HTTP session, which the probe uses."""
+    if probe is not None:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+    if session is not None:
+        await session.close()
