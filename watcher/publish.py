@@ -17,10 +17,10 @@ def _meta(ref: ObjectRef) -> dict[str, str]:
 
 
 async def publish_result(
-    storage: Storage, layout: Layout, ref: ObjectRef, result: dict[str, Any], markdown: str
+    storage: Storage, layout: Layout, ref: ObjectRef, result_json: bytes, markdown: bytes
 ) -> None:
-    await storage.put(layout.result_markdown(ref.key), markdown.encode("utf-8"), MARKDOWN, _meta(ref))
-    await storage.put(layout.result_json(ref.key), to_json_bytes(result), JSON, _meta(ref))
+    await storage.put(layout.result_markdown(ref.key), markdown, MARKDOWN, _meta(ref))
+    await storage.put(layout.result_json(ref.key), result_json, JSON, _meta(ref))
     # An earlier version's failure no longer describes this source.
     await storage.delete(layout.error_json(ref.key))
 

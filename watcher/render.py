@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -89,3 +90,18 @@ def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -
 def to_json_bytes(data: dict[str, Any]) -> bytes:
     # Documents are often Russian: keep UTF-8 readable, not \u-escaped.
     return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def render_document(
+    ref: ObjectRef,
+    engine: Engine,
+    doc_format: str,
+    pages: list[PageResult],
+    timings: dict[str, float],
+) -> tuple[bytes, bytes]:
+    """Markdown and result JSON, encoded; CPU-bound for long documents, so run off the loop."""
+    started = time.perf_counter()
+    markdown = render_markdown(pages)
+    timings["render_seconds"] = time.perf_counter() - started
+    result = render_result(ref, engine, doc_format, pages, markdown, timings)
+    return markdown.encode("utf-8"), to_json_bytes(result)

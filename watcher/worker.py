@@ -25,7 +25,7 @@ from watcher.layout import Layout
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
 from watcher.publish import publish_error, publish_result
-from watcher.render import render_error, render_markdown, render_result
+from watcher.render import render_document, render_error
 from watcher.settings import Settings
 from watcher.settle import settle
 from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnavailable
@@ -117,11 +117,10 @@ class DocumentWorker:
                 path.unlink(missing_ok=True)
         if lease.lost:
             raise LeaseLost(ref.key)
-        t0 = time.perf_counter()
         with self.metrics.stage("render"):
-            markdown = render_markdown(pages)
-            timings["render_seconds"] = time.perf_counter() - t0
-            result = render_result(ref, self.engine, fmt, pages, markdown, timings)
+            markdown, result = await asyncio.to_thread(
+                render_document, ref, self.engine, fmt, pages, timings
+            )
         t0 = time.perf_counter()
         with self.metrics.stage("publish"):
             await publish_result(self.storage, self.layout, ref, result, markdown)
