@@ -80,3 +80,22 @@ async def test_daemon_recovers_when_s3_stops_and_starts(own_weed: SeaweedS3) -> 
         assert status == 200
     listing = s3.list_objects_v2(Bucket="outage", Prefix="output/")["Contents"]
     assert not any(o["Key"].endswith(".error.json") for o in listing)
+
+
+async def test_wrong_credentials_are_reported_on_ready_without_error_records(
+    weed: SeaweedS3, bucket: str
+) -> None:
+    s3 = weed.sync_client()
+    s3.put_object(Bucket=bucket, Key="input/a.png", Body=make_image(["Waiting for keys"], "PNG"))
+    wrong = "definitely-the-wrong-secret-123"
+    settings = make_settings(weed, bucket, s3_secret_key=wrong)
+    async with daemon_running(settings) as daemon:
+        base = f"http://127.0.0.1:{daemon.http.port}"
+        await daemon.wait_polls(2, timeout=30)
+        status, body = await get_json(f"{base}/ready")
+        health_status, health = await get_json(f"{base}/health")
+    assert status == 503 and health_status == 200
+    reason = " ".join(body["reasons"])
+    assert "refused" in reason and "CLOUDRU_S3_SECRET_KEY" in reason
+    assert wrong not in str(body) + str(health)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) == 0

@@ -192,10 +192,13 @@ class Daemon:
         started = time.perf_counter()
         try:
             todo = await discovery.scan()
-        except StorageUnavailable as exc:
+        except Exception as exc:
+            # Whatever went wrong, discovery must live on and say why on /ready.
+            error = str(exc) if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
             if self.s3_reachable is not False:
-                log.error("s3_unreachable", error=str(exc))
-            self.s3_reachable, self.s3_error = False, str(exc)
+                log.error("s3_unreachable", error=error,
+                          exc_info=not isinstance(exc, StorageUnavailable))
+            self.s3_reachable, self.s3_error = False, error
             self.metrics.s3_errors.inc()
         else:
             if self.s3_reachable is False:

@@ -89,6 +89,14 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+_REFUSED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+                  "InvalidToken", "ExpiredToken", "AllAccessDisabled", "AuthorizationHeaderMalformed"}
+
+
+def is_refused(exc: ClientError) -> bool:
+    return http_status(exc) in (401, 403) or error_code(exc) in _REFUSED_CODES
+
+
 def is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, ClientError) and (
         http_status(exc) == 404 or error_code(exc) in {"404", "NoSuchKey", "NotFound"}
@@ -121,10 +129,11 @@ def client_config(settings: Settings) -> AioConfig:
 class Storage:
     """Thin, retrying wrapper over one aiobotocore S3 client for one bucket."""
 
-    def __init__(self, client: Any, bucket: str, max_attempts: int) -> None:
+    def __init__(self, client: Any, bucket: str, max_attempts: int, list_page_size: int = 1000) -> None:
         self.client = client
         self.bucket = bucket
         self.max_attempts = max_attempts
+        self.list_page_size = list_page_size
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         retrying = AsyncRetrying(
@@ -137,6 +146,15 @@ class Storage:
             async for attempt in retrying:
                 with attempt:
                     return await fn()
+        except ClientError as exc:
+            if is_refused(exc):
+                # Wrong keys, bucket or permissions: an operator's problem, not a document's.
+                raise StorageUnavailable(
+                    f"S3 {op} refused ({error_code(exc) or http_status(exc)}): check "
+                    "CLOUDRU_S3_ACCESS_KEY, CLOUDRU_S3_SECRET_KEY, CLOUDRU_S3_BUCKET and the "
+                    "key's permissions"
+                ) from exc
+            raise
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise StorageUnavailable(f"S3 {op} failed: {type(cause).__name__}: {cause}") from cause
@@ -147,7 +165,7 @@ class Storage:
         """All objects under `prefix`, page by page (ListObjectsV2)."""
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page_size}
             if token:
                 kwargs["ContinuationToken"] = token
             page: dict[str, Any] = await self._call("list", partial(self.client.list_objects_v2, **kwargs))
