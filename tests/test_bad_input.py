@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -55,7 +57,7 @@ BAD: dict[str, tuple[bytes, str, str]] = {
 
 
 async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
-    weed: SeaweedS3, bucket: str, s3: Any
+    weed: SeaweedS3, bucket: str, s3: Any, tmp_path: Path
 ) -> None:
     good = {"good/first.png": ["Good document ECHO"], "good/second.png": ["Another good FOXTROT"]}
     # Bad documents first, so the good ones come after them in the queue.
@@ -63,7 +65,8 @@ async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
         s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=body)
     for rel, lines in good.items():
         s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=make_image(lines, "PNG"))
-    settings = make_settings(weed, bucket, max_pages=5, max_object_bytes=2_000_000)
+    settings = make_settings(weed, bucket, max_pages=5, max_object_bytes=2_000_000,
+                             temp_dir=str(tmp_path))
     engine = CountingEngine()
     statuses: list[int] = []
 
@@ -88,6 +91,7 @@ async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
         await daemon.wait_polls(daemon.polls + 2, timeout=30)
 
     assert statuses and set(statuses) == {200}
+    assert os.listdir(tmp_path) == []  # every downloaded source was removed
     for rel, (body, code, word) in BAD.items():
         record = json.loads(s3.get_object(Bucket=bucket, Key=f"output/{rel}.error.json")["Body"].read())
         jsonschema.validate(record, ERROR_SCHEMA)

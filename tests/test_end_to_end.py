@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,12 +52,12 @@ def load_json(s3: Any, bucket: str, key: str) -> Any:
 
 
 async def test_documents_become_results_and_a_second_run_does_nothing(
-    weed: SeaweedS3, bucket: str, s3: Any
+    weed: SeaweedS3, bucket: str, s3: Any, tmp_path: Path
 ) -> None:
     for rel, (body, _, _) in DOCUMENTS.items():
         s3.put_object(Bucket=bucket, Key=f"input/{rel}", Body=body)
     s3.put_object(Bucket=bucket, Key="input/reports/", Body=b"")  # a folder marker
-    settings = make_settings(weed, bucket)
+    settings = make_settings(weed, bucket, temp_dir=str(tmp_path))
     results = [f"output/{rel}.json" for rel in DOCUMENTS]
 
     engine = CountingEngine()
@@ -78,6 +80,7 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
                  "watcher_backlog_documents", "watcher_engine_ready 1.0"):
         assert name in metrics
     assert len(engine.calls) == total_pages
+    assert os.listdir(tmp_path) == []  # temp files removed
 
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
     keys = {item["Key"] for item in listing}
