@@ -101,13 +101,19 @@ async def main() -> None:
     # The engine is shared and warm for both runs; the daemon must not close it between.
     engine_close = engine.close
     engine.close = lambda: asyncio.sleep(0)  # type: ignore[method-assign]
-    direct_seconds = await direct(engine, pages)
+    # Direct runs before and after the daemon's, so that warm-up drift or a noisy
+    # neighbour does not favour either side; their mean is the reference.
+    direct_before = await direct(engine, pages)
     daemon_seconds = await through_daemon(engine, pdfs, args.dpi)
+    direct_after = await direct(engine, pages)
+    direct_seconds = (direct_before + direct_after) / 2
     await engine_close()
     n = len(pages)
     summary = {
         "pages": n,
         "dpi": args.dpi,
+        "direct_pages_per_second_before_after": [round(n / direct_before, 3),
+                                                 round(n / direct_after, 3)],
         "direct_pages_per_second": round(n / direct_seconds, 3),
         "daemon_pages_per_second": round(n / daemon_seconds, 3),
         "ratio_daemon_over_direct": round(direct_seconds / daemon_seconds, 3),
