@@ -23,6 +23,15 @@ def _run() -> int:
     from watcher.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    if ":" not in settings.s3_access_key.get_secret_value():
+        # Cloud.ru signs with "<tenant_id>:<key_id>"; a bare key id is a common copy slip
+        # there, while other S3 providers use bare ids, so warn rather than refuse.
+        from watcher.logs import get_logger
+
+        get_logger("watcher").warning(
+            "access_key_not_cloudru_form",
+            hint="Cloud.ru expects CLOUDRU_S3_ACCESS_KEY as <tenant_id>:<key_id>",
+        )
 
     async def main() -> None:
         daemon = Daemon(settings)
