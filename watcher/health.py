@@ -63,6 +63,18 @@ def readiness_problems(daemon: Daemon) -> list[str]:
     return problems
 
 
+async def serve_app(
+    app: web.Application, host: str, port: int, reuse_address: bool | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start `app` on host:port; returns its runner and the bound port (port 0 = any free)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=reuse_address)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    return runner, (sockets[0].getsockname()[1] if sockets else port)
+
+
 class HealthServer:
     def __init__(self, daemon: Daemon, host: str, port: int) -> None:
         self.daemon = daemon
@@ -95,14 +107,7 @@ class HealthServer:
         )
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:  # tests ask for any free port
-            sockets = getattr(site._server, "sockets", None) or []
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_app(self.app(), self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
