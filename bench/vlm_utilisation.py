@@ -1,11 +1,22 @@
-"""How well the watcher keeps a VLM server busy: a backlog through the real daemon.
+"""How well the watcher keeps a VLM server busy, at default settings, for several GPU sizes.
 
-Uploads a backlog of multi-page PDFs to an embedded SeaweedFS, runs the real daemon with
-WATCHER_ENGINE=openai-vlm against bench/gpu_sim.py (S slots, fixed service time), and
-prints a JSON summary: engine utilisation = busy slot-seconds / (S x wall time from the
-first request to the last response), pages per second, and the settings used.
+For each simulated GPU size (`--slots`, sequence slots), uploads a backlog of multi-page
+PDFs to an embedded SeaweedFS, runs the real daemon with WATCHER_ENGINE=openai-vlm
+against bench/gpu_sim.py in batching mode (service time = --service-time +
+--per-running x requests running; vLLM's gauges on /metrics unless --no-metrics), and
+reports per size:
 
-    python bench/vlm_utilisation.py --docs 50 --pages 4 --slots 8 --service-time 0.5
+* utilisation_while_backlogged: busy slot-seconds / (S x time from the first page's
+  arrival to the last page's arrival): the part the daemon is responsible for;
+* utilisation_whole_run: the same up to the last answer, tail included;
+* pages per second against the ideal S / (service time + per_running x S);
+* pages that took longer than WATCHER_VLM_TIMEOUT at the server (the daemon gave up).
+
+The daemon runs at its defaults: WATCHER_VLM_MAX_CONCURRENCY, WATCHER_MAX_INFLIGHT_DOCUMENTS
+and WATCHER_PAGE_CONCURRENCY are only set when given on the command line.
+
+    python bench/vlm_utilisation.py                       # sizes 4, 64, 256
+    python bench/vlm_utilisation.py --slots 4 --docs 8    # a quick check
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import tempfile
 import time
@@ -30,6 +42,13 @@ from watcher.embedded import SeaweedS3
 from watcher.logs import configure_logging
 from watcher.settings import load_settings
 
+# Bench option -> Settings field, passed to the daemon only when given explicitly.
+TUNING = {
+    "vlm_concurrency": "vlm_max_concurrency",
+    "inflight_documents": "max_inflight_documents",
+    "page_concurrency": "page_concurrency",
+}
+
 
 def count_results(s3: Any, bucket: str) -> int:
     done = 0
@@ -38,70 +57,135 @@ def count_results(s3: Any, bucket: str) -> int:
     return done
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    configure_logging("WARNING", "json")
-    sim = await GpuSimulator(slots=args.slots, service_time=args.service_time).start()
-    with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
-        weed = SeaweedS3(data_dir=Path(tmp) / "weed", buckets=("bench",))
-        weed.start()
-        try:
-            s3 = weed.sync_client()
-            for n in range(args.docs):
-                pages = [[f"Document {n} page {p}", "Backlog benchmark"] for p in range(args.pages)]
-                s3.put_object(Bucket="bench", Key=f"input/doc{n:03d}.pdf", Body=make_pdf(pages))
-            settings = load_settings(
-                s3_endpoint=weed.endpoint, s3_bucket="bench", s3_access_key=weed.access_key,
-                s3_secret_key=weed.secret_key, http_port=0, http_host="127.0.0.1",
-                poll_interval=1.0, engine="openai-vlm", vlm_url=sim.url,
-                vlm_max_concurrency=args.vlm_concurrency,
-                max_inflight_documents=args.inflight_documents,
-                page_concurrency=args.page_concurrency, render_dpi=args.dpi,
-                log_level="WARNING",
-            )
-            started = time.perf_counter()
-            async with running(Daemon(settings)):
-                while await asyncio.to_thread(count_results, s3, "bench") < args.docs:
-                    await asyncio.sleep(0.5)
-            elapsed = time.perf_counter() - started
-        finally:
-            weed.cleanup()
-    await sim.stop()
-    wall = (sim.last_response or 0) - (sim.first_request or 0)
+def documents_for(slots: int, args: argparse.Namespace) -> int:
+    if args.docs is not None:
+        return int(args.docs)
+    # Several service rounds of the whole GPU, so the start-up ramp and the tail do not
+    # decide the figure.
+    pages: int = args.pages
+    return max(40, math.ceil(slots * 6 / pages))
+
+
+async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dict[str, Any]:
+    docs = documents_for(slots, args)
+    bucket = f"bench-{slots}"
+    s3 = weed.sync_client()
+    s3.create_bucket(Bucket=bucket)
+    for n in range(docs):
+        pages = [[f"Document {n} page {p}", "Backlog benchmark"] for p in range(args.pages)]
+        s3.put_object(Bucket=bucket, Key=f"input/doc{n:04d}.pdf", Body=make_pdf(pages))
+    tuning = {field: getattr(args, option) for option, field in TUNING.items()
+              if getattr(args, option) is not None}
+    sim = await GpuSimulator(
+        slots=slots, service_time=args.service_time, per_running=args.per_running,
+        metrics=args.metrics,
+    ).start()
+    try:
+        settings = load_settings(
+            s3_endpoint=weed.endpoint, s3_bucket=bucket, s3_access_key=weed.access_key,
+            s3_secret_key=weed.secret_key, http_port=0, http_host="127.0.0.1",
+            poll_interval=1.0, engine="openai-vlm", vlm_url=sim.url, render_dpi=args.dpi,
+            log_level="WARNING", **tuning,
+        )
+        # The daemon gives up on a page after WATCHER_VLM_TIMEOUT: slower is a timeout.
+        sim.client_timeout = settings.vlm_timeout
+        started = time.perf_counter()
+        async with running(Daemon(settings)):
+            while await asyncio.to_thread(count_results, s3, bucket) < docs:
+                await asyncio.sleep(0.5)
+        total = time.perf_counter() - started
+    finally:
+        await sim.stop()
+    wall = (sim.last_response or 0.0) - (sim.first_request or 0.0)
     return {
-        "utilisation": round(sim.utilisation(), 4),
+        "slots": slots,
+        "utilisation_while_backlogged": round(sim.utilisation_while_backlogged(), 4),
+        "utilisation_whole_run": round(sim.utilisation(), 4),
+        "pages_per_second": round(sim.requests / wall, 2) if wall > 0 else 0.0,
+        "ideal_pages_per_second": round(slots / (args.service_time + args.per_running * slots), 2),
+        "timeouts": sim.timeouts,
+        "max_inflight": sim.max_inflight,
+        "max_queued": sim.max_queued,
+        "documents": docs,
         "pages": sim.requests,
-        "pages_per_second": round(sim.requests / wall, 2) if wall else 0,
-        "ideal_pages_per_second": round(args.slots / args.service_time, 2),
-        "busy_slot_seconds": round(sim.busy_slot_seconds, 2),
-        "wall_seconds_first_request_to_last_response": round(wall, 2),
-        "total_seconds_including_warmup": round(elapsed, 2),
-        "max_requests_in_flight_at_server": sim.max_inflight,
-        "max_requests_queued_at_server": sim.max_queued,
+        "wall_seconds": round(wall, 2),
+        "total_seconds_including_warmup": round(total, 2),
         "settings": {
-            "simulator_slots": args.slots,
             "service_time_seconds": args.service_time,
-            "documents": args.docs,
+            "per_running_seconds": args.per_running,
+            "server_metrics": args.metrics,
             "pages_per_document": args.pages,
-            "WATCHER_VLM_MAX_CONCURRENCY": args.vlm_concurrency,
-            "WATCHER_MAX_INFLIGHT_DOCUMENTS": args.inflight_documents,
-            "WATCHER_PAGE_CONCURRENCY": args.page_concurrency,
-            "WATCHER_RENDER_DPI": args.dpi,
+            "WATCHER_VLM_TIMEOUT": settings.vlm_timeout,
+            "WATCHER_VLM_MAX_CONCURRENCY": settings.vlm_max_concurrency,
+            "WATCHER_MAX_INFLIGHT_DOCUMENTS": settings.max_inflight_documents,
+            "WATCHER_PAGE_CONCURRENCY": settings.page_concurrency,
+            "WATCHER_RENDER_DPI": settings.render_dpi,
+            "explicit": sorted(tuning),
         },
     }
 
 
+async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    configure_logging("WARNING", "json")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
+        weed = SeaweedS3(data_dir=Path(tmp) / "weed", buckets=())
+        weed.start()
+        try:
+            for slots in args.slots:
+                results.append(await run_size(weed, slots, args))
+        finally:
+            weed.cleanup()
+    return results
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    columns = [
+        ("slots", "slots"), ("utilisation_while_backlogged", "util. backlogged"),
+        ("utilisation_whole_run", "util. whole run"), ("pages_per_second", "pages/s"),
+        ("ideal_pages_per_second", "ideal pages/s"), ("timeouts", "timeouts"),
+        ("max_inflight", "max running"), ("max_queued", "max queued"),
+        ("documents", "docs"), ("wall_seconds", "wall s"),
+    ]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + " ---: |" * len(columns)]
+    lines += ["| " + " | ".join(str(r[key]) for key, _ in columns) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def slot_list(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"slot counts must be positive integers: {text!r}")
+    return sizes
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--slots", type=slot_list, default=[4, 64, 256],
+                        help="simulated GPU sizes, comma-separated (default 4,64,256)")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="documents per size (default max(40, ceil(slots x 6 / pages)))")
     parser.add_argument("--pages", type=int, default=4)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--service-time", type=float, default=0.5)
-    parser.add_argument("--vlm-concurrency", type=int, default=16)
-    parser.add_argument("--inflight-documents", type=int, default=8)
-    parser.add_argument("--page-concurrency", type=int, default=4)
-    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--service-time", type=float, default=1.0)
+    parser.add_argument("--per-running", type=float, default=0.04)
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                        help="the simulator has no /metrics (404), as a server without vLLM's gauges")
+    parser.add_argument("--vlm-concurrency", type=int, default=None,
+                        help="WATCHER_VLM_MAX_CONCURRENCY (default: the daemon's)")
+    parser.add_argument("--inflight-documents", type=int, default=None,
+                        help="WATCHER_MAX_INFLIGHT_DOCUMENTS (default: the daemon's)")
+    parser.add_argument("--page-concurrency", type=int, default=None,
+                        help="WATCHER_PAGE_CONCURRENCY (default: the daemon's)")
+    parser.add_argument("--dpi", type=int, default=72)
     return parser.parse_args()
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(parse_args())), indent=1))
+    results = asyncio.run(main(parse_args()))
+    print(json.dumps(results, indent=1))
+    print()
+    print(markdown_table(results))

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Labelled fakes (fake_paddleocr); spawned engine workers inherit this path.
+sys.path.insert(0, str(Path(__file__).parent / "fakes"))
 
 from watcher.daemon import Daemon, running
 from watcher.decode import RenderedPage
@@ -42,6 +44,7 @@ def s3(weed: SeaweedS3) -> Any:
     return weed.sync_client()
 
 
+FAKES = Path(__file__).parent / "fakes"
 _shared_cpu: CpuEngine | None = None
 
 

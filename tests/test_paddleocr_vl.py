@@ -1,33 +1,36 @@
 """The paddleocr-vl engine without Paddle: result mapping from fixtures written to
 PaddleOCR-VL's documented output schema, the exact PaddleOCRVL arguments, and the
-engine's threading and multi-page handling driven through a stand-in pipeline."""
+engine's batching, restructuring and failure handling in its worker process, driven
+through the labelled fake pipeline in tests/fakes/fake_paddleocr.py."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
+import os
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import make_settings
+from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
+from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
 from watcher.engines import create_engine
-from watcher.engines.base import WARMUP_TEXT, EngineState
+from watcher.engines.base import EngineState
 from watcher.engines.paddleocr_vl import (
     PaddleOcrVlEngine,
     map_page,
     map_results,
     pipeline_kwargs,
 )
-from watcher.errors import EngineUnavailable
+from watcher.errors import EngineCrashed, EngineUnavailable
 from watcher.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "paddleocr_vl"
@@ -50,55 +53,6 @@ class FakeResult:
         markdown = data.pop("markdown_texts", None)
         self.json = data
         self.markdown = {"markdown_texts": markdown, "markdown_images": {}}
-
-
-class FakePipeline:
-    """A FAKE of the paddle pipeline's predict/restructure_pages interface (PaddleOCRVL).
-
-    It answers from fixtures (or a generated page for the warm-up image) and records
-    which thread used it and how restructure_pages was called.
-    """
-
-    def __init__(self, results: list[dict[str, Any]], restructured: list[dict[str, Any]] | None) -> None:
-        self.results = results
-        self.restructured = restructured
-        self.threads: set[int] = set()
-        self.restructure_calls: list[dict[str, Any]] = []
-        self.predicted: list[str] = []
-
-    def predict(self, input: str) -> list[FakeResult]:
-        self.threads.add(threading.get_ident())
-        self.predicted.append(input)
-        if input.endswith("page.png"):  # the engine's warm-up page
-            return [FakeResult({"res": {"parsing_res_list": [
-                {"block_label": "text", "block_content": WARMUP_TEXT, "block_bbox": [40, 70, 520, 120],
-                 "block_id": 0, "block_order": 1}], "width": 640, "height": 200}})]
-        return [FakeResult(r) for r in self.results]
-
-    def restructure_pages(self, res_list: list[Any], merge_tables: bool = True,
-                          relevel_titles: bool = True, concatenate_pages: bool = False) -> list[Any]:
-        self.threads.add(threading.get_ident())
-        self.restructure_calls.append({"pages": len(res_list), "merge_tables": merge_tables,
-                                       "relevel_titles": relevel_titles,
-                                       "concatenate_pages": concatenate_pages})
-        assert self.restructured is not None
-        return [FakeResult(r) for r in self.restructured]
-
-
-class Factory:
-    def __init__(
-        self, results: list[dict[str, Any]], restructured: list[dict[str, Any]] | None = None
-    ) -> None:
-        self.results = results
-        self.restructured = restructured
-        self.built: list[FakePipeline] = []
-        self.lock = threading.Lock()
-
-    def __call__(self) -> FakePipeline:
-        pipeline = FakePipeline(self.results, self.restructured)
-        with self.lock:
-            self.built.append(pipeline)
-        return pipeline
 
 
 @pytest.fixture
@@ -183,91 +137,104 @@ def test_importing_the_engine_does_not_import_paddle() -> None:
 
 def test_create_engine_builds_it_without_paddle(weed: SeaweedS3) -> None:
     engine = create_engine(settings_for(weed))
-    assert isinstance(engine, PaddleOcrVlEngine) and engine.document_level
+    assert isinstance(engine, PaddleOcrVlEngine)
     assert "paddleocr" not in sys.modules
 
 
-# --- the engine with the stand-in pipeline ----------------------------------------------------
-async def test_one_pipeline_per_thread_and_multi_page_is_restructured(
-    weed: SeaweedS3, fake: FakeVlmServer, tmp_path: Path
+# --- the engine in its worker process, with the labelled fake pipeline ------------------------
+FAKE = "fake_paddleocr:PaddleOCRVL"
+
+
+def page_of(index: int, colour: str = "white", size: tuple[int, int] = (800, 1000)) -> RenderedPage:
+    image = Image.new("RGB", size, "white")
+    image.putpixel((0, 0), ImageColor.getrgb(colour))
+    return RenderedPage(index, image, *size)
+
+
+def calls(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def fake_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    log = tmp_path / "paddle-calls.jsonl"
+    monkeypatch.setenv("FAKE_PADDLEOCR_LOG", str(log))  # inherited by the worker process
+    return log
+
+
+async def test_pages_reach_predict_in_batches_and_the_document_is_restructured(
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path
 ) -> None:
-    factory = Factory(fixture("two_page_predict.json"), fixture("two_page_restructured.json"))
-    engine = PaddleOcrVlEngine(settings_for(weed, fake.url, engine_concurrency=2),
-                               pipeline_factory=factory)
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
     await engine.start()
     try:
         assert engine.state is EngineState.READY, engine.error
-        doc = tmp_path / "ledger.pdf"
-        doc.write_bytes(b"%PDF-1.4 stand-in")
-        results = await asyncio.gather(*(engine.recognize_document(doc, "pdf", 2) for _ in range(6)))
+        pages = await asyncio.gather(*(engine.recognize(page_of(i)) for i in range(6)))
+        finished = await engine.finish_document(list(pages))
     finally:
         await engine.close()
-    assert 1 <= len(factory.built) <= 2
-    owners = [p.threads for p in factory.built]
-    assert all(len(t) == 1 for t in owners), owners  # a pipeline never crosses threads
-    assert len(set().union(*owners)) == len(factory.built)  # and each thread has its own
-    calls = [c for p in factory.built for c in p.restructure_calls]
-    assert len(calls) == 6
-    assert all(c == {"pages": 2, "merge_tables": True, "relevel_titles": True,
-                     "concatenate_pages": False} for c in calls)
-    for pages in results:
-        assert len(pages) == 2
-        assert pages[0].blocks[2].extra["html"].count("<tr>") == 5  # the merged table
+    log = calls(fake_log)
+    init = [c for c in log if c["event"] == "init"]
+    assert len(init) == 1 and init[0]["pid"] != os.getpid()  # built in the worker process
+    assert "vl_rec_server_url" in init[0]["kwargs"]
+    batches = [c["pages"] for c in log if c["event"] == "predict"][1:]  # after the warm-up
+    assert sum(batches) == 6 and max(batches) <= 4
+    assert [c for c in log if c["event"] == "restructure"] == [
+        {"event": "restructure", "pid": init[0]["pid"], "pages": 6, "merge_tables": True,
+         "relevel_titles": True, "concatenate_pages": False}]
+    assert [p.index for p in finished] == list(range(6))
+    assert [b.type for b in finished[0].blocks] == ["doc_title", "text", "table"]
+    assert finished[5].blocks[2].extra["global_block_id"] == 17  # numbered across the document
+    assert finished[0].blocks[2].extra["html"].startswith("<table>")
 
 
-async def test_single_page_is_not_restructured(
-    weed: SeaweedS3, fake: FakeVlmServer, tmp_path: Path
+async def test_a_single_page_is_not_restructured(
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path
 ) -> None:
-    factory = Factory([fixture("single_page.json")])
-    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=factory)
-    doc = tmp_path / "report.png"
-    doc.write_bytes(b"stand-in")
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
+    await engine.start()
     try:
-        pages = await engine.recognize_document(doc, "png", 1)
+        page = await engine.recognize(page_of(0))
+        assert await engine.finish_document([page]) == [page]
     finally:
         await engine.close()
-    assert factory.built[0].restructure_calls == []
-    assert factory.built[0].predicted == [str(doc)]
-    assert [b.type for b in pages[0].blocks][2:4] == ["table", "display_formula"]
+    assert not [c for c in calls(fake_log) if c["event"] == "restructure"]
+    assert (page.width, page.height) == (800, 1000)
 
 
-async def test_unreachable_vlm_server_defers_the_document(weed: SeaweedS3, tmp_path: Path) -> None:
-    class Refused(FakePipeline):
-        def predict(self, input: str) -> list[FakeResult]:
-            raise RuntimeError("Connection error.") from ConnectionRefusedError(111, "refused")
-
-    engine = PaddleOcrVlEngine(settings_for(weed), pipeline_factory=lambda: Refused([], None))
-    doc = tmp_path / "x.png"
-    doc.write_bytes(b"stand-in")
+async def test_a_connection_error_defers_the_document_instead_of_charging_it(
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path
+) -> None:
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
+    await engine.start()
     try:
         with pytest.raises(EngineUnavailable):
-            await engine.recognize_document(doc, "png", 1)
+            await engine.recognize(page_of(0, "cyan"))
     finally:
         await engine.close()
-    assert engine.unavailable is not None and "127.0.0.1:9" in engine.unavailable
+    assert engine.unavailable is not None and fake.url in engine.unavailable
 
 
 async def test_other_pipeline_errors_with_a_healthy_server_are_crashes(
-    weed: SeaweedS3, fake: FakeVlmServer, tmp_path: Path
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path
 ) -> None:
-    class Broken(FakePipeline):
-        def predict(self, input: str) -> list[FakeResult]:
-            raise ValueError("bad page")
-
-    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=lambda: Broken([], None))
-    doc = tmp_path / "x.png"
-    doc.write_bytes(b"stand-in")
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
+    await engine.start()
     try:
-        with pytest.raises(ValueError):
-            await engine.recognize_document(doc, "png", 1)
+        # Yellow in RGB reads as cyan (a connection error) if the BGR conversion is wrong.
+        with pytest.raises(EngineCrashed) as raised:
+            await engine.recognize(page_of(0, "yellow"))
+        assert raised.value.reason == "error" and "cannot process this image" in raised.value.detail
+        assert engine.snapshot()["workers"][0]["restarts"] == 0  # the process is fine
+        good = await engine.recognize(page_of(1))
     finally:
         await engine.close()
-    assert engine.unavailable is None
+    assert engine.unavailable is None and good.blocks
 
 
 async def test_warm_up_reports_a_wrong_model_name(weed: SeaweedS3, fake: FakeVlmServer) -> None:
     fake.served_model = "something-else"
-    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=Factory([]))
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
     await engine.start()
     await engine.close()
     assert engine.state is EngineState.FAILED

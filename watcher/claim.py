@@ -3,7 +3,19 @@
 A lease is a small JSON object written with `If-None-Match: *`; taking over an expired
 one uses `If-Match` on the lease's ETag, so exactly one replica wins any race. A holder
 renews it while it works, and deletes it when done. In `shard` mode (for stores without
-conditional writes) discovery already filtered keys by hash and no lease is written.
+conditional writes) discovery already filtered keys by hash and the same object is
+written without conditions.
+
+The lease is also where a document's failed attempts are counted, so that every replica
+and every restart sees them: an engine crash rewrites it as released with `crashes` one
+higher, and a lease whose holder vanished without releasing it (the pod was killed, its
+node died) is taken over with `crashes` one higher too. A document whose count reached
+WATCHER_MAX_ATTEMPTS is given up, even when every attempt took the whole pod down.
+
+A holder is known dead before its lease expires when it ran on this host under this
+replica id and its process is gone (a restarted container), so a restarted daemon takes
+its own documents back at once; a lease this very process wrote (a release that failed
+while S3 was away) is simply taken back.
 """
 
 from __future__ import annotations
@@ -11,7 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 from watcher.layout import SOURCE_ETAG_META, Layout
 from watcher.logs import get_logger
@@ -20,26 +37,100 @@ from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnava
 
 log = get_logger("watcher.claim")
 
+# Who this process is, for telling our own leases and our dead predecessors' apart.
+INCARNATION = uuid.uuid4().hex
+HOST = socket.gethostname()
+# Reasons kept per document: enough to explain an `engine_failed` record.
+HISTORY_LIMIT = 10
+
+
+class LeaseLost(Exception):
+    """Another replica took the claim over; our result must not be published."""
+
+
+@dataclass
+class LeaseRecord:
+    """A lease object's content."""
+
+    owner: str
+    source_key: str
+    source_etag: str
+    expires_at: float
+    crashes: int = 0
+    history: list[str] = field(default_factory=list)
+    released: bool = False
+    host: str = ""
+    pid: int = 0
+    incarnation: str = ""
+
+    @classmethod
+    def parse(cls, body: bytes) -> LeaseRecord | None:
+        try:
+            data: Any = json.loads(body)
+            return cls(
+                owner=str(data.get("owner", "")),
+                source_key=str(data.get("source_key", "")),
+                source_etag=str(data.get("source_etag", "")),
+                expires_at=float(data["expires_at"]),
+                crashes=int(data.get("crashes", 0)),
+                history=[str(h) for h in data.get("history", [])][-HISTORY_LIMIT:],
+                released=bool(data.get("released", False)),
+                host=str(data.get("host", "")),
+                pid=int(data.get("pid", 0)),
+                incarnation=str(data.get("incarnation", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder_is_dead(record: LeaseRecord, replica_id: str) -> bool:
+    """The holder ran here, as this replica, in a process that no longer exists.
+
+    The same pid as ours in another incarnation is a container restart: pid 1 again.
+    """
+    if record.owner != replica_id or record.host != HOST or record.incarnation == INCARNATION:
+        return False
+    return record.pid == os.getpid() or not _pid_alive(record.pid)
+
 
 class Lease:
     """A held claim on one source version; `lost` turns true if another replica took it."""
 
-    def __init__(self, claims: Claims, ref: ObjectRef, key: str | None, etag: str | None) -> None:
+    def __init__(
+        self, claims: Claims, ref: ObjectRef, etag: str | None, crashes: int, history: list[str]
+    ) -> None:
         self.claims = claims
         self.ref = ref
-        self.key = key
         self.etag = etag
+        self.crashes = crashes
+        self.history = history
         self.lost = False
-        self._renewer: asyncio.Task[None] | None = None
-        if key is not None:
-            self._renewer = asyncio.create_task(self._renew_forever(), name=f"lease:{ref.key}")
+        self._done = False
+        self._renewer: asyncio.Task[None] | None = asyncio.create_task(
+            self._renew_forever(), name=f"lease:{ref.key}"
+        )
 
     async def _renew_forever(self) -> None:
         interval = self.claims.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             try:
-                self.etag = await self.claims.write_lease(self.ref, if_match=self.etag)
+                self.etag = await self.claims.write(self.ref, self._record(), if_match=self.etag)
             except PreconditionFailed:
                 self.lost = True
                 log.warning("lease_lost", key=self.ref.key)
@@ -48,16 +139,55 @@ class Lease:
                 # Keep trying; the lease only expires after lease_seconds.
                 log.warning("lease_renew_failed", key=self.ref.key, error=str(exc))
 
-    async def release(self) -> None:
+    def _record(self, released: bool = False) -> LeaseRecord:
+        return self.claims.record(self.ref, self.crashes, self.history, released)
+
+    async def _stop_renewing(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        if self.key is not None and not self.lost:
+            self._renewer = None
+
+    async def record_crash(self, reason: str) -> int:
+        """Count a failed attempt in S3 and free the claim for the retry; returns the count."""
+        self.crashes += 1
+        self.history = [*self.history, reason][-HISTORY_LIMIT:]
+        await self._stop_renewing()
+        if not self.lost:
             try:
-                await self.claims.storage.delete(self.key)
-            except StorageUnavailable as exc:
-                log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+                self.etag = await self.claims.write(self.ref, self._record(released=True),
+                                                    if_match=self.etag)
+            except PreconditionFailed:
+                self.lost = True
+            else:
+                self._done = True
+        return self.crashes
+
+    async def release(self) -> None:
+        """Give the claim up; a document with crashes on record keeps them for the retry."""
+        await self._stop_renewing()
+        if self._done or self.lost:
+            return
+        self._done = True
+        try:
+            if self.crashes:
+                await self.claims.write(self.ref, self._record(released=True), if_match=self.etag)
+            else:
+                await self.claims.storage.delete(self.claims.layout.lease(self.ref.key))
+        except (StorageUnavailable, PreconditionFailed) as exc:
+            log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+
+    async def finish(self) -> None:
+        """The version has its result or error record: nothing about it needs keeping."""
+        await self._stop_renewing()
+        if self.lost:
+            return
+        self._done = True
+        try:
+            await self.claims.storage.delete(self.claims.layout.lease(self.ref.key))
+        except StorageUnavailable as exc:
+            log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
 
 
 class Claims:
@@ -65,6 +195,8 @@ class Claims:
         self.storage = storage
         self.settings = settings
         self.layout = layout
+        # Stores without conditional writes get the same objects, written unconditionally.
+        self.conditional = settings.claim_mode is ClaimMode.LEASE
 
     async def is_done(self, ref: ObjectRef) -> bool:
         """True when a result or error record already carries this source ETag."""
@@ -74,46 +206,71 @@ class Claims:
                 return True
         return False
 
-    def _lease_body(self, ref: ObjectRef) -> bytes:
-        return json.dumps({
-            "owner": self.settings.replica_id,
-            "source_key": ref.key,
-            "source_etag": ref.etag,
-            "expires_at": time.time() + self.settings.lease_seconds,
-        }).encode()
+    def record(self, ref: ObjectRef, crashes: int, history: list[str], released: bool) -> LeaseRecord:
+        return LeaseRecord(
+            owner=self.settings.replica_id, source_key=ref.key, source_etag=ref.etag,
+            expires_at=0.0 if released else time.time() + self.settings.lease_seconds,
+            crashes=crashes, history=history, released=released,
+            host=HOST, pid=os.getpid(), incarnation=INCARNATION,
+        )
 
-    async def write_lease(
-        self, ref: ObjectRef, if_match: str | None = None, create: bool = False
+    async def write(
+        self, ref: ObjectRef, record: LeaseRecord, if_match: str | None = None, create: bool = False
     ) -> str:
         return await self.storage.put(
-            self.layout.lease(ref.key), self._lease_body(ref), "application/json",
-            if_none_match=create, if_match=if_match,
+            self.layout.lease(ref.key), record.encode(), "application/json",
+            if_none_match=create and self.conditional,
+            if_match=if_match if self.conditional else None,
         )
 
     async def acquire(self, ref: ObjectRef) -> Lease | None:
         """A lease on `ref`, or None when another live replica holds it."""
-        if self.settings.claim_mode is ClaimMode.SHARD:
-            return Lease(self, ref, None, None)
         key = self.layout.lease(ref.key)
-        try:
-            return Lease(self, ref, key, await self.write_lease(ref, create=True))
-        except PreconditionFailed:
-            pass
+        if self.conditional:
+            try:
+                etag = await self.write(ref, self.record(ref, 0, [], False), create=True)
+                return Lease(self, ref, etag, 0, [])
+            except PreconditionFailed:
+                pass
         current = await self.storage.get_bytes(key)
         if current is None:
+            if not self.conditional:
+                etag = await self.write(ref, self.record(ref, 0, [], False))
+                return Lease(self, ref, etag, 0, [])
             return None  # released between our two calls; the next poll tries again
         body, etag = current
-        try:
-            expires_at = float(json.loads(body)["expires_at"])
-            owner = json.loads(body).get("owner")
-        except (ValueError, KeyError, TypeError):
-            expires_at, owner = 0.0, None  # unreadable lease: treat as expired
-        if expires_at > time.time():
-            log.info("claim_held_elsewhere", key=ref.key, owner=owner)
+        previous = LeaseRecord.parse(body)
+        crashes, history = self._carried_over(ref, previous)
+        if crashes is None:
+            assert previous is not None
+            log.info("claim_held_elsewhere", key=ref.key, owner=previous.owner)
             return None
         try:
-            new_etag = await self.write_lease(ref, if_match=etag)
+            new_etag = await self.write(ref, self.record(ref, crashes, history, False), if_match=etag)
         except PreconditionFailed:
             return None
-        log.info("claim_taken_over", key=ref.key, previous_owner=owner)
-        return Lease(self, ref, key, new_etag)
+        if (previous is not None and previous.owner != self.settings.replica_id) or crashes:
+            log.info("claim_taken_over", key=ref.key, previous_owner=previous and previous.owner,
+                     crashes=crashes)
+        return Lease(self, ref, new_etag, crashes, history)
+
+    def _carried_over(
+        self, ref: ObjectRef, previous: LeaseRecord | None
+    ) -> tuple[int | None, list[str]]:
+        """The crash count a new holder inherits, or None while the holder is alive."""
+        if previous is None:
+            return 0, []  # unreadable: treat as expired, nothing to inherit
+        same_version = previous.source_etag == ref.etag
+        crashes = previous.crashes if same_version else 0
+        history = previous.history if same_version else []
+        if previous.released:
+            return crashes, history
+        if previous.incarnation == INCARNATION and previous.owner == self.settings.replica_id:
+            return crashes, history  # ours: a release that failed while S3 was away
+        dead = holder_is_dead(previous, self.settings.replica_id)
+        if not dead and previous.expires_at > time.time():
+            return None, history
+        if not same_version:
+            return 0, []
+        why = "died" if dead else "stopped renewing its lease (killed or cut off)"
+        return crashes + 1, [*history, f"replica {previous.owner} {why} while processing"][-HISTORY_LIMIT:]

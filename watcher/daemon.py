@@ -26,7 +26,7 @@ from watcher.metrics import Metrics
 from watcher.settings import Settings
 from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
 from watcher.worker import DocumentWorker
-from watcher.workqueue import WorkQueue
+from watcher.workqueue import PageBudget, Ticket, WorkQueue
 
 log = get_logger("watcher.daemon")
 
@@ -44,7 +44,9 @@ class Daemon:
         self.engine = engine or create_engine(settings)
         self.storage_factory = storage_factory
         self.metrics = Metrics()
+        self.engine.on_restart = lambda reason: self.metrics.engine_restarts.labels(reason).inc()
         self.queue = WorkQueue(settings.queue_size)
+        self.pages = PageBudget(self.engine.pages_wanted)
         self.decoder = Decoder()
         self.http = HealthServer(self, settings.http_host, settings.http_port)
         self.started_at = time.monotonic()
@@ -107,7 +109,8 @@ class Daemon:
             log.info("daemon_stopped")
 
     async def _serve(self, storage: Storage) -> None:
-        worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder)
+        worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder,
+                                self.pages)
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
@@ -170,11 +173,23 @@ class Daemon:
         while not self._stop.is_set():
             await self._wait_engine_ready()
             ref = await self.queue.take()
+            ticket: Ticket | None = None
+            try:
+                ticket = await self.pages.admit()
+            finally:
+                if ticket is None:  # cancelled while waiting: idle, as far as drain knows
+                    self.queue.finish(ref)
             self._busy[me] = ref
             self.inflight += 1
             try:
-                await worker.process(ref)
+                await worker.process(ref, ticket)
+            except Exception as exc:
+                # A bug must cost one document, never the worker: the loop goes on.
+                log.error("worker_loop_error", key=ref.key, error=f"{type(exc).__name__}: {exc}",
+                          exc_info=True)
+                self.metrics.documents.labels("retry").inc()
             finally:
+                ticket.close()
                 self.inflight -= 1
                 self._busy[me] = None
                 self.queue.finish(ref)

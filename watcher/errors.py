@@ -33,3 +33,18 @@ class DocumentError(Exception):
 
 class EngineUnavailable(Exception):
     """The engine cannot serve right now (VLM server down); the document waits."""
+
+
+class EngineCrashed(Exception):
+    """The engine failed on this page: its worker hung, died or raised.
+
+    `reason` is `timeout`, `crash` (the worker process died) or `error` (the engine
+    raised); each such failure uses one of the document's WATCHER_MAX_ATTEMPTS.
+    """
+
+    def __init__(self, reason: str, detail: str, connection_error: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        # The engine's own HTTP client failed (PaddleOCR-VL to vLLM): maybe not a crash.
+        self.connection_error = connection_error

@@ -6,6 +6,7 @@ milliseconds while the engine warms or pages are being recognised.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "error": engine.error,
             "warm_seconds": engine.warm_seconds,
             "unavailable": engine.unavailable,
+            **engine.snapshot(),
         },
         "s3": {
             "bucket": daemon.settings.s3_bucket,
@@ -42,6 +44,7 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
         "backlog_documents": daemon.backlog,
         "draining": daemon.draining,
         "uptime_seconds": round(time.monotonic() - daemon.started_at, 1),
+        "pid": os.getpid(),
         "version": __version__,
     }
 

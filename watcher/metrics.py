@@ -33,6 +33,12 @@ class Metrics:
             "watcher_s3_unavailable", "S3 operations that failed after retries.", registry=r
         )
         self.polls = Counter("watcher_discovery_polls", "Discovery listings completed.", registry=r)
+        self.engine_restarts = Counter(
+            "watcher_engine_restarts", "Engine worker processes replaced, by reason.", ["reason"],
+            registry=r,
+        )
+        for reason in ("timeout", "crash", "memory"):
+            self.engine_restarts.labels(reason)
         for outcome in ("done", "error", "skipped", "retry"):
             self.documents.labels(outcome)
         for stage in STAGES:

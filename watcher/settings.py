@@ -7,7 +7,6 @@ value itself, because some of them are secrets.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
@@ -107,6 +106,11 @@ class Settings(BaseSettings):
     engine_retry_seconds: PositiveFloat = Field(default=60.0, alias="WATCHER_ENGINE_RETRY_SECONDS")
     drain_seconds: Annotated[float, Field(ge=0)] = Field(default=30.0, alias="WATCHER_DRAIN_SECONDS")
     engine_timeout: PositiveFloat = Field(default=600.0, alias="WATCHER_ENGINE_TIMEOUT")
+    # The GPU image's PaddleOCR-VL worker settles near 3-4 GB of host memory; a worker
+    # far above that is leaking (0 turns the check off).
+    engine_max_rss_mb: Annotated[int, Field(ge=0)] = Field(
+        default=12288, alias="WATCHER_ENGINE_MAX_RSS_MB"
+    )
 
     # --- document limits ---
     max_object_bytes: PositiveInt = Field(default=200 * MiB, alias="WATCHER_MAX_OBJECT_BYTES")
@@ -129,7 +133,8 @@ class Settings(BaseSettings):
         default="paddleocr-vl", alias="WATCHER_VLM_PROMPT_PRESET"
     )
     vlm_prompt: str | None = Field(default=None, alias="WATCHER_VLM_PROMPT")
-    vlm_max_concurrency: PositiveInt = Field(default=16, alias="WATCHER_VLM_MAX_CONCURRENCY")
+    # An upper bound: the requests in flight adapt to the server (engines/capacity.py).
+    vlm_max_concurrency: PositiveInt = Field(default=512, alias="WATCHER_VLM_MAX_CONCURRENCY")
     vlm_timeout: PositiveFloat = Field(default=120.0, alias="WATCHER_VLM_TIMEOUT")
     vlm_max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
         default=3, alias="WATCHER_VLM_MAX_RETRIES"
@@ -230,15 +235,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_a_vlm_server(self) -> Settings:
-        # A VLM server is only kept busy when pages in flight reach its request bound
-        # (bench/vlm_utilisation.py: 0.43 utilisation at 2x2, 0.99 at 8x4 for a bound of 16);
-        # the CPU defaults would starve it, so VLM engines get their own unless set.
+        # With a VLM engine the pages in flight follow what the engine asks for (its
+        # adaptive request limit), so these two are only ceilings; the CPU defaults would
+        # cap a large GPU far below its capacity (bench/vlm_utilisation.py).
         if self.engine is EngineName.CPU:
             return self
         if "page_concurrency" not in self.model_fields_set:
-            self.page_concurrency = 4
+            self.page_concurrency = 8
         if "max_inflight_documents" not in self.model_fields_set:
-            self.max_inflight_documents = max(4, math.ceil(self.vlm_max_concurrency / 2))
+            self.max_inflight_documents = self.vlm_max_concurrency
         return self
 
     def secrets(self) -> list[str]:

@@ -1,14 +1,14 @@
 """One document through the flow: claim, fetch, decode, engine, render, publish, settle.
 
-Each stage lives in its own module; this one only strings them together, measures them,
-and decides what a failure means: a DocumentError is permanent (error record, never
-retried for this version), S3 or engine unavailability is transient (release, retry on
-the next poll), and an engine crash is retried up to WATCHER_MAX_ATTEMPTS times.
+Each stage lives in its own module; this one only strings them together and measures
+them. What a failure means is decided in watcher/outcome.py; what follows from it
+(error record, release, attempt counted in the lease) happens in `_failed`, once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -16,26 +16,34 @@ from typing import TypeVar
 
 import structlog
 
-from watcher.claim import Claims, Lease
+from watcher.claim import Claims, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
-from watcher.errors import DocumentError, EngineUnavailable, ErrorCode
+from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
 from watcher.fetch import fetch
 from watcher.layout import Layout
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
+from watcher.outcome import Fate, Outcome, classify
 from watcher.publish import publish_error, publish_result
 from watcher.render import render_document, render_error
 from watcher.settings import Settings
 from watcher.settle import settle
-from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnavailable
+from watcher.storage import ObjectRef, Storage, StorageUnavailable
+from watcher.workqueue import PageBudget, Ticket
 
 log = get_logger("watcher.worker")
 T = TypeVar("T")
 
 
-class LeaseLost(Exception):
-    """Another replica took the claim over; our result must not be published."""
+async def engine_call(call: Awaitable[T]) -> T:
+    """Whatever an engine raises beyond the known kinds is a failure on this page."""
+    try:
+        return await call
+    except (DocumentError, EngineUnavailable, EngineCrashed):
+        raise
+    except Exception as exc:
+        raise EngineCrashed("error", f"{type(exc).__name__}: {exc}") from exc
 
 
 class DocumentWorker:
@@ -46,7 +54,9 @@ class DocumentWorker:
         engine: Engine,
         metrics: Metrics,
         decoder: Decoder,
+        budget: PageBudget | None = None,
     ) -> None:
+        self.budget = budget or PageBudget(lambda: None)
         self.settings = settings
         self.storage = storage
         self.engine = engine
@@ -55,48 +65,96 @@ class DocumentWorker:
         self.layout = Layout.from_settings(settings)
         self.claims = Claims(storage, settings, self.layout)
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
-        self._crashes: dict[tuple[str, str], int] = {}
+        # The admitted document's page-budget ticket, without threading it through stages.
+        self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+            "watcher_ticket", default=None)
 
-    async def process(self, ref: ObjectRef) -> str:
-        """Run `ref` through every stage; returns the outcome label for metrics."""
+    async def process(self, ref: ObjectRef, ticket: Ticket | None = None) -> Outcome:
+        """Run `ref` through every stage and say how it ended."""
         structlog.contextvars.bind_contextvars(key=ref.key, etag=ref.etag, size=ref.size)
         started = time.perf_counter()
+        self._ticket.set(ticket)
         try:
             outcome = await self._claimed(ref)
-        except (StorageUnavailable, EngineUnavailable, LeaseLost) as exc:
-            log.warning("document_deferred", reason=type(exc).__name__, error=str(exc))
-            outcome = "retry"
-        except Exception as exc:
-            # A bug or an input our decoders choke on in an unforeseen way: retried a few
-            # times like an engine crash, then recorded, so one document never stalls others.
-            log.error("document_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            outcome = await self._crashed(ref, exc)
         finally:
             structlog.contextvars.unbind_contextvars("key", "etag", "size")
-        self.metrics.documents.labels(outcome).inc()
+        self.metrics.documents.labels(outcome.value).inc()
         self.metrics.stage_seconds.labels("document").observe(time.perf_counter() - started)
         return outcome
 
-    async def _claimed(self, ref: ObjectRef) -> str:
-        with self.metrics.stage("claim"):
-            if await self.claims.is_done(ref):
-                log.info("document_already_done")
-                return "skipped"
-            lease = await self.claims.acquire(ref)
-        if lease is None:
-            return "skipped"
-        log.info("document_claimed")
+    async def _claimed(self, ref: ObjectRef) -> Outcome:
         try:
-            outcome = await self._fetched(ref, lease)
-            if outcome == "done":
-                # A failed source stays where it is, for its owner to inspect or replace.
-                with self.metrics.stage("settle"):
-                    await settle(self.storage, self.layout, ref, self.settings.source_action)
-            return outcome
-        finally:
-            await lease.release()
+            with self.metrics.stage("claim"):
+                if await self.claims.is_done(ref):
+                    log.info("document_already_done")
+                    return Outcome.SKIPPED
+                lease = await self.claims.acquire(ref)
+        except StorageUnavailable as exc:
+            log.warning("document_deferred", reason="StorageUnavailable", error=str(exc))
+            return Outcome.RETRY
+        if lease is None:
+            return Outcome.SKIPPED
+        log.info("document_claimed", crashes=lease.crashes)
+        if lease.crashes >= self.settings.max_attempts:
+            # Every earlier attempt ended with its process: do not offer it another.
+            return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
+        try:
+            await self._run(ref, lease)
+        except asyncio.CancelledError:
+            await lease.release()  # drained: the next holder starts at once
+            raise
+        except Exception as exc:
+            return await self._failed(ref, lease, exc)
+        await lease.finish()
+        return Outcome.DONE
 
-    async def _fetched(self, ref: ObjectRef, lease: Lease) -> str:
+    async def _failed(self, ref: ObjectRef, lease: Lease, exc: Exception) -> Outcome:
+        """The one place where a failed run turns into an error record, a retry or nothing."""
+        failure = classify(exc)
+        if failure.fate is Fate.GONE:
+            log.info("document_changed_or_gone")
+            await lease.release()
+            return Outcome.SKIPPED
+        if failure.fate is Fate.TRANSIENT:
+            log.warning("document_deferred", reason=failure.message)
+            await lease.release()
+            return Outcome.RETRY
+        if failure.fate is Fate.PERMANENT:
+            assert failure.code is not None
+            return await self._record_error(ref, lease, failure.code, failure.message)
+        log.error("document_crashed", error=failure.message, attempt=lease.crashes + 1,
+                  exc_info=failure.code is ErrorCode.INTERNAL)
+        try:
+            crashes = await lease.record_crash(failure.message)
+        except StorageUnavailable:
+            await lease.release()
+            return Outcome.RETRY
+        if crashes < self.settings.max_attempts:
+            return Outcome.RETRY
+        assert failure.code is not None
+        return await self._give_up(ref, lease, failure.code)
+
+    async def _give_up(self, ref: ObjectRef, lease: Lease, code: ErrorCode) -> Outcome:
+        what = "the OCR engine failed on" if code is ErrorCode.ENGINE_FAILED else "processing failed for"
+        message = (f"{what} this document {lease.crashes} times; giving up "
+                   f"(WATCHER_MAX_ATTEMPTS={self.settings.max_attempts}). "
+                   f"Attempts: {'; '.join(lease.history) or 'no details recorded'}")
+        return await self._record_error(ref, lease, code, message)
+
+    async def _record_error(self, ref: ObjectRef, lease: Lease, code: ErrorCode, message: str) -> Outcome:
+        try:
+            with self.metrics.stage("publish"):
+                await publish_error(self.storage, self.layout, ref,
+                                    render_error(ref, code, message, max(1, lease.crashes)))
+        except StorageUnavailable as exc:
+            log.warning("document_deferred", reason=f"error record not written: {exc}")
+            await lease.release()
+            return Outcome.RETRY
+        await lease.finish()
+        log.warning("document_failed", code=code.value, message=message, outcome="error")
+        return Outcome.ERROR
+
+    async def _run(self, ref: ObjectRef, lease: Lease) -> None:
         timings: dict[str, float] = {}
         path: Path | None = None
         try:
@@ -107,11 +165,6 @@ class DocumentWorker:
             timings["fetch_seconds"] = time.perf_counter() - t0
             log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3))
             fmt, pages = await self._recognise(ref, path, timings)
-        except DocumentError as exc:
-            return await self._fail(ref, exc.code, exc.message)
-        except (PreconditionFailed, FileNotFoundError):
-            log.info("document_changed_or_gone")
-            return "skipped"
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
@@ -124,13 +177,14 @@ class DocumentWorker:
         t0 = time.perf_counter()
         with self.metrics.stage("publish"):
             await publish_result(self.storage, self.layout, ref, result, markdown)
-        self._crashes.pop((ref.key, ref.etag), None)
         log.info(
             "document_done", pages=len(pages), outcome="done",
             publish_seconds=round(time.perf_counter() - t0, 3),
             **{k: round(v, 3) for k, v in timings.items()},
         )
-        return "done"
+        # A failed source stays where it is, for its owner to inspect or replace.
+        with self.metrics.stage("settle"):
+            await settle(self.storage, self.layout, ref, self.settings.source_action)
 
     async def _recognise(
         self, ref: ObjectRef, path: Path, timings: dict[str, float]
@@ -141,24 +195,17 @@ class DocumentWorker:
         timings["decode_seconds_sum"] = time.perf_counter() - t0
         log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
         try:
-            if self.engine.document_level:
-                t1 = time.perf_counter()
-                with self.metrics.stage("engine"):
-                    pages = await self._engine_call(
-                        ref, self.engine.recognize_document(path, doc.format.value, doc.page_count)
-                    )
-                timings["engine_seconds_sum"] = time.perf_counter() - t1
-                self.metrics.pages.inc(len(pages))
-            else:
-                pages = await self._pages(ref, doc, timings)
+            pages = await self._pages(doc, timings)
         finally:
             await self.decoder.close(doc)
+        t1 = time.perf_counter()
+        with self.metrics.stage("engine"):
+            pages = await engine_call(self.engine.finish_document(pages))
+        timings["engine_seconds_sum"] += time.perf_counter() - t1
         timings["recognise_seconds"] = time.perf_counter() - t0
         return doc.format.value, pages
 
-    async def _pages(
-        self, ref: ObjectRef, doc: Document, timings: dict[str, float]
-    ) -> list[PageResult]:
+    async def _pages(self, doc: Document, timings: dict[str, float]) -> list[PageResult]:
         """Pages rendered on demand, at most WATCHER_PAGE_CONCURRENCY of them in memory."""
         results: list[PageResult | None] = [None] * doc.page_count
         gate = asyncio.Semaphore(self.settings.page_concurrency)
@@ -166,16 +213,23 @@ class DocumentWorker:
         timings.setdefault("decode_seconds_sum", 0.0)
         timings.setdefault("engine_seconds_sum", 0.0)
 
+        ticket = self._ticket.get() or Ticket(self.budget, reservation=False)
+
         async def one(index: int) -> None:
             async with gate:
-                t0 = time.perf_counter()
-                with self.metrics.stage("decode"):
-                    page = await self.decoder.render(doc, index)
-                t1 = time.perf_counter()
-                with self.metrics.stage("engine"):
-                    results[index] = await self._engine_call(ref, self.engine.recognize(page))
-                del page  # free the bitmap before the gate lets the next page render
-                t2 = time.perf_counter()
+                await self.budget.acquire(ticket)
+                try:
+                    t0 = time.perf_counter()
+                    with self.metrics.stage("decode"):
+                        page = await self.decoder.render(doc, index)
+                    t1 = time.perf_counter()
+                    call = engine_call(self.engine.recognize(page))
+                    del page  # the engine decides how long the bitmap lives
+                    with self.metrics.stage("engine"):
+                        results[index] = await call
+                    t2 = time.perf_counter()
+                finally:
+                    self.budget.release()
                 timings["decode_seconds_sum"] += t1 - t0
                 timings["engine_seconds_sum"] += t2 - t1
                 self.metrics.pages.inc()
@@ -188,44 +242,3 @@ class DocumentWorker:
             # Report the first real cause, not the group: callers branch on its type.
             raise group_error.exceptions[0] from None
         return [r for r in results if r is not None]
-
-    async def _engine_call(self, ref: ObjectRef, call: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(call, timeout=self.settings.engine_timeout)
-        except (DocumentError, EngineUnavailable):
-            raise
-        except Exception as exc:
-            key = (ref.key, ref.etag)
-            self._crashes[key] = self._crashes.get(key, 0) + 1
-            attempts = self._crashes[key]
-            log.error("engine_crashed", attempts=attempts, error=f"{type(exc).__name__}: {exc}")
-            if attempts >= self.settings.max_attempts:
-                raise DocumentError(
-                    ErrorCode.ENGINE_FAILED,
-                    f"the OCR engine failed on this document {attempts} times "
-                    f"(last: {type(exc).__name__}: {exc}); giving up (WATCHER_MAX_ATTEMPTS)",
-                ) from exc
-            raise EngineUnavailable(f"engine crashed (attempt {attempts})") from exc
-
-    async def _crashed(self, ref: ObjectRef, exc: Exception) -> str:
-        key = (ref.key, ref.etag)
-        self._crashes[key] = self._crashes.get(key, 0) + 1
-        if self._crashes[key] < self.settings.max_attempts:
-            return "retry"
-        try:
-            return await self._fail(
-                ref, ErrorCode.INTERNAL,
-                f"processing failed {self._crashes[key]} times "
-                f"(last: {type(exc).__name__}: {exc}); giving up (WATCHER_MAX_ATTEMPTS)",
-            )
-        except StorageUnavailable:
-            return "retry"
-
-    async def _fail(self, ref: ObjectRef, code: ErrorCode, message: str) -> str:
-        attempts = self._crashes.pop((ref.key, ref.etag), 1)
-        with self.metrics.stage("publish"):
-            await publish_error(
-                self.storage, self.layout, ref, render_error(ref, code, message, attempts)
-            )
-        log.warning("document_failed", code=code.value, message=message, outcome="error")
-        return "error"

@@ -5,19 +5,33 @@ from __future__ import annotations
 from watcher.engines.base import Block, Engine, EngineState, PageResult
 from watcher.settings import EngineName, Settings
 
+# Loading models in a fresh worker process is slow on a small CPU box; a worker that has
+# not warmed in this long is broken, not slow.
+MIN_WARM_TIMEOUT = 300.0
+
 
 def create_engine(settings: Settings) -> Engine:
     # Imports stay inside the branches: the GPU engines must not be imported on a CPU box.
     if settings.engine is EngineName.CPU:
-        from watcher.engines.cpu import CpuEngine
+        from watcher.engines.child import ReaderSpec
+        from watcher.engines.cpu import model_description
+        from watcher.engines.supervisor import SupervisedEngine
 
-        return CpuEngine(concurrency=settings.engine_concurrency)
+        return SupervisedEngine(
+            ReaderSpec("watcher.engines.cpu:CpuReader"),
+            name="cpu",
+            model=model_description(),
+            workers=settings.engine_concurrency,
+            timeout=settings.engine_timeout,
+            warm_timeout=max(MIN_WARM_TIMEOUT, settings.engine_timeout),
+            max_rss_mb=settings.engine_max_rss_mb,
+        )
     if settings.engine is EngineName.OPENAI_VLM:
         from watcher.engines.openai_vlm import OpenAIVlmEngine
 
         return OpenAIVlmEngine(settings)
     if settings.engine is EngineName.PADDLEOCR_VL:
-        # Importing the module is cheap: paddleocr itself loads inside the worker threads.
+        # Importing the module is cheap: paddleocr itself loads in the worker processes.
         from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
 
         return PaddleOcrVlEngine(settings)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -57,12 +57,32 @@ def synthetic_page() -> RenderedPage:
     return RenderedPage(0, image, image.width, image.height)
 
 
+def check_warm_page(result: PageResult) -> None:
+    """Warm-up passes only when the synthetic page's words came back."""
+    text = result.markdown + " " + " ".join(b.text for b in result.blocks)
+    if "WARMUP" not in text.upper():
+        raise RuntimeError(f"warm-up page read as {text.strip()!r}, expected {WARMUP_TEXT!r}")
+
+
+class PageReader(Protocol):
+    """The synchronous core of a heavy engine, run inside a supervised worker process.
+
+    `recognize_pages` gets at most `batch_pages` pages at once; `finish_document` sees a
+    whole document's pages at the end (PaddleOCR-VL merges tables across pages there).
+    """
+
+    batch_pages: int
+
+    def warm(self) -> None: ...
+
+    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]: ...
+
+    def finish_document(self, pages: list[PageResult]) -> list[PageResult]: ...
+
+
 class Engine(abc.ABC):
     name: str = "engine"
     model: str = ""
-    # Document-level engines (PaddleOCR-VL) read the whole file themselves, because they
-    # merge tables and re-level titles across pages; page-level ones get rendered pages.
-    document_level: bool = False
 
     def __init__(self) -> None:
         self.state = EngineState.NOT_INITIALIZED
@@ -71,6 +91,8 @@ class Engine(abc.ABC):
         # Set while a warm engine cannot reach its backend (VLM server down): /ready turns
         # 503 and workers hold documents back instead of failing them.
         self.unavailable: str | None = None
+        # The daemon counts worker restarts in its metrics; the engine only reports them.
+        self.on_restart: Callable[[str], None] = lambda reason: None
 
     def mark_unavailable(self, reason: str) -> None:
         if self.unavailable is None:
@@ -107,11 +129,17 @@ class Engine(abc.ABC):
     async def recognize(self, page: RenderedPage) -> PageResult:
         """Recognise one rendered page; must not block the event loop."""
 
-    async def recognize_document(
-        self, path: Path, doc_format: str, page_count: int
-    ) -> list[PageResult]:
-        """Document-level engines only: recognise the file at `path` (right extension)."""
-        raise NotImplementedError
+    async def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
+        """After a document's last page: cross-page work (PaddleOCR-VL's table merge)."""
+        return pages
+
+    def pages_wanted(self) -> int | None:
+        """How many pages the engine wants in flight now; None: the settings decide."""
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Extra state for /health (worker processes, request limits)."""
+        return {}
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads, sessions and connections."""

@@ -1,8 +1,9 @@
 """The CPU engine: RapidOCR with the PP-OCR ONNX models bundled in its wheel.
 
-Nothing is downloaded at run time. Each worker thread owns its own RapidOCR instance
-(onnxruntime sessions are heavy but instances are not shared across threads), and the
-event loop only awaits the thread pool.
+Nothing is downloaded at run time. `CpuReader` is the synchronous core; the daemon runs
+it in supervised worker processes (`create_engine`, watcher/engines/supervisor.py).
+`CpuEngine` runs the same reader on threads of the calling process, for the test suite
+and tools that share one warm model across many short-lived daemons.
 """
 
 from __future__ import annotations
@@ -14,39 +15,33 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from watcher.decode import RenderedPage
-from watcher.engines.base import WARMUP_TEXT, Block, Engine, PageResult, synthetic_page
+from watcher.engines.base import Block, Engine, PageResult, check_warm_page, synthetic_page
 
 
-def _rapidocr_version() -> str:
+def model_description() -> str:
     try:
-        return version("rapidocr-onnxruntime")
+        release = version("rapidocr-onnxruntime")
     except PackageNotFoundError:  # pragma: no cover - the dependency is mandatory
-        return "unknown"
+        release = "unknown"
+    return f"rapidocr-onnxruntime {release} (PP-OCRv4 det/rec, ONNX)"
 
 
-class CpuEngine(Engine):
-    name = "cpu"
+class CpuReader:
+    """One RapidOCR instance; not thread-safe, so one per thread or process."""
 
-    def __init__(self, concurrency: int = 1) -> None:
-        super().__init__()
-        self.model = f"rapidocr-onnxruntime {_rapidocr_version()} (PP-OCRv4 det/rec, ONNX)"
-        self.concurrency = concurrency
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ocr")
-        self._local = threading.local()
+    batch_pages = 1  # RapidOCR reads one image per call; batching would only add latency
 
-    def _ocr(self) -> Any:
-        ocr = getattr(self._local, "ocr", None)
-        if ocr is None:
-            from rapidocr_onnxruntime import RapidOCR  # heavy: loads onnxruntime
+    def __init__(self) -> None:
+        from rapidocr_onnxruntime import RapidOCR  # heavy: loads onnxruntime
 
-            ocr = RapidOCR()
-            self._local.ocr = ocr
-        return ocr
+        self._ocr = RapidOCR()
 
-    def _recognize_sync(self, page: RenderedPage) -> PageResult:
-        result, _elapsed = self._ocr()(page.image)
-        blocks = [_block(item) for item in result or []]
-        blocks = reading_order(blocks)
+    def warm(self) -> None:
+        check_warm_page(self.recognize(synthetic_page()))
+
+    def recognize(self, page: RenderedPage) -> PageResult:
+        result, _elapsed = self._ocr(page.image)
+        blocks = reading_order([_block(item) for item in result or []])
         for order, block in enumerate(blocks):
             block.order = order
         return PageResult(
@@ -57,6 +52,35 @@ class CpuEngine(Engine):
             markdown=lines_to_markdown(blocks),
         )
 
+    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
+        return [self.recognize(page) for page in pages]
+
+    def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
+        return pages
+
+
+class CpuEngine(Engine):
+    """CpuReader on this process's threads: for tests and tools, not for the daemon."""
+
+    name = "cpu"
+
+    def __init__(self, concurrency: int = 1) -> None:
+        super().__init__()
+        self.model = model_description()
+        self.concurrency = concurrency
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ocr")
+        self._local = threading.local()
+
+    def _reader(self) -> CpuReader:
+        reader: CpuReader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = CpuReader()
+            self._local.reader = reader
+        return reader
+
+    def _recognize_sync(self, page: RenderedPage) -> PageResult:
+        return self._reader().recognize(page)
+
     async def recognize(self, page: RenderedPage) -> PageResult:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._recognize_sync, page)
@@ -65,9 +89,7 @@ class CpuEngine(Engine):
         page = synthetic_page()
         # One warm call per worker thread, so that no document pays for a model load.
         results = await asyncio.gather(*(self.recognize(page) for _ in range(self.concurrency)))
-        text = " ".join(b.text for b in results[0].blocks)
-        if "WARMUP" not in text.upper():
-            raise RuntimeError(f"warm-up page read as {text!r}, expected {WARMUP_TEXT!r}")
+        check_warm_page(results[0])
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,9 +1,11 @@
 """The openai-vlm engine: any OCR VLM behind an OpenAI-compatible endpoint (vLLM).
 
-Each page is one chat-completions request with the page as a PNG data URL. The engine
-bounds its requests in flight (WATCHER_VLM_MAX_CONCURRENCY) so that vLLM's scheduler,
-not a pile of queued HTTP requests, decides the batch; and it tells three failures
-apart, because each needs a different answer:
+Each page is one chat-completions request with the page as a PNG data URL. The number
+of requests in flight adapts to the server (watcher/engines/capacity.py: vLLM's own
+running/waiting gauges when it has them, latency otherwise), so that the GPU always has
+the next request queued and no request waits long enough to time out;
+WATCHER_VLM_MAX_CONCURRENCY is only its upper bound. It tells three failures apart,
+because each needs a different answer:
 
 * server down, 5xx, timeouts: retried with backoff and jitter; still failing, the engine
   is marked unavailable (the document waits, /ready is 503) and a background probe of
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +46,8 @@ from tenacity import (
 
 from watcher.decode import RenderedPage
 from watcher.engines import vlm_server
-from watcher.engines.base import WARMUP_TEXT, Block, Engine, EngineState, PageResult, synthetic_page
+from watcher.engines.base import Block, Engine, EngineState, PageResult, check_warm_page, synthetic_page
+from watcher.engines.capacity import AdaptiveLimit, poll_server_gauges
 from watcher.errors import EngineUnavailable
 from watcher.logs import get_logger
 from watcher.settings import Settings
@@ -113,9 +118,10 @@ class OpenAIVlmEngine(Engine):
         self.probe_interval = probe_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self.requests = AdaptiveLimit(upper=self.max_concurrency, timeout=settings.vlm_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
         # Set while the server rejects our configuration (model name, key); cleared by
         # the probe once the server serves the configured model again.
         self._config_error: str | None = None
@@ -135,6 +141,11 @@ class OpenAIVlmEngine(Engine):
                 vlm_server.probe_forever(self, session, self.url, self.probe_interval,
                                          on_healthy=self._recover_config),
                 name="vlm-probe",
+            )
+        if self._gauges is None:
+            self._gauges = asyncio.create_task(
+                poll_server_gauges(self.requests, session, self.url, api_key=self.api_key),
+                name="vlm-gauges",
             )
         await vlm_server.wait_for_health(session, self.url, self.startup_timeout, self.name)
         try:
@@ -160,10 +171,7 @@ class OpenAIVlmEngine(Engine):
             await asyncio.sleep(1.0)
 
     async def _warm_page(self) -> None:
-        result = await self.recognize(synthetic_page())
-        text = result.markdown + " " + " ".join(b.text for b in result.blocks)
-        if "WARMUP" not in text.upper():
-            raise RuntimeError(f"warm-up page read as {text.strip()!r}, expected {WARMUP_TEXT!r}")
+        check_warm_page(await self.recognize(synthetic_page()))
 
     async def _recover_config(self) -> None:
         """Probe hook: leave FAILED once the server serves the configured model."""
@@ -184,17 +192,37 @@ class OpenAIVlmEngine(Engine):
         log.info("engine_recovered", engine=self.name, model=self.model)
 
     async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
         await vlm_server.close_probe_and_session(self._probe, self._session)
         self._probe, self._session = None, None
+
+    def pages_wanted(self) -> int:
+        # Enough rendered pages to fill the limit and to show the limiter that the server
+        # could take more (it grows only while the whole limit is in use).
+        return math.ceil(self.requests.limit * 1.5) + 2
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"vlm_requests": {
+            "limit": self.requests.limit,
+            "upper_bound": self.requests.upper,
+            "inflight": self.requests.inflight,
+            "mode": self.requests.mode,
+        }}
 
     # --- requests ------------------------------------------------------------------------
     async def recognize(self, page: RenderedPage) -> PageResult:
         # PNG encoding of a full page takes tens of milliseconds: not on the event loop.
         image_b64 = await asyncio.to_thread(encode_png_b64, page.image)
+        index, width, height = page.index, page.width, page.height
+        del page  # hundreds of pages may wait on the server: keep their PNGs, not bitmaps
         text = await self.complete(image_b64)
         if self.preset == "granite-docling":
-            return doctags_page(page.index, page.width, page.height, text)
-        return text_page(page.index, page.width, page.height, text)
+            return doctags_page(index, width, height, text)
+        return text_page(index, width, height, text)
 
     async def complete(self, image_b64: str) -> str:
         payload = {
@@ -238,16 +266,19 @@ class OpenAIVlmEngine(Engine):
         session = self._http()
         headers = vlm_server.auth_headers(self.api_key)
         # The slot is held for the request only, never across a backoff sleep.
-        async with self._slots:
+        async with self.requests.slot():
             try:
                 async with session.post(f"{self.url}/chat/completions", json=payload,
                                         headers=headers, timeout=self.request_timeout) as resp:
                     status = resp.status
                     body = await resp.text()
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                self.requests.record_failure()
                 raise _Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
-        if status >= 500 or status == 429:
-            raise _Transient(f"HTTP {status}: {_server_message(body)}")
+            if status >= 500 or status == 429:
+                # Overload answers shrink the limit, and stay out of its latency samples.
+                self.requests.record_failure()
+                raise _Transient(f"HTTP {status}: {_server_message(body)}")
         if status in _CONFIG_STATUSES:
             self._config_failed(status, _server_message(body))
         if status >= 400:

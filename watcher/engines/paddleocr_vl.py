@@ -1,13 +1,17 @@
 """The paddleocr-vl engine: PaddleOCR 3.x's `PaddleOCRVL` pipeline, VLM on a vLLM server.
 
-The layout model runs in-process (WATCHER_LAYOUT_DEVICE); each layout block is then
-recognised by the VLM that vLLM serves at WATCHER_VLM_URL. The engine is document-level:
-the pipeline reads the whole file itself, and for multi-page documents
-`restructure_pages` merges tables that continue across pages and re-levels titles.
+The layout model runs in the engine's worker processes (WATCHER_LAYOUT_DEVICE); each
+layout block is then recognised by the VLM that vLLM serves at WATCHER_VLM_URL.
 
-Paddle is heavy and absent from the base install, so `paddleocr` is imported only inside
-the worker threads. Each worker thread owns one pipeline (they are not thread-safe); the
-pool has WATCHER_ENGINE_CONCURRENCY threads.
+Pages arrive as the daemon renders them, one by one, and reach `PaddleOCRVL.predict` as
+images (BGR arrays, as PaddleX reads files) in batches of up to `PaddleVlReader.
+batch_pages`, so a 500-page PDF never sits in memory whole. When a document's last page
+is back, `restructure_pages` runs over all of its pages' JSON: it merges tables that
+continue across pages and re-levels titles (PaddleX rebuilds its blocks from that JSON).
+
+Paddle is heavy, native and absent from the base install: `paddleocr` is imported only
+inside the supervised worker processes (watcher/engines/supervisor.py), one pipeline
+per process, WATCHER_ENGINE_CONCURRENCY processes.
 
 Mapping: every entry of the page's `parsing_res_list` becomes one block (type =
 `block_label`, bbox = `block_bbox`, text = `block_content`, order = `block_order`);
@@ -19,22 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import html
+import importlib
 import json
 import math
 import re
-import tempfile
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from watcher.decode import RenderedPage
 from watcher.engines import vlm_server
-from watcher.engines.base import WARMUP_TEXT, Block, Engine, PageResult, synthetic_page
-from watcher.errors import EngineUnavailable
+from watcher.engines.base import Block, PageResult, check_warm_page, synthetic_page
+from watcher.engines.child import ReaderSpec
+from watcher.engines.supervisor import SupervisedEngine
+from watcher.errors import EngineCrashed, EngineUnavailable
 from watcher.logs import get_logger
 from watcher.settings import Settings
 
@@ -179,48 +181,80 @@ def map_results(results: list[Any]) -> list[PageResult]:
     return pages
 
 
-def _looks_like_connection_error(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        name = type(current).__name__
-        if isinstance(current, ConnectionError | TimeoutError) or "Connection" in name or "Timeout" in name:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+class PaddleVlReader:
+    """One `PaddleOCRVL` pipeline, inside a worker process (see watcher/engines/child.py).
+
+    `factory` names the pipeline class as "module:attribute"; the tests point it at a
+    labelled fake of the same interface.
+    """
+
+    batch_pages = 4
+
+    def __init__(self, pipeline_kwargs: dict[str, Any], factory: str = "paddleocr:PaddleOCRVL") -> None:
+        module, _, attr = factory.partition(":")
+        pipeline_class = getattr(importlib.import_module(module), attr)  # heavy: paddle
+        self.pipeline = pipeline_class(**pipeline_kwargs)
+
+    def warm(self) -> None:
+        check_warm_page(self.recognize_pages([synthetic_page()])[0])
+
+    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
+        import numpy as np
+
+        # PaddleX treats arrays as BGR, the order its own image reader produces.
+        images = [np.ascontiguousarray(np.asarray(page.image.convert("RGB"))[:, :, ::-1])
+                  for page in pages]
+        results = list(self.pipeline.predict(images))
+        if len(results) != len(pages):
+            raise RuntimeError(f"PaddleOCR-VL returned {len(results)} results for {len(pages)} pages")
+        mapped = []
+        for page, result in zip(pages, results, strict=True):
+            out = map_page(result_json(result), page.index, result_markdown(result))
+            out.index, out.width, out.height = page.index, page.width, page.height
+            mapped.append(out)
+        return mapped
+
+    def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
+        restructure = getattr(self.pipeline, "restructure_pages", None)
+        if restructure is None or len(pages) < 2 or any(p.raw is None for p in pages):
+            return pages
+        # Plain {"res": ...} dicts: PaddleX rebuilds its blocks from the JSON it emitted.
+        merged = list(restructure([{"res": p.raw} for p in pages], merge_tables=True,
+                                  relevel_titles=True, concatenate_pages=False))
+        if len(merged) != len(pages):
+            # A single concatenated result would lose the pages; keep them unmerged.
+            log.warning("paddleocr_vl_restructure_shape", pages=len(pages), restructured=len(merged))
+            return pages
+        out = []
+        for page, result in zip(pages, merged, strict=True):
+            new = map_page(result_json(result), page.index, result_markdown(result))
+            new.index, new.width, new.height = page.index, page.width, page.height
+            out.append(new)
+        return out
 
 
-def _default_factory(settings: Settings) -> Callable[[], Any]:
-    kwargs = pipeline_kwargs(settings)
-
-    def build() -> Any:
-        from paddleocr import PaddleOCRVL  # heavy: paddle, the layout model
-
-        return PaddleOCRVL(**kwargs)
-
-    return build
-
-
-class PaddleOcrVlEngine(Engine):
-    name = "paddleocr-vl"
-    document_level = True
-
+class PaddleOcrVlEngine(SupervisedEngine):
     def __init__(
         self,
         settings: Settings,
-        pipeline_factory: Callable[[], Any] | None = None,
+        pipeline_factory: str = "paddleocr:PaddleOCRVL",
         probe_interval: float = 2.0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            ReaderSpec("watcher.engines.paddleocr_vl:PaddleVlReader",
+                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory}),
+            name="paddleocr-vl",
+            model=f"PaddleOCR-VL {settings.pipeline_version} ({settings.vlm_model} via vLLM)",
+            workers=settings.engine_concurrency,
+            timeout=settings.engine_timeout,
+            # The first pipeline build loads the layout model onto the GPU.
+            warm_timeout=max(settings.engine_timeout, settings.vlm_startup_timeout),
+            max_rss_mb=settings.engine_max_rss_mb,
+            batch_pages=PaddleVlReader.batch_pages,
+        )
         self.settings = settings
         self.url = settings.vlm_url
-        self.model = f"PaddleOCR-VL {settings.pipeline_version} ({settings.vlm_model} via vLLM)"
-        self.concurrency = settings.engine_concurrency
         self.probe_interval = probe_interval
-        self._factory = pipeline_factory or _default_factory(settings)
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="paddle")
-        self._local = threading.local()
         self._session: aiohttp.ClientSession | None = None
         self._probe: asyncio.Task[None] | None = None
         self.api_key = settings.vlm_api_key.get_secret_value() if settings.vlm_api_key else None
@@ -230,57 +264,6 @@ class PaddleOcrVlEngine(Engine):
             self._session = aiohttp.ClientSession()
         return self._session
 
-    def _pipeline(self) -> Any:
-        pipeline = getattr(self._local, "pipeline", None)
-        if pipeline is None:
-            pipeline = self._factory()
-            self._local.pipeline = pipeline
-        return pipeline
-
-    def _predict_sync(self, path: str) -> list[PageResult]:
-        pipeline = self._pipeline()
-        results = list(pipeline.predict(path))
-        restructure = getattr(pipeline, "restructure_pages", None)
-        if len(results) > 1 and restructure is not None:
-            merged = list(restructure(results, merge_tables=True, relevel_titles=True,
-                                      concatenate_pages=False))
-            if len(merged) == len(results):
-                results = merged
-            else:
-                # A single concatenated result would lose the pages; keep them unmerged.
-                log.warning("paddleocr_vl_restructure_shape", pages=len(results),
-                            restructured=len(merged))
-        return map_results(results)
-
-    async def recognize_document(
-        self, path: Path, doc_format: str, page_count: int
-    ) -> list[PageResult]:
-        loop = asyncio.get_running_loop()
-        try:
-            pages = await loop.run_in_executor(self._executor, self._predict_sync, str(path))
-        except Exception as exc:
-            # Paddle's VLM client has its own exception types; rather than import them,
-            # ask the server: if it is not healthy, the document waits instead of failing.
-            if _looks_like_connection_error(exc) or not await vlm_server.is_healthy(
-                self._http(), self.url
-            ):
-                reason = f"VLM server {self.url} unreachable: {type(exc).__name__}: {exc}"
-                self.mark_unavailable(reason)
-                raise EngineUnavailable(reason) from exc
-            raise
-        self.mark_available()
-        if len(pages) != page_count:
-            log.warning("paddleocr_vl_page_count", expected=page_count, got=len(pages))
-        return pages
-
-    async def recognize(self, page: RenderedPage) -> PageResult:
-        """Single images (the warm-up page): saved to a temp PNG and run as a document."""
-        with tempfile.TemporaryDirectory(prefix="watcher-vl-") as tmp:
-            target = Path(tmp) / "page.png"
-            await asyncio.to_thread(page.image.save, target, "PNG")
-            pages = await self.recognize_document(target, "png", 1)
-        return pages[0]
-
     async def warm(self) -> None:
         session = self._http()
         if self._probe is None:
@@ -288,17 +271,39 @@ class PaddleOcrVlEngine(Engine):
                 vlm_server.probe_forever(self, session, self.url, self.probe_interval),
                 name="vlm-probe",
             )
+        # The workers' warm-up needs the VLM: wait for the server before starting them.
         await vlm_server.wait_for_health(session, self.url, self.settings.vlm_startup_timeout,
                                          self.name)
         await vlm_server.check_model(session, self.url, self.settings.vlm_model, self.api_key)
-        page = synthetic_page()
-        # One pass per worker thread, so that each builds its pipeline before any document.
-        results = await asyncio.gather(*(self.recognize(page) for _ in range(self.concurrency)))
-        text = results[0].markdown + " " + " ".join(b.text for b in results[0].blocks)
-        if "WARMUP" not in text.upper():
-            raise RuntimeError(f"warm-up page read as {text.strip()!r}, expected {WARMUP_TEXT!r}")
+        await super().warm()
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        try:
+            result = await super().recognize(page)
+        except EngineCrashed as exc:
+            await self._unless_server_down(exc)
+            raise
+        self.mark_available()
+        return result
+
+    async def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
+        try:
+            return await super().finish_document(pages)
+        except EngineCrashed as exc:
+            await self._unless_server_down(exc)
+            raise
+
+    def _needs_finish(self, pages: list[PageResult]) -> bool:
+        return len(pages) > 1
+
+    async def _unless_server_down(self, exc: EngineCrashed) -> None:
+        """A page that failed because vLLM is down waits; it is not charged an attempt."""
+        if exc.connection_error or not await vlm_server.is_healthy(self._http(), self.url):
+            reason = f"VLM server {self.url} unreachable: {exc}"
+            self.mark_unavailable(reason)
+            raise EngineUnavailable(reason) from exc
 
     async def close(self) -> None:
         await vlm_server.close_probe_and_session(self._probe, self._session)
         self._probe, self._session = None, None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await super().close()

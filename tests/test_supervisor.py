@@ -1,0 +1,364 @@
+"""The supervised engine: hangs, aborts and leaks cost a worker process, never the daemon.
+
+The daemon runs as a real process (`python -m watcher run`) against SeaweedFS, with the
+paddleocr-vl engine whose `paddleocr` package is the labelled fake in tests/fakes (it
+misbehaves by page colour) and whose VLM server is the labelled protocol fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import FAKES, make_settings
+from PIL import Image, ImageColor
+from vlm_fake import FakeVlmServer
+
+from watcher.claim import Claims, LeaseRecord
+from watcher.embedded import SeaweedS3, free_ports
+from watcher.engines.base import EngineState
+from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
+from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.layout import Layout
+from watcher.outcome import Fate, classify
+from watcher.storage import ObjectRef, PreconditionFailed, StorageUnavailable, open_storage
+
+
+def png(colour: str = "white", size: tuple[int, int] = (600, 800)) -> bytes:
+    image = Image.new("RGB", size, "white")
+    image.putpixel((0, 0), ImageColor.getrgb(colour))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its state in /proc says it is gone.
+    with contextlib.suppress(OSError):
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    return False
+
+
+@pytest.fixture
+async def vlm() -> AsyncIterator[FakeVlmServer]:
+    server = await FakeVlmServer().start()
+    yield server
+    await server.stop()
+
+
+class DaemonProcess:
+    """`python -m watcher run` with the fake paddleocr package on its path."""
+
+    def __init__(self, weed: SeaweedS3, bucket: str, vlm: FakeVlmServer, log: Path, **env: str) -> None:
+        (self.port,) = free_ports(1)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDRU_", "WATCHER_"))}
+        self.env.update(
+            CLOUDRU_S3_ENDPOINT=weed.endpoint, CLOUDRU_S3_BUCKET=bucket,
+            CLOUDRU_S3_ACCESS_KEY=weed.access_key, CLOUDRU_S3_SECRET_KEY=weed.secret_key,
+            WATCHER_HTTP_PORT=str(self.port), WATCHER_HTTP_HOST="127.0.0.1",
+            WATCHER_POLL_INTERVAL="0.5", WATCHER_ENGINE="paddleocr-vl", WATCHER_VLM_URL=vlm.url,
+            WATCHER_LEASE_SECONDS="30", WATCHER_DRAIN_SECONDS="5",
+            PYTHONPATH=os.pathsep.join([str(FAKES), os.environ.get("PYTHONPATH", "")]),
+            FAKE_PADDLEOCR_LOG=str(log),
+        )
+        self.env.update(env)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output = b""
+
+    async def start(self) -> DaemonProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watcher", "run", env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        return self
+
+    async def health(self, session: aiohttp.ClientSession) -> tuple[int, dict[str, Any], float]:
+        started = time.perf_counter()
+        async with session.get(f"http://127.0.0.1:{self.port}/health",
+                               timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return resp.status, await resp.json(), time.perf_counter() - started
+
+    async def metrics(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(f"http://127.0.0.1:{self.port}/metrics") as resp:
+            return await resp.text()
+
+    async def finish(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.output += out or b""
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await self.finish()
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.output.decode(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def worker_pids(log: Path) -> set[int]:
+    if not log.exists():
+        return set()
+    return {json.loads(line)["pid"] for line in log.read_text().splitlines()
+            if json.loads(line)["event"] == "init"}
+
+
+def exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except Exception:
+        return False
+    return True
+
+
+def error_record(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    record: dict[str, Any] = json.loads(body)
+    return record
+
+
+async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on(
+    weed: SeaweedS3, bucket: str, s3: Any, vlm: FakeVlmServer, tmp_path: Path
+) -> None:
+    docs = {"hang": "red", "abort": "lime", "leak": "blue",
+            **{f"good-{i}": "white" for i in range(5)}}
+    for name, colour in docs.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{name}.png", Body=png(colour))
+    log = tmp_path / "paddle.jsonl"
+    daemon = await DaemonProcess(
+        weed, bucket, vlm, log, WATCHER_ENGINE_TIMEOUT="3", WATCHER_ENGINE_MAX_RSS_MB="250",
+        WATCHER_MAX_ATTEMPTS="2",
+    ).start()
+    expected = [f"output/{n}.png.json" for n in docs if n not in ("hang", "abort")]
+    expected += ["output/hang.png.error.json", "output/abort.png.error.json"]
+    latencies: list[float] = []
+    daemon_pids: set[int] = set()
+    seen_workers: set[int] = set()
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 180
+            while True:
+                assert time.monotonic() < deadline, f"not finished: {daemon.events()[-5:]}"
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    status, health, seconds = await daemon.health(session)
+                    assert status == 200
+                    latencies.append(seconds)
+                    daemon_pids.add(health["pid"])
+                    seen_workers.update(w["pid"] for w in health["engine"]["workers"] if w["pid"])
+                done = await asyncio.gather(*(asyncio.to_thread(exists, s3, bucket, k) for k in expected))
+                if all(done):
+                    break
+                await asyncio.sleep(0.05)
+            metrics = await daemon.metrics(session)
+            _, health, _ = await daemon.health(session)
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.output[-3000:]
+    assert daemon_pids == {daemon.proc.pid if daemon.proc else 0}  # one daemon all along
+    restarts = {reason: float(line.split()[-1]) for line in metrics.splitlines()
+                for reason in ("timeout", "crash", "memory")
+                if line.startswith(f'watcher_engine_restarts_total{{reason="{reason}"}}')}
+    assert restarts["timeout"] >= 2 and restarts["crash"] >= 2 and restarts["memory"] >= 1, restarts
+    assert len(seen_workers) >= 2 and len(worker_pids(log)) >= 5  # every restart a new process
+    worker = health["engine"]["workers"][0]
+    assert worker["restarts"] >= 5 and worker["last_restart_reason"] in {"timeout", "crash", "memory"}
+    hang = error_record(s3, bucket, "output/hang.png.error.json")["error"]
+    assert hang["code"] == "engine_failed" and hang["attempts"] == 2
+    assert "engine timeout" in hang["message"] and "WATCHER_ENGINE_TIMEOUT" in hang["message"]
+    abort = error_record(s3, bucket, "output/abort.png.error.json")["error"]
+    assert abort["code"] == "engine_failed" and "SIGABRT" in abort["message"]
+    leak = error_record(s3, bucket, "output/leak.png.json")
+    assert leak["pages"][0]["blocks"][0]["text"] == "Fake PaddleOCR-VL page"
+    for pid in worker_pids(log):  # drained: no worker outlives the daemon
+        assert not pid_alive(pid), pid
+    print(f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms, "
+          f"p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+
+
+async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
+    weed: SeaweedS3, bucket: str, s3: Any, vlm: FakeVlmServer, tmp_path: Path
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/poison.png", Body=png("magenta"))
+    s3.put_object(Bucket=bucket, Key="input/fine.png", Body=png("white"))
+    log = tmp_path / "paddle.jsonl"
+    deaths = 0
+    # The pod restarts like a Kubernetes container: same replica id, host, settings.
+    env = {"WATCHER_MAX_ATTEMPTS": "2", "WATCHER_REPLICA_ID": "pod-0",
+           "WATCHER_MAX_INFLIGHT_DOCUMENTS": "1"}
+    for _run in range(4):
+        daemon = await DaemonProcess(weed, bucket, vlm, log, **env).start()
+        finished = False
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert daemon.proc is not None
+            if daemon.proc.returncode is not None or await asyncio.to_thread(
+                lambda: all(exists(s3, bucket, k) for k in
+                            ("output/poison.png.error.json", "output/fine.png.json"))
+            ):
+                finished = daemon.proc.returncode is None
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(daemon.proc.wait()), 0.3)
+        if finished:
+            assert await daemon.stop() == 0
+            break
+        assert await daemon.finish() == -signal.SIGKILL, daemon.output[-2000:]
+        deaths += 1
+        # The worker that killed its daemon goes with it (parent-death signal).
+        await asyncio.sleep(0.5)
+        assert not any(pid_alive(pid) for pid in worker_pids(log))
+    assert deaths == 2
+    error = error_record(s3, bucket, "output/poison.png.error.json")["error"]
+    assert error["code"] == "engine_failed" and error["attempts"] == 2
+    assert error["message"].count("replica pod-0 died while processing") == 2
+    assert exists(s3, bucket, "output/fine.png.json")
+    assert not [o for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])]
+
+
+async def test_sigterm_with_a_hung_page_drains_releases_and_exits(
+    weed: SeaweedS3, bucket: str, s3: Any, vlm: FakeVlmServer, tmp_path: Path
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/stuck.png", Body=png("red"))
+    log = tmp_path / "paddle.jsonl"
+    daemon = await DaemonProcess(weed, bucket, vlm, log, WATCHER_DRAIN_SECONDS="1").start()
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                _, health, _ = await daemon.health(session)
+                if any(w["state"] == "busy" for w in health["engine"]["workers"]):
+                    break
+            await asyncio.sleep(0.1)
+    assert await daemon.stop() == 0
+    names = [e["event"] for e in daemon.events()]
+    assert "drain_timeout_releasing" in names and names[-1] == "daemon_stopped"
+    assert not any(pid_alive(pid) for pid in worker_pids(log))
+    # Released for the next holder, not left to expire.
+    assert not s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents")
+
+
+async def test_only_the_page_that_hangs_is_charged_when_its_batch_fails(
+    weed: SeaweedS3, vlm: FakeVlmServer
+) -> None:
+    settings = make_settings(weed, "unused", engine="paddleocr-vl", vlm_url=vlm.url,
+                             engine_timeout=2, vlm_startup_timeout=30)
+    engine = PaddleOcrVlEngine(settings, pipeline_factory="fake_paddleocr:PaddleOCRVL")
+    restarts: list[str] = []
+    engine.on_restart = restarts.append
+    await engine.start()
+    try:
+        assert engine.state is EngineState.READY, engine.error
+        pages = [Image.open(io.BytesIO(png(c))).convert("RGB") for c in ("white", "red", "white", "white")]
+        from watcher.decode import RenderedPage
+
+        results = await asyncio.gather(
+            *(engine.recognize(RenderedPage(i, im, *im.size)) for i, im in enumerate(pages)),
+            return_exceptions=True,
+        )
+    finally:
+        await engine.close()
+    assert isinstance(results[1], EngineCrashed) and results[1].reason == "timeout"
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 1), results
+    assert set(restarts) == {"timeout"}
+
+
+# --- attempts in the lease ---------------------------------------------------------------------
+async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    ref = ObjectRef(bucket, "input/a.pdf", "etag-1", 10)
+    one = make_settings(weed, bucket, replica_id="one")
+    two = make_settings(weed, bucket, replica_id="two")
+    layout = Layout.from_settings(one)
+    lease_key = layout.lease(ref.key)
+
+    def put_record(**fields: Any) -> None:
+        record = LeaseRecord(owner="ghost", source_key=ref.key, source_etag="etag-1",
+                             expires_at=time.time() + 60, host="elsewhere", pid=1,
+                             incarnation="old")
+        record.__dict__.update(fields)
+        s3.put_object(Bucket=bucket, Key=lease_key, Body=record.encode())
+
+    def current() -> LeaseRecord:
+        parsed = LeaseRecord.parse(s3.get_object(Bucket=bucket, Key=lease_key)["Body"].read())
+        assert parsed is not None
+        return parsed
+
+    async with open_storage(one) as storage:
+        claims_one, claims_two = Claims(storage, one, layout), Claims(storage, two, layout)
+        lease = await claims_one.acquire(ref)
+        assert lease is not None and lease.crashes == 0
+        assert await claims_two.acquire(ref) is None  # live and held
+        assert await lease.record_crash("engine crash: the worker was killed by SIGSEGV") == 1
+        assert current().released and current().crashes == 1
+        again = await claims_two.acquire(ref)  # released: taken at once, count kept
+        assert again is not None and again.crashes == 1
+        await again.release()
+        assert current().crashes == 1  # a transient release keeps what was counted
+        put_record(expires_at=time.time() - 1, crashes=1)  # a holder that vanished
+        taken = await claims_one.acquire(ref)
+        assert taken is not None and taken.crashes == 2
+        assert "replica ghost stopped renewing its lease" in taken.history[-1]
+        await taken.finish()
+        assert not exists(s3, bucket, lease_key)
+        # A new source version starts counting afresh.
+        put_record(released=True, crashes=5, source_etag="etag-0")
+        fresh = await claims_one.acquire(ref)
+        assert fresh is not None and fresh.crashes == 0
+        await fresh.finish()
+        # Our own lease (a release that failed while S3 was away) is taken back at once.
+        from watcher import claim
+
+        put_record(owner="one", host=claim.HOST, pid=os.getpid(), incarnation=claim.INCARNATION)
+        mine = await claims_one.acquire(ref)
+        assert mine is not None and mine.crashes == 0
+        await mine.finish()
+        # A restarted container: same replica and host, the old process is gone.
+        put_record(owner="one", host=claim.HOST, pid=os.getpid(), incarnation="previous-life")
+        restarted = await claims_one.acquire(ref)
+        assert restarted is not None and restarted.crashes == 1
+        assert "replica one died while processing" in restarted.history[-1]
+        await restarted.finish()
+        # Another live process on this host under the same id is left alone until expiry.
+        put_record(owner="one", host=claim.HOST, pid=os.getppid(), incarnation="sibling")
+        assert await claims_one.acquire(ref) is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "fate"),
+    [
+        (DocumentError(ErrorCode.CORRUPT, "bad"), Fate.PERMANENT),
+        (StorageUnavailable("down"), Fate.TRANSIENT),
+        (EngineUnavailable("vLLM down"), Fate.TRANSIENT),
+        (PreconditionFailed("changed"), Fate.GONE),
+        (FileNotFoundError("gone"), Fate.GONE),
+        (EngineCrashed("timeout", "no answer"), Fate.CRASH),
+        (KeyError("bug"), Fate.CRASH),
+    ],
+)
+def test_one_place_says_what_each_failure_means(exc: Exception, fate: Fate) -> None:
+    failure = classify(exc)
+    assert failure.fate is fate
+    if fate is Fate.CRASH:
+        expected = ErrorCode.ENGINE_FAILED if isinstance(exc, EngineCrashed) else ErrorCode.INTERNAL
+        assert failure.code is expected

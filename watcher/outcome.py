@@ -1,0 +1,54 @@
+"""What a document's run came to, and the one place that decides what a failure means.
+
+Every exception that ends a document's run goes through `classify`, which says whether
+it is permanent (the document itself is bad: an error record now), transient (S3 or the
+engine's server is away: release, retry later, no attempt used), a crash (the engine
+hung, died or raised on it, or an unforeseen bug: one attempt used, an error record
+after WATCHER_MAX_ATTEMPTS), or that the source changed under us (nothing to do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from watcher.claim import LeaseLost
+from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.storage import PreconditionFailed, StorageUnavailable
+
+
+class Outcome(StrEnum):
+    """How one run of one document ended (the `outcome` label of watcher_documents)."""
+
+    DONE = "done"
+    ERROR = "error"
+    SKIPPED = "skipped"
+    RETRY = "retry"
+
+
+class Fate(StrEnum):
+    PERMANENT = "permanent"
+    TRANSIENT = "transient"
+    CRASH = "crash"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Failure:
+    fate: Fate
+    code: ErrorCode | None
+    message: str
+
+
+def classify(exc: BaseException) -> Failure:
+    if isinstance(exc, DocumentError):
+        return Failure(Fate.PERMANENT, exc.code, exc.message)
+    if isinstance(exc, StorageUnavailable | EngineUnavailable | LeaseLost):
+        return Failure(Fate.TRANSIENT, None, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, PreconditionFailed | FileNotFoundError):
+        return Failure(Fate.GONE, None, "the source changed or was deleted while it was processed")
+    if isinstance(exc, EngineCrashed):
+        return Failure(Fate.CRASH, ErrorCode.ENGINE_FAILED, f"engine {exc.reason}: {exc.detail}")
+    # A bug, or an input that a library chokes on in an unforeseen way: retried like a
+    # crash, then recorded, so one document never stalls the others.
+    return Failure(Fate.CRASH, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
