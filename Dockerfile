@@ -14,13 +14,14 @@
 ARG CUDA_IMAGE_TAG=12.8.1-cudnn-runtime-ubuntu24.04
 FROM nvidia/cuda:${CUDA_IMAGE_TAG}
 
-ARG PADDLEOCR_VERSION=3.3.2
+# PaddleOCR 3.7 runs PaddleOCR-VL v1, v1.5 and v1.6 (the default; the daemon's and
+# start.sh's defaults follow WATCHER_PIPELINE_VERSION). vLLM is not pinned here: PaddleOCR
+# installs the version it supports for this release (`install_genai_server_deps vllm`).
+ARG PADDLEOCR_VERSION=3.7.0
 ARG PADDLE_VERSION=3.2.0
-# vLLM runs PaddleOCR-VL natively from 0.11.1 on; older releases fail to load it.
-ARG VLLM_VERSION=0.11.2
 ARG PADDLE_INDEX_URL=""
 ARG BAKE_MODELS=0
-ARG VLM_MODEL_SOURCE=PaddlePaddle/PaddleOCR-VL
+ARG VLM_MODEL_SOURCE=PaddlePaddle/PaddleOCR-VL-1.6
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -39,9 +40,11 @@ RUN apt-get update \
 
 # Two environments, because paddlepaddle-gpu and vLLM's torch pin different exact
 # nvidia-* CUDA wheels and pip cannot install both into one. The `gpu` extra of
-# pyproject.toml is split here: vLLM alone in /opt/vllm, the rest with the watcher.
+# pyproject.toml goes with the watcher; /opt/vllm holds vLLM as PaddleOCR pins it, with
+# PaddleX's vLLM plugin for PaddleOCR-VL and its `paddleocr genai_server` launcher.
 RUN python3 -m venv /opt/vllm \
-    && /opt/vllm/bin/pip install "vllm==${VLLM_VERSION}" \
+    && /opt/vllm/bin/pip install "paddleocr[doc-parser]==${PADDLEOCR_VERSION}" \
+    && /opt/vllm/bin/paddleocr install_genai_server_deps vllm \
     && ln -s /opt/vllm/bin/vllm /usr/local/bin/vllm
 
 RUN if [ -z "${PADDLE_INDEX_URL}" ]; then \
@@ -70,6 +73,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     WATCHER_MODEL_CACHE=/models \
     WATCHER_HTTP_PORT=8081 \
     WATCHER_VLM_PORT=8080 \
+    WATCHER_VLM_PADDLEOCR=/opt/vllm/bin/paddleocr \
     WATCHER_LOG_FORMAT=json \
     PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK=True
 

@@ -12,11 +12,15 @@
 #                            succeeds and lists a GPU; on: start without checking)
 #   WATCHER_VLM_BACKEND      vllm | genai_server (default vllm; genai_server runs
 #                            `paddleocr genai_server ... --backend vllm`)
+#   WATCHER_PIPELINE_VERSION PaddleOCR-VL release: v1 | v1.5 | v1.6 (default v1.6). It picks
+#                            the defaults of the next two, as the daemon does.
 #   WATCHER_VLM_MODEL_SOURCE weights: Hugging Face id or local directory
-#                            (default PaddlePaddle/PaddleOCR-VL)
-#   WATCHER_VLM_MODEL        served model name (default PaddleOCR-VL-0.9B). The daemon's
-#                            VLM engines request exactly this name; a mismatch shows up as
-#                            "The model ... does not exist" from vLLM.
+#                            (default PaddlePaddle/PaddleOCR-VL-1.6 for v1.6)
+#   WATCHER_VLM_MODEL        served model name (default PaddleOCR-VL-1.6-0.9B for v1.6). The
+#                            daemon's VLM engines request exactly this name; a mismatch
+#                            shows up as "The model ... does not exist" from vLLM.
+#   WATCHER_VLM_PADDLEOCR    the `paddleocr` command of the VLM server's environment, for
+#                            the genai_server backend (default paddleocr)
 #   WATCHER_VLM_HOST         bind address of the VLM server (default 127.0.0.1)
 #   WATCHER_VLM_PORT         its port (default 8080)
 #   WATCHER_VLM_GPU_MEMORY_UTILIZATION   share of GPU memory vLLM may take (default 0.5;
@@ -42,8 +46,19 @@ warn() { printf 'start.sh: WARNING %s\n' "$*"; }
 
 WATCHER_VLM_SERVER="${WATCHER_VLM_SERVER:-auto}"
 WATCHER_VLM_BACKEND="${WATCHER_VLM_BACKEND:-vllm}"
-WATCHER_VLM_MODEL_SOURCE="${WATCHER_VLM_MODEL_SOURCE:-PaddlePaddle/PaddleOCR-VL}"
-WATCHER_VLM_MODEL="${WATCHER_VLM_MODEL:-PaddleOCR-VL-0.9B}"
+# Keep in step with PADDLEOCR_VL_MODELS in watcher/settings.py (tests/test_models.py).
+case "${WATCHER_PIPELINE_VERSION:-v1.6}" in
+    v1) default_model=PaddleOCR-VL-0.9B; default_source=PaddlePaddle/PaddleOCR-VL ;;
+    v1.5) default_model=PaddleOCR-VL-1.5-0.9B; default_source=PaddlePaddle/PaddleOCR-VL-1.5 ;;
+    v1.6) default_model=PaddleOCR-VL-1.6-0.9B; default_source=PaddlePaddle/PaddleOCR-VL-1.6 ;;
+    *)
+        warn "WATCHER_PIPELINE_VERSION='${WATCHER_PIPELINE_VERSION}' is not v1|v1.5|v1.6; serving v1.6"
+        default_model=PaddleOCR-VL-1.6-0.9B; default_source=PaddlePaddle/PaddleOCR-VL-1.6
+        ;;
+esac
+WATCHER_VLM_MODEL_SOURCE="${WATCHER_VLM_MODEL_SOURCE:-$default_source}"
+WATCHER_VLM_MODEL="${WATCHER_VLM_MODEL:-$default_model}"
+WATCHER_VLM_PADDLEOCR="${WATCHER_VLM_PADDLEOCR:-paddleocr}"
 WATCHER_VLM_HOST="${WATCHER_VLM_HOST:-127.0.0.1}"
 WATCHER_VLM_PORT="${WATCHER_VLM_PORT:-8080}"
 WATCHER_VLM_GPU_MEMORY_UTILIZATION="${WATCHER_VLM_GPU_MEMORY_UTILIZATION:-0.5}"
@@ -141,7 +156,7 @@ build_vlm_command() {
                 vlm_problem="cannot write $config"
                 return 1
             fi
-            vlm_cmd=(paddleocr genai_server --model_name "$WATCHER_VLM_MODEL"
+            vlm_cmd=("$WATCHER_VLM_PADDLEOCR" genai_server --model_name "$WATCHER_VLM_MODEL"
                 --backend vllm --host "$WATCHER_VLM_HOST" --port "$WATCHER_VLM_PORT"
                 --backend_config "$config")
             if [[ -d "$WATCHER_VLM_MODEL_SOURCE" ]]; then

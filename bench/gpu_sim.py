@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from watcher.health import serve_app
+from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
 
 WARMUP_SIZE = (640, 200)
 
@@ -46,7 +47,7 @@ class GpuSimulator:
     per_running: float = 0.0
     metrics: bool = True
     client_timeout: float | None = None
-    model: str = "PaddleOCR-VL-0.9B"
+    model: str = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
     host: str = "127.0.0.1"
     port: int = 0
     busy_slot_seconds: float = 0.0

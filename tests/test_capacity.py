@@ -170,7 +170,7 @@ async def test_metrics_mode_grows_fast_while_the_server_has_no_queue() -> None:
         seen.append(limit.limit)
         clock.now += 0.5
     assert limit.mode == "metrics"
-    assert seen[:3] == [6, 9, 14]
+    assert seen[:3] == [8, 16, 32]
     assert seen == sorted(seen) and seen[-1] == 256 and max(seen) <= 256
 
 

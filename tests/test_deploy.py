@@ -20,7 +20,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from watcher.settings import Settings
+from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
@@ -176,7 +176,7 @@ def test_configmap_has_the_settings_and_only_known_ones(config: dict[str, Any]) 
         f"http://{config['WATCHER_VLM_HOST']}:{config['WATCHER_VLM_PORT']}/"
     )
     # The served name start.sh gives vLLM must be the name the engine asks for.
-    assert config["WATCHER_VLM_MODEL"] == Settings.model_fields["vlm_model"].default
+    assert config["WATCHER_VLM_MODEL"] == PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
     assert not any(k.startswith(("CLOUDRU_S3_ACCESS", "CLOUDRU_S3_SECRET")) for k in config)
     # A misspelt key would be silently ignored: every key is a daemon or start.sh setting.
     daemon_keys = {f.alias for f in Settings.model_fields.values() if f.alias}
@@ -278,10 +278,11 @@ def test_gpu_extra_is_installed_pinned(docker: list[tuple[str, str]]) -> None:
         match = re.search(rf'"{re.escape(req.name + extras)}==([0-9][^"\s]*)"', runs)
         assert match, f"{req.name}{extras} is not installed with an exact version"
         assert req.specifier.contains(match.group(1)), (req, match.group(1))
-    for name in ("PADDLEOCR_VERSION", "PADDLE_VERSION", "VLLM_VERSION"):
+    for name in ("PADDLEOCR_VERSION", "PADDLE_VERSION"):
         assert re.fullmatch(r"\d+\.\d+\.\d+", args[name]), name
-    # vLLM runs PaddleOCR-VL natively only from 0.11.1 on.
-    assert tuple(int(x) for x in args["VLLM_VERSION"].split(".")) >= (0, 11, 1)
+    # vLLM exactly as PaddleOCR pins it for the same release, in its own environment.
+    assert '/opt/vllm/bin/pip install "paddleocr[doc-parser]==' + args["PADDLEOCR_VERSION"] in runs
+    assert "/opt/vllm/bin/paddleocr install_genai_server_deps vllm" in runs
     assert "/opt/venv/bin/pip install ." in runs
 
 
@@ -364,3 +365,17 @@ def test_cloudru_page_names_real_log_events() -> None:
     for line in ("vlm server exited with code", "vlm server not healthy after",
                  "no VLM server started", "vlm server healthy on port"):
         assert line in page and line in script, line
+
+
+def test_image_and_manifests_ship_the_default_model(
+    docker: list[tuple[str, str]], config: dict[str, Any]
+) -> None:
+    """The Dockerfile, the ConfigMap and the settings name one PaddleOCR-VL release."""
+    version = config.get("WATCHER_PIPELINE_VERSION", DEFAULT_PIPELINE_VERSION)
+    served, source = PADDLEOCR_VL_MODELS[version]
+    assert version == DEFAULT_PIPELINE_VERSION
+    assert (config["WATCHER_VLM_MODEL"], config["WATCHER_VLM_MODEL_SOURCE"]) == (served, source)
+    args = arg_defaults(docker)
+    assert args["VLM_MODEL_SOURCE"] == source  # what BAKE_MODELS=1 downloads
+    # PaddleOCR 3.7 is the first release whose PaddleOCRVL runs v1.6.
+    assert tuple(int(x) for x in args["PADDLEOCR_VERSION"].split(".")) >= (3, 7, 0)

@@ -21,10 +21,10 @@ from watcher.embedded import SeaweedS3
 from watcher.engines import create_engine
 from watcher.engines.base import EngineState
 from watcher.engines.openai_vlm import OpenAIVlmEngine, parse_doctags, text_page
-from watcher.settings import Settings
+from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
-MODEL = "PaddleOCR-VL-0.9B"
+MODEL = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ async def test_model_renamed_while_running_fails_the_engine_not_the_document(
         s3.put_object(Bucket=bucket, Key="input/b.png", Body=make_image(["Renamed model LIMA"], "PNG"))
         await wait_until(lambda: engine.state is EngineState.FAILED, what="engine failed")
         assert engine.error is not None and MODEL in engine.error
-        assert "The model `PaddleOCR-VL-0.9B` does not exist." in engine.error
+        assert f"The model `{MODEL}` does not exist." in engine.error
         status, ready = await get(f"http://127.0.0.1:{daemon.http.port}/ready")
         assert status == 503 and MODEL in " ".join(ready["reasons"])
         await daemon.wait_polls(daemon.polls + 2, timeout=10)

@@ -238,5 +238,5 @@ async def test_warm_up_reports_a_wrong_model_name(weed: SeaweedS3, fake: FakeVlm
     await engine.start()
     await engine.close()
     assert engine.state is EngineState.FAILED
-    assert engine.error is not None and "PaddleOCR-VL-0.9B" in engine.error
+    assert engine.error is not None and "PaddleOCR-VL-1.6-0.9B" in engine.error
     assert "--served-model-name" in engine.error

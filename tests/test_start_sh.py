@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from watcher.embedded import free_ports
+from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 START_SH = REPO / "start.sh"
@@ -232,9 +233,10 @@ def assert_fake_started_with_expected_flags(run: Launch, model_cache: Path) -> d
     run.wait_for(run.record_path.exists, 15.0, "the fake VLM server to start")
     record = run.record()
     argv: list[str] = record["argv"]
-    assert argv[1:3] == ["serve", "PaddlePaddle/PaddleOCR-VL"], argv
+    served, source = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION]
+    assert argv[1:3] == ["serve", source], argv
     assert "--trust-remote-code" in argv
-    assert argv[argv.index("--served-model-name") + 1] == "PaddleOCR-VL-0.9B"
+    assert argv[argv.index("--served-model-name") + 1] == served
     assert argv[argv.index("--port") + 1] == str(run.vlm_port)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     for flag in ("--no-enable-prefix-caching", "--mm-processor-cache-gb",
@@ -311,7 +313,7 @@ def test_genai_server_backend_gets_paddlex_arguments(tmp_path: Path) -> None:
         run.wait_for(run.record_path.exists, 15.0, "the fake genai server to start")
         argv = run.record()["argv"]
         assert argv[1] == "genai_server"
-        assert argv[argv.index("--model_name") + 1] == "PaddleOCR-VL-0.9B"
+        assert argv[argv.index("--model_name") + 1] == PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
         assert argv[argv.index("--backend") + 1] == "vllm"
         assert argv[argv.index("--port") + 1] == str(run.vlm_port)
         assert argv[-2:] == ["--extra", "one"]
@@ -319,3 +321,20 @@ def test_genai_server_backend_gets_paddlex_arguments(tmp_path: Path) -> None:
         assert "gpu-memory-utilization: 0.5" in config
         run.wait_for_text("start.sh: WARNING vlm server exited with code 3")
         assert_daemon_serves_then_exits_cleanly(run)
+
+
+@pytest.mark.parametrize("version", sorted(PADDLEOCR_VL_MODELS))
+def test_each_pipeline_version_serves_the_model_the_daemon_asks_for(
+    tmp_path: Path, version: str
+) -> None:
+    """start.sh and the daemon's settings derive the same served name and weights."""
+    served, source = PADDLEOCR_VL_MODELS[version]
+    with launch(tmp_path, gpu=True, mode="crash", WATCHER_PIPELINE_VERSION=version) as run:
+        run.wait_for(run.record_path.exists, 15.0, "the fake VLM server to start")
+        argv = run.record()["argv"]
+    assert argv[1:3] == ["serve", source]
+    assert argv[argv.index("--served-model-name") + 1] == served
+    settings = Settings(CLOUDRU_S3_ENDPOINT="http://s3", CLOUDRU_S3_BUCKET="bucket",  # type: ignore[call-arg]
+                        CLOUDRU_S3_ACCESS_KEY="t:k", CLOUDRU_S3_SECRET_KEY="secret",
+                        WATCHER_ENGINE="paddleocr-vl", WATCHER_PIPELINE_VERSION=version)
+    assert settings.vlm_model == served

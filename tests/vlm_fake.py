@@ -27,6 +27,7 @@ from PIL import Image
 from watcher.decode import RenderedPage
 from watcher.engines.cpu import CpuEngine
 from watcher.health import serve_app
+from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
 
 _ocr: CpuEngine | None = None
 
@@ -41,7 +42,7 @@ def shared_ocr() -> CpuEngine:
 
 @dataclass
 class FakeVlmServer:
-    served_model: str = "PaddleOCR-VL-0.9B"
+    served_model: str = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
     delay: float = 0.0
     fail_next: int = 0
     hang_next: int = 0

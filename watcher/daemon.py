@@ -86,6 +86,12 @@ class Daemon:
         self.metrics.inflight.set(self.inflight)
         self.metrics.backlog.set(self.backlog)
         self.metrics.engine_ready.set(1 if self.engine.state is EngineState.READY else 0)
+        wanted = self.engine.pages_wanted()
+        if wanted is not None:
+            self.metrics.pages_wanted.set(wanted)
+        limit = self.engine.request_limit()
+        if limit is not None:
+            self.metrics.vlm_request_limit.set(limit)
 
     async def wait_polls(self, count: int, timeout: float) -> None:
         """Test and demo helper: wait until `count` discovery polls have completed."""

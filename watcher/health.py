@@ -41,6 +41,8 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "error": daemon.s3_error,
         },
         "inflight_documents": daemon.inflight,
+        "inflight_pages": daemon.pages.in_use,
+        "pages_wanted": engine.pages_wanted(),
         "backlog_documents": daemon.backlog,
         "draining": daemon.draining,
         "uptime_seconds": round(time.monotonic() - daemon.started_at, 1),

@@ -33,6 +33,13 @@ class Metrics:
             "watcher_s3_unavailable", "S3 operations that failed after retries.", registry=r
         )
         self.polls = Counter("watcher_discovery_polls", "Discovery listings completed.", registry=r)
+        self.vlm_request_limit = Gauge(
+            "watcher_vlm_request_limit",
+            "Requests the daemon lets be in flight to the VLM server now (adaptive).", registry=r,
+        )
+        self.pages_wanted = Gauge(
+            "watcher_pages_wanted", "Rendered pages the engine wants in flight now.", registry=r
+        )
         self.engine_restarts = Counter(
             "watcher_engine_restarts", "Engine worker processes replaced, by reason.", ["reason"],
             registry=r,

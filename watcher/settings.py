@@ -49,6 +49,16 @@ class SourceAction(StrEnum):
     MOVE = "move"
 
 
+# The PaddleOCR-VL releases the pinned PaddleOCR (3.7, see the Dockerfile) can run:
+# pipeline version -> (the served model name its client asks for, the weights to serve).
+# start.sh derives the same defaults from WATCHER_PIPELINE_VERSION; a test holds them together.
+PADDLEOCR_VL_MODELS = {
+    "v1": ("PaddleOCR-VL-0.9B", "PaddlePaddle/PaddleOCR-VL"),
+    "v1.5": ("PaddleOCR-VL-1.5-0.9B", "PaddlePaddle/PaddleOCR-VL-1.5"),
+    "v1.6": ("PaddleOCR-VL-1.6-0.9B", "PaddlePaddle/PaddleOCR-VL-1.6"),
+}
+DEFAULT_PIPELINE_VERSION = "v1.6"
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -128,7 +138,8 @@ class Settings(BaseSettings):
     # --- VLM engines ---
     # Read by the openai-vlm and paddleocr-vl engines only; harmless for the CPU engine.
     vlm_url: str = Field(default="http://127.0.0.1:8080/v1", alias="WATCHER_VLM_URL")
-    vlm_model: str = Field(default="PaddleOCR-VL-0.9B", alias="WATCHER_VLM_MODEL", min_length=1)
+    # Empty: the served name of WATCHER_PIPELINE_VERSION's model (PADDLEOCR_VL_MODELS).
+    vlm_model: str = Field(default="", alias="WATCHER_VLM_MODEL")
     vlm_prompt_preset: Literal["paddleocr-vl", "granite-docling"] = Field(
         default="paddleocr-vl", alias="WATCHER_VLM_PROMPT_PRESET"
     )
@@ -142,7 +153,7 @@ class Settings(BaseSettings):
     vlm_max_tokens: PositiveInt = Field(default=4096, alias="WATCHER_VLM_MAX_TOKENS")
     vlm_startup_timeout: PositiveFloat = Field(default=900.0, alias="WATCHER_VLM_STARTUP_TIMEOUT")
     vlm_api_key: SecretStr | None = Field(default=None, alias="WATCHER_VLM_API_KEY")
-    pipeline_version: str = Field(default="v1", alias="WATCHER_PIPELINE_VERSION")
+    pipeline_version: str = Field(default=DEFAULT_PIPELINE_VERSION, alias="WATCHER_PIPELINE_VERSION")
     layout_device: str = Field(default="gpu", alias="WATCHER_LAYOUT_DEVICE")
 
     @field_validator("vlm_url")
@@ -166,9 +177,9 @@ class Settings(BaseSettings):
     @field_validator("pipeline_version")
     @classmethod
     def _pipeline_version(cls, value: str) -> str:
-        # The values PaddleOCR 3.x's PaddleOCRVL accepts (v1.6 from paddleocr 3.7 on).
-        if value not in {"v1", "v1.5", "v1.6"}:
-            raise ValueError("must be one of v1, v1.5, v1.6")
+        # The values PaddleOCR 3.7's PaddleOCRVL accepts.
+        if value not in PADDLEOCR_VL_MODELS:
+            raise ValueError(f"must be one of {', '.join(PADDLEOCR_VL_MODELS)}")
         return value
 
     @field_validator("layout_device")
@@ -231,6 +242,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} must not overlap WATCHER_INPUT_PREFIX")
         if self.shard_index >= self.shard_count:
             raise ValueError("WATCHER_SHARD_INDEX must be below WATCHER_SHARD_COUNT")
+        return self
+
+    @model_validator(mode="after")
+    def _served_model(self) -> Settings:
+        if not self.vlm_model.strip():
+            self.vlm_model = PADDLEOCR_VL_MODELS[self.pipeline_version][0]
         return self
 
     @model_validator(mode="after")

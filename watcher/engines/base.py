@@ -137,6 +137,10 @@ class Engine(abc.ABC):
         """How many pages the engine wants in flight now; None: the settings decide."""
         return None
 
+    def request_limit(self) -> int | None:
+        """The adaptive bound on requests to a VLM server, for engines that have one."""
+        return None
+
     def snapshot(self) -> dict[str, Any]:
         """Extra state for /health (worker processes, request limits)."""
         return {}

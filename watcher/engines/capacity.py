@@ -19,13 +19,13 @@ tenth of a service round.
   count in `running` too, so we then shrink less than we would alone: their queue is
   theirs to trim.
 * waiting <= Q/2 and we use our whole limit (inflight >= limit - 1), so the server could
-  take more: grow fast, limit = max(limit + Q, ceil(1.5 x limit)), once per observation.
+  take more: grow fast, limit = max(limit + Q, 2 x limit), once per observation.
   The next observations see the new requests and the rule above trims the overshoot, so
   against a fixed-capacity server the limit settles at capacity + Q/2..Q.
 * in between: hold.
 
 Growth also waits while the recent latency exceeds a third of the request timeout (with
-batching, each step slows as the batch grows; 1.5 x more requests must not push a
+batching, each step slows as the batch grows; twice the requests must not push a
 request past half the timeout, where the guard below cuts).
 
 **latency** (no gauges: the endpoint is absent, 404s, or the poller has missed ~3
@@ -80,7 +80,7 @@ WAITING = "vllm:num_requests_waiting"
 TOLERANCE = 2.0
 MIN_GRADIENT = 0.5
 DECREASE = 0.7
-GROWTH = 1.5
+GROWTH = 2.0
 BASELINE_DRIFT = 0.1
 MIN_WINDOW = 4
 # Where the 0.5 gradient floor holds the limit (L = 0.5 L + sqrt(L)): a limit pushed down
@@ -313,7 +313,7 @@ async def poll_server_gauges(
     limit: AdaptiveLimit,
     session: aiohttp.ClientSession,
     url: str,
-    interval: float = 0.5,
+    interval: float = 0.25,
     api_key: str | None = None,
 ) -> None:
     """Feed vLLM's running/waiting gauges to `limit` until cancelled.

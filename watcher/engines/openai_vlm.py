@@ -205,6 +205,9 @@ class OpenAIVlmEngine(Engine):
         # could take more (it grows only while the whole limit is in use).
         return math.ceil(self.requests.limit * 1.5) + 2
 
+    def request_limit(self) -> int:
+        return self.requests.limit
+
     def snapshot(self) -> dict[str, Any]:
         return {"vlm_requests": {
             "limit": self.requests.limit,
