@@ -1,4 +1,5 @@
-"""Pages per second through the daemon vs. the same CPU engine called directly.
+"""Pages per second through the daemon (engine in its worker process) vs. the CPU engine
+called directly in this process.
 
     python bench/cpu_throughput.py [--docs 12] [--pages 3] [--dpi 150]
 
@@ -64,7 +65,8 @@ async def direct(engine: CpuEngine, pages: list[RenderedPage]) -> float:
     return time.perf_counter() - started
 
 
-async def through_daemon(engine: CpuEngine, pdfs: list[bytes], dpi: int) -> float:
+async def through_daemon(pdfs: list[bytes], dpi: int) -> float:
+    """The production path: the daemon's own engine, in its supervised worker process."""
     with SeaweedS3(buckets=("bench",)) as server:
         client = server.sync_client()
         settings = load_settings(
@@ -72,10 +74,10 @@ async def through_daemon(engine: CpuEngine, pdfs: list[bytes], dpi: int) -> floa
             s3_secret_key=server.secret_key, poll_interval=0.2, http_port=0,
             http_host="127.0.0.1", render_dpi=dpi, log_level="WARNING",
         )
-        daemon = Daemon(settings, engine=engine)
+        daemon = Daemon(settings)
         async with running(daemon):
             await daemon.wait_polls(1, timeout=60)
-            while engine.state.value != "ready":
+            while daemon.engine.state.value != "ready":
                 await asyncio.sleep(0.05)
             for i, data in enumerate(pdfs):
                 client.put_object(Bucket="bench", Key=f"input/doc-{i:03d}.pdf", Body=data)
@@ -98,16 +100,13 @@ async def main() -> None:
     pages = render_all(pdfs, args.dpi)
     engine = CpuEngine(concurrency=1)
     await engine.start()
-    # The engine is shared and warm for both runs; the daemon must not close it between.
-    engine_close = engine.close
-    engine.close = lambda: asyncio.sleep(0)  # type: ignore[method-assign]
     # Direct runs before and after the daemon's, so that warm-up drift or a noisy
     # neighbour does not favour either side; their mean is the reference.
     direct_before = await direct(engine, pages)
-    daemon_seconds = await through_daemon(engine, pdfs, args.dpi)
+    daemon_seconds = await through_daemon(pdfs, args.dpi)
     direct_after = await direct(engine, pages)
     direct_seconds = (direct_before + direct_after) / 2
-    await engine_close()
+    await engine.close()
     n = len(pages)
     summary = {
         "pages": n,
