@@ -100,6 +100,11 @@ async def daemon_running(settings: Settings, engine: Engine | None = None) -> As
         yield daemon
 
 
+def files_under(path: Path) -> list[Path]:
+    """Files left anywhere under `path` (download directories may remain, empty)."""
+    return [f for f in path.rglob("*") if not f.is_dir()]
+
+
 def object_exists(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import aiohttp
 import jsonschema
 import pytest
-from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from conftest import CountingEngine, daemon_running, files_under, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 from PIL import Image
 
@@ -91,7 +90,7 @@ async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
         await daemon.wait_polls(daemon.polls + 2, timeout=30)
 
     assert statuses and set(statuses) == {200}
-    assert os.listdir(tmp_path) == []  # every downloaded source was removed
+    assert files_under(tmp_path) == []  # every downloaded source was removed
     for rel, (body, code, word) in BAD.items():
         record = json.loads(s3.get_object(Bucket=bucket, Key=f"output/{rel}.error.json")["Body"].read())
         jsonschema.validate(record, ERROR_SCHEMA)

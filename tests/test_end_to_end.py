@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jsonschema
-from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from conftest import CountingEngine, daemon_running, files_under, make_settings, wait_for_keys
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
 
@@ -80,7 +79,7 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
                  "watcher_backlog_documents", "watcher_engine_ready 1.0"):
         assert name in metrics
     assert len(engine.calls) == total_pages
-    assert os.listdir(tmp_path) == []  # temp files removed
+    assert files_under(tmp_path) == []  # temp files removed
 
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
     keys = {item["Key"] for item in listing}

@@ -30,6 +30,7 @@ from watcher.embedded import SeaweedS3, free_ports
 from watcher.engines.base import EngineState
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.identity import HOST, INCARNATION
 from watcher.layout import Layout
 from watcher.outcome import Fate, classify
 from watcher.storage import ObjectRef, PreconditionFailed, StorageUnavailable, open_storage
@@ -327,20 +328,18 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
         assert fresh is not None and fresh.crashes == 0
         await fresh.finish()
         # Our own lease (a release that failed while S3 was away) is taken back at once.
-        from watcher import claim
-
-        put_record(owner="one", host=claim.HOST, pid=os.getpid(), incarnation=claim.INCARNATION)
+        put_record(owner="one", host=HOST, pid=os.getpid(), incarnation=INCARNATION)
         mine = await claims_one.acquire(ref)
         assert mine is not None and mine.crashes == 0
         await mine.finish()
         # A restarted container: same replica and host, the old process is gone.
-        put_record(owner="one", host=claim.HOST, pid=os.getpid(), incarnation="previous-life")
+        put_record(owner="one", host=HOST, pid=os.getpid(), incarnation="previous-life")
         restarted = await claims_one.acquire(ref)
         assert restarted is not None and restarted.crashes == 1
         assert "replica one died while processing" in restarted.history[-1]
         await restarted.finish()
         # Another live process on this host under the same id is left alone until expiry.
-        put_record(owner="one", host=claim.HOST, pid=os.getppid(), incarnation="sibling")
+        put_record(owner="one", host=HOST, pid=os.getppid(), incarnation="sibling")
         assert await claims_one.acquire(ref) is None
 
 

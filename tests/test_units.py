@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from watcher.decode import Format, Limits, open_document, sniff
 from watcher.engines.base import Block
 from watcher.engines.cpu import lines_to_markdown, reading_order
 from watcher.errors import DocumentError, ErrorCode
+from watcher.fetch import prepare_work_dir
+from watcher.identity import INCARNATION
 from watcher.layout import Layout, shard_of
 from watcher.logs import REDACTED, SecretScrubber
 from watcher.settings import SettingsError, load_settings
@@ -172,3 +177,27 @@ def test_vlm_engines_get_enough_pages_in_flight_to_fill_the_server() -> None:
     assert explicit.page_concurrency == 1
     cpu = load_settings(**REQUIRED)
     assert (cpu.max_inflight_documents, cpu.page_concurrency) == (2, 2)
+
+
+def test_download_dirs_of_dead_daemons_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    root = tmp_path / "watcher-work"
+    dead = root / "999999999-0123abcd-1"  # no such pid: a daemon killed with SIGKILL
+    dead.mkdir(parents=True)
+    (dead / "watcher-x.pdf").write_bytes(b"%PDF half downloaded")
+    neighbour = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = root / f"{neighbour.pid}-4567cdef-1"
+        sibling = root / f"{os.getpid()}-{INCARNATION}-2"  # another daemon in this process
+        sibling.mkdir()
+        restarted = root / f"{os.getpid()}-previous-life-3"  # our pid, an earlier container
+        live.mkdir()
+        (live / "watcher-y.pdf").write_bytes(b"%PDF being read")
+        restarted.mkdir()
+        mine = prepare_work_dir(str(tmp_path))
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert not dead.exists()
+    assert (live / "watcher-y.pdf").exists()  # another live daemon's download is left alone
+    assert sibling.exists() and not restarted.exists()
+    assert mine.parent == root and mine.name.startswith(f"{os.getpid()}-") and mine.is_dir()

@@ -24,12 +24,11 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from watcher.identity import HOST, INCARNATION, left_by_dead_process
 from watcher.layout import SOURCE_ETAG_META, Layout
 from watcher.logs import get_logger
 from watcher.settings import ClaimMode, Settings
@@ -37,9 +36,6 @@ from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnava
 
 log = get_logger("watcher.claim")
 
-# Who this process is, for telling our own leases and our dead predecessors' apart.
-INCARNATION = uuid.uuid4().hex
-HOST = socket.gethostname()
 # Reasons kept per document: enough to explain an `engine_failed` record.
 HISTORY_LIMIT = 10
 
@@ -86,26 +82,11 @@ class LeaseRecord:
         return json.dumps(self.__dict__).encode()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def holder_is_dead(record: LeaseRecord, replica_id: str) -> bool:
-    """The holder ran here, as this replica, in a process that no longer exists.
-
-    The same pid as ours in another incarnation is a container restart: pid 1 again.
-    """
-    if record.owner != replica_id or record.host != HOST or record.incarnation == INCARNATION:
+    """The holder ran here, as this replica, in a process that no longer exists."""
+    if record.owner != replica_id or record.host != HOST:
         return False
-    return record.pid == os.getpid() or not _pid_alive(record.pid)
+    return left_by_dead_process(record.pid, record.incarnation)
 
 
 class Lease:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from typing import Any
 from watcher.decode import Decoder
 from watcher.discovery import Discovery
 from watcher.engines import Engine, EngineState, create_engine
+from watcher.fetch import prepare_work_dir
 from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
@@ -115,8 +117,9 @@ class Daemon:
             log.info("daemon_stopped")
 
     async def _serve(self, storage: Storage) -> None:
+        work_dir = prepare_work_dir(self.settings.temp_dir)
         worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder,
-                                self.pages)
+                                self.pages, work_dir)
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
@@ -136,6 +139,7 @@ class Daemon:
         warm.cancel()
         await self._drain(workers)
         await asyncio.gather(poller, warm, return_exceptions=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         for task in workers:

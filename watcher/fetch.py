@@ -1,16 +1,41 @@
-"""Fetch: stream one exact source version (If-Match on its ETag) into a temp file."""
+"""Fetch: stream one exact source version (If-Match on its ETag) into a temp file.
+
+Downloads go to a directory of this daemon process's own (`work_dir`), named after its
+pid and a random incarnation id. A daemon killed with SIGKILL leaves its directory behind;
+the next daemon on the host removes every directory whose process is gone (identity.py), so temp space
+does not leak across crashes, and never touches a live neighbour's downloads.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from watcher.errors import DocumentError, ErrorCode
+from watcher.identity import INCARNATION, left_by_dead_process
 from watcher.storage import ObjectRef, Storage
 
+WORK_ROOT = "watcher-work"
 
-async def fetch(storage: Storage, ref: ObjectRef, temp_dir: str | None, max_bytes: int) -> Path:
+
+def prepare_work_dir(temp_dir: str | None) -> Path:
+    """A new download directory for this daemon, after removing those of dead processes."""
+    root = Path(temp_dir or tempfile.gettempdir()) / WORK_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in root.iterdir():
+        pid_text, _, rest = entry.name.partition("-")
+        incarnation = rest.partition("-")[0]
+        if not pid_text.isdigit() or left_by_dead_process(int(pid_text), incarnation):
+            shutil.rmtree(entry, ignore_errors=True)
+    work = root / f"{os.getpid()}-{INCARNATION}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    return work
+
+
+async def fetch(storage: Storage, ref: ObjectRef, temp_dir: Path | str | None, max_bytes: int) -> Path:
     """Download `ref` to a new temp file and return its path; the caller deletes it."""
     if ref.size > max_bytes:
         raise DocumentError(

@@ -20,7 +20,7 @@ from watcher.claim import Claims, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
-from watcher.fetch import fetch
+from watcher.fetch import fetch, prepare_work_dir
 from watcher.layout import Layout
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
@@ -55,7 +55,9 @@ class DocumentWorker:
         metrics: Metrics,
         decoder: Decoder,
         budget: PageBudget | None = None,
+        work_dir: Path | None = None,
     ) -> None:
+        self.work_dir = work_dir or prepare_work_dir(settings.temp_dir)
         self.budget = budget or PageBudget(lambda: None)
         self.settings = settings
         self.storage = storage
@@ -160,7 +162,7 @@ class DocumentWorker:
         try:
             t0 = time.perf_counter()
             with self.metrics.stage("fetch"):
-                path = await fetch(self.storage, ref, self.settings.temp_dir,
+                path = await fetch(self.storage, ref, self.work_dir,
                                    self.settings.max_object_bytes)
             timings["fetch_seconds"] = time.perf_counter() - t0
             log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3))
