@@ -99,7 +99,7 @@ async def test_a_live_lease_is_respected_and_an_expired_one_taken_over(
     now = time.time()
     for rel, expires in (("held.png", now + 3600), ("stale.png", now - 5)):
         lease = {"owner": "crashed-replica", "source_key": f"input/{rel}", "expires_at": expires}
-        s3.put_object(Bucket=bucket, Key=f".watcher/leases/{rel}.lease", Body=json.dumps(lease))
+        s3.put_object(Bucket=bucket, Key=f".watcher/leases/input/{rel}.lease", Body=json.dumps(lease))
     engine = CountingEngine()
     settings = make_settings(weed, bucket, replica_id="replica-c")
     daemon = Daemon(settings, engine=engine)
@@ -111,7 +111,7 @@ async def test_a_live_lease_is_respected_and_an_expired_one_taken_over(
     assert len(engine.calls) == 1
     # The held lease is untouched; the stale one was taken over, then released.
     leases = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/")["Contents"]}
-    assert leases == {".watcher/leases/held.png.lease"}
+    assert leases == {".watcher/leases/input/held.png.lease"}
 
 
 async def test_shard_mode_splits_keys_between_replicas(weed: SeaweedS3, bucket: str, s3: Any) -> None:

@@ -111,7 +111,8 @@ def test_layout_keys_keep_the_relative_path() -> None:
     key = "input/Папка/a b+c%20.pdf"
     assert layout.result_json(key) == "output/Папка/a b+c%20.pdf.json"
     assert layout.error_json(key) == "output/Папка/a b+c%20.pdf.error.json"
-    assert layout.lease(key) == ".watcher/leases/Папка/a b+c%20.pdf.lease"
+    # Leases carry the full source key: two deployments with other input prefixes never meet.
+    assert layout.lease(key) == ".watcher/leases/input/Папка/a b+c%20.pdf.lease"
     assert not layout.is_document_key("input/folder/")
     assert not layout.is_document_key("input/")
     assert layout.is_document_key(key)

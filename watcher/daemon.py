@@ -62,6 +62,7 @@ class Daemon:
         self._force = asyncio.Event()
         self._poll_now = asyncio.Event()
         self._busy: dict[asyncio.Task[None], ObjectRef | None] = {}
+        self._workers: list[asyncio.Task[None]] = []
         self.poll_done = asyncio.Condition()
         self.listening = asyncio.Event()
 
@@ -83,6 +84,10 @@ class Daemon:
 
     def scrub(self, data: Any) -> Any:
         return scrubber.scrub(data)
+
+    def workers_down(self) -> int:
+        """Document worker loops not running (restarted at once, so normally 0)."""
+        return 0 if self.draining else sum(1 for task in self._workers if task.done())
 
     def refresh_gauges(self) -> None:
         self.metrics.inflight.set(self.inflight)
@@ -123,10 +128,8 @@ class Daemon:
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
-        workers = [
-            asyncio.create_task(self._work_forever(worker), name=f"worker-{i}")
-            for i in range(self.settings.max_inflight_documents)
-        ]
+        self._workers = [self._start_worker(worker, i)
+                         for i in range(self.settings.max_inflight_documents)]
         log.info(
             "daemon_started", bucket=self.settings.s3_bucket, engine=self.engine.name,
             input_prefix=self.settings.input_prefix, output_prefix=self.settings.output_prefix,
@@ -137,9 +140,26 @@ class Daemon:
         log.info("drain_started", inflight=self.inflight, grace_seconds=self.settings.drain_seconds)
         poller.cancel()
         warm.cancel()
-        await self._drain(workers)
+        await self._drain(self._workers)
         await asyncio.gather(poller, warm, return_exceptions=True)
         shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _start_worker(self, worker: DocumentWorker, index: int) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._work_forever(worker), name=f"worker-{index}")
+        task.add_done_callback(lambda done: self._worker_ended(done, worker, index))
+        return task
+
+    def _worker_ended(self, task: asyncio.Task[None], worker: DocumentWorker, index: int) -> None:
+        """Only shutdown ends a worker loop; anything else is logged, counted and undone."""
+        if self._stop.is_set() or task.cancelled():
+            return
+        error = task.exception()
+        log.error("worker_task_ended", worker=index,
+                  error=f"{type(error).__name__}: {error}" if error else "returned",
+                  exc_info=error)
+        self.metrics.worker_restarts.inc()
+        self._busy.pop(task, None)
+        self._workers[index] = self._start_worker(worker, index)
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         for task in workers:

@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_PAGES = "too_many_pages"
     PAGE_TOO_LARGE = "page_too_large"
     ENGINE_FAILED = "engine_failed"
+    KEY_REFUSED = "key_refused"
     INTERNAL = "internal_error"
 
 

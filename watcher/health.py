@@ -63,6 +63,8 @@ def readiness_problems(daemon: Daemon) -> list[str]:
         problems.append("S3 has not been checked yet")
     elif not daemon.s3_reachable:
         problems.append(f"S3 is unreachable: {daemon.s3_error}")
+    if daemon.workers_down():
+        problems.append(f"{daemon.workers_down()} document worker(s) down, restarting")
     if daemon.draining:
         problems.append("shutting down")
     return problems

@@ -8,6 +8,17 @@ from dataclasses import dataclass
 from watcher.settings import Settings
 
 SOURCE_ETAG_META = "source-etag"  # x-amz-meta-source-etag on every result object
+# S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
+# at 255 bytes, answering KeyTooLongError.
+MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+
+
+def key_fits(key: str) -> bool:
+    """True when every S3 store we support accepts `key` as an object name."""
+    return len(key.encode("utf-8")) <= MAX_KEY_BYTES and all(
+        len(segment.encode("utf-8")) <= MAX_SEGMENT_BYTES for segment in key.split("/")
+    )
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,16 @@ class Layout:
         return f"{self.output_prefix}{self.relative(key)}.error.json"
 
     def lease(self, key: str) -> str:
-        return f"{self.lease_prefix}{self.relative(key)}.lease"
+        """The claim object of a source: named after the full source key, so that
+        deployments watching different prefixes of one bucket never share one; hashed
+        when that name would be too long for the store."""
+        readable = f"{self.lease_prefix}{key}.lease"
+        if key_fits(readable):
+            return readable
+        return f"{self.lease_prefix}_sha256/{hashlib.sha256(key.encode('utf-8')).hexdigest()}.lease"
+
+    def result_keys_fit(self, key: str) -> bool:
+        return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))
 
     def done(self, key: str) -> str:
         return f"{self.done_prefix}{self.relative(key)}"

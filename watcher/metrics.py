@@ -40,13 +40,17 @@ class Metrics:
         self.pages_wanted = Gauge(
             "watcher_pages_wanted", "Rendered pages the engine wants in flight now.", registry=r
         )
+        self.worker_restarts = Counter(
+            "watcher_worker_restarts", "Document worker loops that ended and were restarted.",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "watcher_engine_restarts", "Engine worker processes replaced, by reason.", ["reason"],
             registry=r,
         )
         for reason in ("timeout", "crash", "memory"):
             self.engine_restarts.labels(reason)
-        for outcome in ("done", "error", "skipped", "retry"):
+        for outcome in ("done", "error", "skipped", "retry", "refused"):
             self.documents.labels(outcome)
         for stage in STAGES:
             self.stage_seconds.labels(stage)

@@ -4,7 +4,9 @@ Every exception that ends a document's run goes through `classify`, which says w
 it is permanent (the document itself is bad: an error record now), transient (S3 or the
 engine's server is away: release, retry later, no attempt used), a crash (the engine
 hung, died or raised on it, or an unforeseen bug: one attempt used, an error record
-after WATCHER_MAX_ATTEMPTS), or that the source changed under us (nothing to do).
+after WATCHER_MAX_ATTEMPTS), that the store refuses a name the document needs (an error
+record if one can be written, else a logged, counted skip), or that the source changed
+under us (nothing to do).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from enum import StrEnum
 
 from watcher.claim import LeaseLost
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
-from watcher.storage import PreconditionFailed, StorageUnavailable
+from watcher.storage import KeyRefused, PreconditionFailed, StorageUnavailable
 
 
 class Outcome(StrEnum):
@@ -24,6 +26,7 @@ class Outcome(StrEnum):
     ERROR = "error"
     SKIPPED = "skipped"
     RETRY = "retry"
+    REFUSED = "refused"  # the store refuses its keys and no error record could be written
 
 
 class Fate(StrEnum):
@@ -31,6 +34,7 @@ class Fate(StrEnum):
     TRANSIENT = "transient"
     CRASH = "crash"
     GONE = "gone"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Fate.PERMANENT, exc.code, exc.message)
     if isinstance(exc, StorageUnavailable | EngineUnavailable | LeaseLost):
         return Failure(Fate.TRANSIENT, None, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, KeyRefused):
+        return Failure(Fate.REFUSED, ErrorCode.KEY_REFUSED, str(exc))
     if isinstance(exc, PreconditionFailed | FileNotFoundError):
         return Failure(Fate.GONE, None, "the source changed or was deleted while it was processed")
     if isinstance(exc, EngineCrashed):

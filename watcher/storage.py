@@ -63,6 +63,13 @@ class PreconditionFailed(Exception):
     """A conditional request lost (If-Match / If-None-Match)."""
 
 
+class KeyRefused(Exception):
+    """The store refuses an object name (too long, invalid): retrying cannot help."""
+
+
+_KEY_REFUSED_CODES = {"KeyTooLongError", "InvalidObjectName", "InvalidKey", "InvalidURI"}
+
+
 def clean_etag(etag: str) -> str:
     return etag.strip().strip('"')
 
@@ -147,6 +154,8 @@ class Storage:
                 with attempt:
                     return await fn()
         except ClientError as exc:
+            if error_code(exc) in _KEY_REFUSED_CODES:
+                raise KeyRefused(f"S3 {op} refused the object name ({error_code(exc)})") from exc
             if is_refused(exc):
                 # Wrong keys, bucket or permissions: an operator's problem, not a document's.
                 raise StorageUnavailable(

@@ -21,7 +21,7 @@ from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
 from watcher.fetch import fetch, prepare_work_dir
-from watcher.layout import Layout
+from watcher.layout import Layout, key_fits
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
 from watcher.outcome import Fate, Outcome, classify
@@ -29,7 +29,7 @@ from watcher.publish import publish_error, publish_result
 from watcher.render import render_document, render_error
 from watcher.settings import Settings
 from watcher.settle import settle
-from watcher.storage import ObjectRef, Storage, StorageUnavailable
+from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable
 from watcher.workqueue import PageBudget, Ticket
 
 log = get_logger("watcher.worker")
@@ -67,6 +67,8 @@ class DocumentWorker:
         self.layout = Layout.from_settings(settings)
         self.claims = Claims(storage, settings, self.layout)
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
+        # Versions whose names the store refuses and that could not get an error record.
+        self._refused: set[tuple[str, str]] = set()
         # The admitted document's page-budget ticket, without threading it through stages.
         self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
             "watcher_ticket", default=None)
@@ -85,6 +87,12 @@ class DocumentWorker:
         return outcome
 
     async def _claimed(self, ref: ObjectRef) -> Outcome:
+        if (ref.key, ref.etag) in self._refused:
+            return Outcome.SKIPPED  # said and counted once; the owner must rename it
+        if not self.layout.result_keys_fit(ref.key):
+            return await self._refuse(ref, None, (
+                "the source's name is too long for its result's name "
+                f"({self.layout.result_json(ref.key)!r} exceeds the store's limits); rename it"))
         try:
             with self.metrics.stage("claim"):
                 if await self.claims.is_done(ref):
@@ -94,6 +102,8 @@ class DocumentWorker:
         except StorageUnavailable as exc:
             log.warning("document_deferred", reason="StorageUnavailable", error=str(exc))
             return Outcome.RETRY
+        except KeyRefused as exc:
+            return await self._refuse(ref, None, str(exc))
         if lease is None:
             return Outcome.SKIPPED
         log.info("document_claimed", crashes=lease.crashes)
@@ -124,6 +134,8 @@ class DocumentWorker:
         if failure.fate is Fate.PERMANENT:
             assert failure.code is not None
             return await self._record_error(ref, lease, failure.code, failure.message)
+        if failure.fate is Fate.REFUSED:
+            return await self._refuse(ref, lease, failure.message)
         log.error("document_crashed", error=failure.message, attempt=lease.crashes + 1,
                   exc_info=failure.code is ErrorCode.INTERNAL)
         try:
@@ -143,16 +155,37 @@ class DocumentWorker:
                    f"Attempts: {'; '.join(lease.history) or 'no details recorded'}")
         return await self._record_error(ref, lease, code, message)
 
-    async def _record_error(self, ref: ObjectRef, lease: Lease, code: ErrorCode, message: str) -> Outcome:
+    async def _refuse(self, ref: ObjectRef, lease: Lease | None, message: str) -> Outcome:
+        """The store refuses a name this document needs: say so once, never loop on it."""
+        if key_fits(self.layout.error_json(ref.key)):
+            return await self._record_error(ref, lease, ErrorCode.KEY_REFUSED, message)
+        return await self._skip_refused(ref, lease, message)
+
+    async def _skip_refused(self, ref: ObjectRef, lease: Lease | None, message: str) -> Outcome:
+        self._refused.add((ref.key, ref.etag))
+        if lease is not None:
+            await lease.finish()
+        log.error("document_key_refused", message=message, outcome="refused",
+                  hint="no error record can be written under this name either; rename the source")
+        return Outcome.REFUSED
+
+    async def _record_error(
+        self, ref: ObjectRef, lease: Lease | None, code: ErrorCode, message: str
+    ) -> Outcome:
+        crashes = lease.crashes if lease is not None else 0
         try:
             with self.metrics.stage("publish"):
                 await publish_error(self.storage, self.layout, ref,
-                                    render_error(ref, code, message, max(1, lease.crashes)))
+                                    render_error(ref, code, message, max(1, crashes)))
         except StorageUnavailable as exc:
             log.warning("document_deferred", reason=f"error record not written: {exc}")
-            await lease.release()
+            if lease is not None:
+                await lease.release()
             return Outcome.RETRY
-        await lease.finish()
+        except KeyRefused as exc:
+            return await self._skip_refused(ref, lease, f"{message}; the error record too: {exc}")
+        if lease is not None:
+            await lease.finish()
         log.warning("document_failed", code=code.value, message=message, outcome="error")
         return Outcome.ERROR
 

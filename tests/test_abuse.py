@@ -1,0 +1,76 @@
+"""Faults found under abuse (kill -9, outages, tricky keys, floods), each reproduced here
+against SeaweedFS with the real CPU engine."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import daemon_running, make_settings, object_exists, wait_for_keys
+from docgen import make_image
+
+from watcher.embedded import SeaweedS3
+from watcher.layout import Layout, key_fits
+
+
+def metric(daemon: Any, outcome: str) -> float:
+    value: float = daemon.metrics.documents.labels(outcome)._value.get()
+    return value
+
+
+async def test_names_the_store_refuses_are_reported_once_and_workers_live_on(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    # SeaweedFS, like other filer-backed stores, refuses path segments over 255 bytes.
+    too_long = "input/" + "a" * 251 + ".png"  # its result name would be 260 bytes
+    long_ok = "input/" + "b" * 244 + ".png"  # result fits; its error record would not
+    long_bad = "input/" + "c" * 244 + ".txt"  # unsupported: the error record cannot be named
+    for key, body in ((too_long, make_image(["Too long"], "PNG")),
+                      (long_ok, make_image(["Long but fine"], "PNG")),
+                      (long_bad, b"plain text, not a document"),
+                      ("input/ok.png", make_image(["Short name"], "PNG"))):
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    settings = make_settings(weed, bucket, poll_interval=0.2)
+    layout = Layout.from_settings(settings)
+    assert not key_fits(f".watcher/leases/{too_long}.lease")
+    assert layout.lease(too_long).startswith(".watcher/leases/_sha256/")
+    async with daemon_running(settings) as daemon:
+        await wait_for_keys(s3, bucket, ["output/ok.png.json", layout.result_json(long_ok)])
+        polls = daemon.polls
+        await daemon.wait_polls(polls + 5, timeout=30)  # several more offers of the same keys
+        assert metric(daemon, "refused") == 2  # each said once, never a loop
+        # Both workers are alive and take new work.
+        s3.put_object(Bucket=bucket, Key="input/later.png", Body=make_image(["Later"], "PNG"))
+        await wait_for_keys(s3, bucket, ["output/later.png.json"])
+        assert metric(daemon, "refused") == 2
+        assert daemon.workers_down() == 0
+    assert not object_exists(s3, bucket, layout.error_json(long_ok))
+    leftovers = s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])
+    assert leftovers == []
+
+
+async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    settings = make_settings(weed, bucket, max_inflight_documents=1)
+    async with daemon_running(settings) as daemon:
+        real_wait = daemon._wait_engine_ready
+        broken = {"left": 1}
+
+        async def wait_then_break() -> None:
+            await real_wait()
+            if broken["left"]:
+                broken["left"] -= 1
+                raise RuntimeError("a bug outside any document")
+
+        daemon._wait_engine_ready = wait_then_break  # type: ignore[method-assign]
+        # The only worker finishes this document, then its loop breaks on the next turn.
+        s3.put_object(Bucket=bucket, Key="input/first.png", Body=make_image(["First"], "PNG"))
+        await wait_for_keys(s3, bucket, ["output/first.png.json"])
+        for _ in range(100):
+            if daemon.metrics.worker_restarts._value.get() == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert daemon.metrics.worker_restarts._value.get() == 1
+        # The restarted loop is the one that does the next document.
+        s3.put_object(Bucket=bucket, Key="input/after.png", Body=make_image(["After"], "PNG"))
+        await wait_for_keys(s3, bucket, ["output/after.png.json"])
+        assert daemon.workers_down() == 0
