@@ -4,12 +4,16 @@ against SeaweedFS with the real CPU engine."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from conftest import daemon_running, make_settings, object_exists, wait_for_keys
+from conftest import CountingEngine, daemon_running, make_settings, object_exists, wait_for_keys
 from docgen import make_image
 
+from watcher.claim import LeaseRecord
+from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
+from watcher.engines.base import PageResult
 from watcher.layout import Layout, key_fits
 
 
@@ -74,3 +78,39 @@ async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str
         s3.put_object(Bucket=bucket, Key="input/after.png", Body=make_image(["After"], "PNG"))
         await wait_for_keys(s3, bucket, ["output/after.png.json"])
         assert daemon.workers_down() == 0
+
+
+class OrderingEngine(CountingEngine):
+    """The real CPU engine, recording the first words of each page in the order read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        result = await super().recognize(page)
+        self.order.append(" ".join(b.text for b in result.blocks[:1]))
+        return result
+
+
+async def test_a_crashed_replicas_document_is_taken_over_when_its_lease_expires_not_last(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["ORPHAN"], "PNG"))
+    newer = 30
+    for n in range(newer):
+        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png", Body=make_image([f"NEWER {n}"], "PNG"))
+    # A replica died while holding it: its lease runs out in a few seconds.
+    lease = LeaseRecord(owner="dead-replica", source_key="input/crashed.png", source_etag="x",
+                        expires_at=time.time() + 3, host="another-host", pid=1, incarnation="gone")
+    s3.put_object(Bucket=bucket, Key=".watcher/leases/input/crashed.png.lease", Body=lease.encode())
+    engine = OrderingEngine()
+    # One poll only: without the timed retry the orphan would wait for the next listing.
+    settings = make_settings(weed, bucket, max_inflight_documents=1, poll_interval=300)
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, ["output/crashed.png.json",
+                                         *(f"output/newer-{n}.png.json" for n in range(newer))])
+    position = next(i for i, words in enumerate(engine.order) if "ORPHAN" in words.upper())
+    # Taken over soon after its lease ran out, ahead of the newer work still queued
+    # (without the timed retry it would come last, after the next listing).
+    assert position < newer * 2 // 3, engine.order

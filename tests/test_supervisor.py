@@ -25,7 +25,7 @@ from conftest import FAKES, make_settings
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
-from watcher.claim import Claims, LeaseRecord
+from watcher.claim import Claims, Held, LeaseRecord
 from watcher.embedded import SeaweedS3, free_ports
 from watcher.engines.base import EngineState
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
@@ -309,7 +309,7 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
         claims_one, claims_two = Claims(storage, one, layout), Claims(storage, two, layout)
         lease = await claims_one.acquire(ref)
         assert lease is not None and lease.crashes == 0
-        assert await claims_two.acquire(ref) is None  # live and held
+        assert isinstance(await claims_two.acquire(ref), Held)  # live and held
         assert await lease.record_crash("engine crash: the worker was killed by SIGSEGV") == 1
         assert current().released and current().crashes == 1
         again = await claims_two.acquire(ref)  # released: taken at once, count kept
@@ -340,7 +340,7 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
         await restarted.finish()
         # Another live process on this host under the same id is left alone until expiry.
         put_record(owner="one", host=HOST, pid=os.getppid(), incarnation="sibling")
-        assert await claims_one.acquire(ref) is None
+        assert isinstance(await claims_one.acquire(ref), Held)
 
 
 @pytest.mark.parametrize(

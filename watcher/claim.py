@@ -40,6 +40,14 @@ log = get_logger("watcher.claim")
 HISTORY_LIMIT = 10
 
 
+@dataclass(frozen=True)
+class Held:
+    """Another live replica holds the claim until `expires_at` (epoch seconds)."""
+
+    owner: str
+    expires_at: float
+
+
 class LeaseLost(Exception):
     """Another replica took the claim over; our result must not be published."""
 
@@ -204,8 +212,9 @@ class Claims:
             if_match=if_match if self.conditional else None,
         )
 
-    async def acquire(self, ref: ObjectRef) -> Lease | None:
-        """A lease on `ref`, or None when another live replica holds it."""
+    async def acquire(self, ref: ObjectRef) -> Lease | Held | None:
+        """A lease on `ref`; Held when another live replica has it; None when a race with
+        another replica was lost (the next poll tries again)."""
         key = self.layout.lease(ref.key)
         if self.conditional:
             try:
@@ -224,8 +233,9 @@ class Claims:
         crashes, history = self._carried_over(ref, previous)
         if crashes is None:
             assert previous is not None
-            log.info("claim_held_elsewhere", key=ref.key, owner=previous.owner)
-            return None
+            log.info("claim_held_elsewhere", key=ref.key, owner=previous.owner,
+                     expires_in=round(previous.expires_at - time.time(), 1))
+            return Held(previous.owner, previous.expires_at)
         try:
             new_etag = await self.write(ref, self.record(ref, crashes, history, False), if_match=etag)
         except PreconditionFailed:

@@ -31,6 +31,8 @@ from watcher.worker import DocumentWorker
 from watcher.workqueue import PageBudget, Ticket, WorkQueue
 
 log = get_logger("watcher.daemon")
+# Clocks of replicas differ a little; look again just after a lease's stated expiry.
+LEASE_EXPIRY_SLACK_SECONDS = 1.0
 
 StorageFactory = Callable[[Settings], AbstractAsyncContextManager[Storage]]
 
@@ -63,6 +65,7 @@ class Daemon:
         self._poll_now = asyncio.Event()
         self._busy: dict[asyncio.Task[None], ObjectRef | None] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
         self.poll_done = asyncio.Condition()
         self.listening = asyncio.Event()
 
@@ -76,6 +79,17 @@ class Daemon:
     def poke(self) -> None:
         """Start the next discovery poll now (notifications call this)."""
         self._poll_now.set()
+
+    def retry_at(self, ref: ObjectRef, when: float) -> None:
+        """Offer `ref` again, ahead of discovered work, once the epoch time `when` passed."""
+        delay = max(0.0, when - time.time()) + LEASE_EXPIRY_SLACK_SECONDS
+        handle = asyncio.get_running_loop().call_later(delay, self._offer_urgent, ref)
+        self._timers.add(handle)
+
+    def _offer_urgent(self, ref: ObjectRef) -> None:
+        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > time.monotonic()}
+        if not self._stop.is_set() and self.queue.offer_urgent(ref):
+            log.info("lease_expired_retrying", key=ref.key)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,7 +138,7 @@ class Daemon:
     async def _serve(self, storage: Storage) -> None:
         work_dir = prepare_work_dir(self.settings.temp_dir)
         worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder,
-                                self.pages, work_dir)
+                                self.pages, work_dir, self.retry_at)
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
@@ -137,6 +151,8 @@ class Daemon:
         )
         await self._stop.wait()
         self.draining = True
+        for timer in self._timers:
+            timer.cancel()
         log.info("drain_started", inflight=self.inflight, grace_seconds=self.settings.drain_seconds)
         poller.cancel()
         warm.cancel()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
-from watcher.claim import Claims, Lease, LeaseLost
+from watcher.claim import Claims, Held, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
@@ -56,7 +56,9 @@ class DocumentWorker:
         decoder: Decoder,
         budget: PageBudget | None = None,
         work_dir: Path | None = None,
+        retry_at: Callable[[ObjectRef, float], None] = lambda ref, when: None,
     ) -> None:
+        self.retry_at = retry_at
         self.work_dir = work_dir or prepare_work_dir(settings.temp_dir)
         self.budget = budget or PageBudget(lambda: None)
         self.settings = settings
@@ -105,6 +107,10 @@ class DocumentWorker:
         except KeyRefused as exc:
             return await self._refuse(ref, None, str(exc))
         if lease is None:
+            return Outcome.SKIPPED
+        if isinstance(lease, Held):
+            # Its holder may have died: look again the moment the lease runs out.
+            self.retry_at(ref, lease.expires_at)
             return Outcome.SKIPPED
         log.info("document_claimed", crashes=lease.crashes)
         if lease.crashes >= self.settings.max_attempts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable
 
 from watcher.storage import ObjectRef
@@ -13,9 +14,21 @@ ROOM_RECHECK_SECONDS = 0.1
 
 
 class WorkQueue:
+    """Two lanes: work found by discovery, and urgent work that must not wait behind it.
+
+    A document whose lease another replica held comes back through the urgent lane when
+    that lease expires, so a crashed replica's work is taken over within a lease period
+    however long the backlog is. A key + ETag is taken at most once while queued or in
+    flight; a copy left in the other lane is skipped.
+    """
+
     def __init__(self, maxsize: int) -> None:
-        self._queue: asyncio.Queue[ObjectRef] = asyncio.Queue(maxsize)
-        self._pending: set[tuple[str, str]] = set()
+        self.maxsize = maxsize
+        self._normal: deque[ObjectRef] = deque()
+        self._urgent: deque[ObjectRef] = deque()
+        self._pending: set[tuple[str, str]] = set()  # queued or in flight
+        self._queued: set[tuple[str, str]] = set()  # in a lane, not yet taken
+        self._ready = asyncio.Event()
 
     @staticmethod
     def _id(ref: ObjectRef) -> tuple[str, str]:
@@ -23,14 +36,34 @@ class WorkQueue:
 
     def offer(self, ref: ObjectRef) -> bool:
         """Queue `ref` unless it is already queued or in flight; False when full or known."""
-        if self._id(ref) in self._pending or self._queue.full():
+        if self._id(ref) in self._pending or len(self._normal) >= self.maxsize:
             return False
-        self._queue.put_nowait(ref)
+        self._normal.append(ref)
         self._pending.add(self._id(ref))
+        self._queued.add(self._id(ref))
+        self._ready.set()
+        return True
+
+    def offer_urgent(self, ref: ObjectRef) -> bool:
+        """Queue `ref` ahead of everything discovery found; False while it is in flight."""
+        ref_id = self._id(ref)
+        if ref_id in self._pending and ref_id not in self._queued:
+            return False
+        self._urgent.append(ref)
+        self._pending.add(ref_id)
+        self._queued.add(ref_id)
+        self._ready.set()
         return True
 
     async def take(self) -> ObjectRef:
-        return await self._queue.get()
+        while True:
+            while self._urgent or self._normal:
+                ref = self._urgent.popleft() if self._urgent else self._normal.popleft()
+                if self._id(ref) in self._queued:
+                    self._queued.discard(self._id(ref))
+                    return ref
+            self._ready.clear()
+            await self._ready.wait()
 
     def finish(self, ref: ObjectRef) -> None:
         """Forget `ref`, so that the next discovery may offer it again if it is not done."""
@@ -40,7 +73,7 @@ class WorkQueue:
         return self._id(ref) in self._pending
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return len(self._queued)
 
 
 class PageBudget:
