@@ -4,6 +4,7 @@ against SeaweedFS with the real CPU engine."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -114,3 +115,32 @@ async def test_a_crashed_replicas_document_is_taken_over_when_its_lease_expires_
     # Taken over soon after its lease ran out, ahead of the newer work still queued
     # (without the timed retry it would come last, after the next listing).
     assert position < newer * 2 // 3, engine.order
+
+
+async def test_an_error_record_and_a_result_never_share_a_name(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/y.png", Body=b"\x89PNG\r\n\x1a\n broken")
+    s3.put_object(Bucket=bucket, Key="input/y.png.error", Body=make_image(["Shadow"], "PNG"))
+    s3.put_object(Bucket=bucket, Key="input/z.png.error", Body=make_image(["Alone"], "PNG"))
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, poll_interval=0.2)
+    async with daemon_running(settings, engine) as daemon:
+        await wait_for_keys(s3, bucket, ["output/y.png.error.json", "output/y.png.error.error.json",
+                                         "output/z.png.error.json"])
+        await daemon.wait_polls(daemon.polls + 10, timeout=30)
+        processed = metric(daemon, "done") + metric(daemon, "error")
+    assert processed == 3  # each once, then left alone: no reprocessing loop
+
+    def record(key: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return data
+
+    y = record("output/y.png.error.json")
+    assert y["source"]["key"] == "input/y.png" and y["error"]["code"] == "corrupt"
+    shadow = record("output/y.png.error.error.json")
+    assert shadow["source"]["key"] == "input/y.png.error"
+    assert shadow["error"]["code"] == "name_collision" and "rename" in shadow["error"]["message"]
+    # Without a sibling, a name ending in .error is an ordinary document.
+    assert record("output/z.png.error.json")["source"]["key"] == "input/z.png.error"
+    assert len(engine.calls) == 1

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     PAGE_TOO_LARGE = "page_too_large"
     ENGINE_FAILED = "engine_failed"
     KEY_REFUSED = "key_refused"
+    NAME_COLLISION = "name_collision"
     INTERNAL = "internal_error"
 
 

@@ -10,6 +10,7 @@ from watcher.settings import Settings
 SOURCE_ETAG_META = "source-etag"  # x-amz-meta-source-etag on every result object
 # S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
 # at 255 bytes, answering KeyTooLongError.
+ERROR_SUFFIX = ".error"
 MAX_KEY_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 
@@ -49,7 +50,17 @@ class Layout:
         return f"{self.output_prefix}{self.relative(key)}.md"
 
     def error_json(self, key: str) -> str:
-        return f"{self.output_prefix}{self.relative(key)}.error.json"
+        return f"{self.output_prefix}{self.relative(key)}{ERROR_SUFFIX}.json"
+
+    def shadowed_by(self, key: str) -> str | None:
+        """The source whose error record would share this source's result name, if any.
+
+        Results are `<rel>.json` and error records `<rel>.error.json`, so the result of
+        `y.png.error` and the error record of `y.png` have one name. The rule: when both
+        sources exist, `y.png` keeps its names and `y.png.error` gets a `name_collision`
+        error record (`y.png.error.error.json`) instead of a result.
+        """
+        return key[: -len(ERROR_SUFFIX)] if key.endswith(ERROR_SUFFIX) else None
 
     def lease(self, key: str) -> str:
         """The claim object of a source: named after the full source key, so that

@@ -29,6 +29,8 @@ async def publish_error(
     storage: Storage, layout: Layout, ref: ObjectRef, record: dict[str, Any]
 ) -> None:
     await storage.put(layout.error_json(ref.key), to_json_bytes(record), JSON, _meta(ref))
+    if layout.shadowed_by(ref.key) is not None and record["error"]["code"] == "name_collision":
+        return  # its result name belongs to the other source's error record: leave it
     # Results of an earlier version would contradict the error for the current one.
     await storage.delete(layout.result_json(ref.key))
     await storage.delete(layout.result_markdown(ref.key))

@@ -113,6 +113,16 @@ class DocumentWorker:
             self.retry_at(ref, lease.expires_at)
             return Outcome.SKIPPED
         log.info("document_claimed", crashes=lease.crashes)
+        shadowing = self.layout.shadowed_by(ref.key)
+        try:
+            collides = shadowing is not None and await self.storage.head(shadowing) is not None
+        except StorageUnavailable:
+            await lease.release()
+            return Outcome.RETRY
+        if collides:
+            return await self._record_error(ref, lease, ErrorCode.NAME_COLLISION, (
+                f"its result would be named {self.layout.result_json(ref.key)!r}, the name of "
+                f"the error record of {shadowing!r}; rename one of the two sources"))
         if lease.crashes >= self.settings.max_attempts:
             # Every earlier attempt ended with its process: do not offer it another.
             return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
