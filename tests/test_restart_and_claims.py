@@ -58,23 +58,34 @@ async def test_restart_in_the_middle_of_a_batch(weed: SeaweedS3, bucket: str, s3
     assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
 
 
-async def test_a_cut_off_drain_releases_its_lease_for_the_next_start(
+async def test_a_cut_off_drain_releases_its_lease_and_the_next_start_resumes(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
     s3.put_object(Bucket=bucket, Key="input/long.pdf",
-                  Body=make_pdf([[f"Long document page {i}"] for i in range(6)]))
+                  Body=make_pdf([[f"Long document page {i}"] for i in range(12)]))
     settings = make_settings(weed, bucket, drain_seconds=0, page_concurrency=1)
     first = CountingEngine()
     async with daemon_running(settings, first):
-        while not first.calls:
+        while len(first.calls) < 5:
             await asyncio.sleep(0.05)
-    # No grace: the document was cancelled mid-way, its lease deleted, nothing published.
+    # No grace: the document was cancelled mid-way, its lease deleted, nothing published,
+    # but the pages already recognised were kept.
     assert s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) == 0
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    internal = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/")["Contents"]]
+    assert not [k for k in internal if k.endswith(".lease")]
+    kept = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in internal if "/_pages/" in k}
+    assert len(kept) >= 4 and kept <= set(first.calls)
     second = CountingEngine()
     async with daemon_running(settings, second):
         await wait_for_keys(s3, bucket, ["output/long.pdf.json"], timeout=60)
-    assert sorted(second.calls) == list(range(6))
+    # Only the pages not kept are recognised again.
+    assert sorted(second.calls) == sorted(set(range(12)) - kept)
+    result = json.loads(s3.get_object(Bucket=bucket, Key="output/long.pdf.json")["Body"].read())
+    texts = [" ".join(b["text"] for b in p["blocks"]) for p in result["pages"]]
+    assert [p["index"] for p in result["pages"]] == list(range(12))
+    assert all(f"page {i}" in t for i, t in enumerate(texts)), texts
+    # Published: checkpoints and lease are gone.
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
 
 
 async def test_two_replicas_share_a_backlog_without_doing_anything_twice(

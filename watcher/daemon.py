@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from watcher.decode import Decoder
+from watcher.discovery import BATCH as DISCOVERY_BATCH
 from watcher.discovery import Discovery
 from watcher.engines import Engine, EngineState, create_engine
 from watcher.fetch import prepare_work_dir
@@ -265,8 +266,15 @@ class Daemon:
             if self.s3_reachable is False:
                 log.info("s3_reachable_again")
             self.s3_reachable, self.s3_error = True, None
-            offered = sum(1 for ref in todo if self.queue.offer(ref))
-            self.backlog = sum(1 for ref in todo if ref not in self._busy.values())
+            offered = 0
+            busy = {ref for ref in self._busy.values() if ref is not None}
+            backlog = 0
+            for n, ref in enumerate(todo, 1):
+                offered += self.queue.offer(ref)
+                backlog += ref not in busy
+                if n % DISCOVERY_BATCH == 0:
+                    await asyncio.sleep(0)  # /health answers between batches
+            self.backlog = backlog
             self.metrics.polls.inc()
             if offered:
                 log.info("discovery_found", new=offered, backlog=self.backlog,

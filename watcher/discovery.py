@@ -14,6 +14,9 @@ from watcher.layout import SOURCE_ETAG_META, Layout, shard_of
 from watcher.settings import ClaimMode, Settings
 from watcher.storage import ObjectRef, Storage, clean_etag
 
+# Items handled between two yields to the event loop.
+BATCH = 500
+
 
 class Discovery:
     def __init__(self, storage: Storage, settings: Settings, layout: Layout) -> None:
@@ -38,23 +41,41 @@ class Discovery:
             self._recorded[cache_key] = clean_etag(head.get("Metadata", {}).get(SOURCE_ETAG_META, ""))
         return self._recorded[cache_key]
 
-    async def _is_done(self, ref: ObjectRef, outputs: dict[str, ObjectRef]) -> bool:
-        for result_key in (self.layout.result_json(ref.key), self.layout.error_json(ref.key)):
-            result = outputs.get(result_key)
-            if result is not None and await self._recorded_etag(result) == ref.etag:
+    async def _is_done(self, ref: ObjectRef, results: list[ObjectRef]) -> bool:
+        for result in results:
+            if await self._recorded_etag(result) == ref.etag:
                 return True
         return False
 
     async def scan(self) -> list[ObjectRef]:
-        """Source versions under the input prefix with no result for their ETag, oldest first."""
-        outputs = {ref.key: ref async for ref in self.storage.list_objects(self.layout.output_prefix)}
-        candidates = [
-            ref
-            async for ref in self.storage.list_objects(self.layout.input_prefix)
-            if self.layout.is_document_key(ref.key) and self._mine(ref.key)
-        ]
-        done = await asyncio.gather(*(self._is_done(ref, outputs) for ref in candidates))
+        """Source versions under the input prefix with no result for their ETag, oldest first.
+
+        The event loop also answers /health: with a backlog of many thousands, the work
+        is done in batches that yield, and only sources that have a result object at
+        all cost a coroutine (a HEAD at most once per result version).
+        """
+        outputs: dict[str, ObjectRef] = {}
+        async for ref in self.storage.list_objects(self.layout.output_prefix):
+            outputs[ref.key] = ref
+        todo: list[ObjectRef] = []
+        to_check: list[tuple[ObjectRef, list[ObjectRef]]] = []
+        seen = 0
+        async for ref in self.storage.list_objects(self.layout.input_prefix):
+            seen += 1
+            if seen % BATCH == 0:
+                await asyncio.sleep(0)
+            if not (self.layout.is_document_key(ref.key) and self._mine(ref.key)):
+                continue
+            results = [outputs[k] for k in (self.layout.result_json(ref.key),
+                                            self.layout.error_json(ref.key)) if k in outputs]
+            if results:
+                to_check.append((ref, results))
+            else:
+                todo.append(ref)
+        for start in range(0, len(to_check), BATCH):
+            chunk = to_check[start:start + BATCH]
+            done = await asyncio.gather(*(self._is_done(ref, results) for ref, results in chunk))
+            todo.extend(ref for (ref, _), is_done in zip(chunk, done, strict=True) if not is_done)
         self._recorded = {k: v for k, v in self._recorded.items() if k[0] in outputs}
-        todo = [ref for ref, is_done in zip(candidates, done, strict=True) if not is_done]
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
         return todo

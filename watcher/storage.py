@@ -136,7 +136,9 @@ def client_config(settings: Settings) -> AioConfig:
 class Storage:
     """Thin, retrying wrapper over one aiobotocore S3 client for one bucket."""
 
-    def __init__(self, client: Any, bucket: str, max_attempts: int, list_page_size: int = 1000) -> None:
+    # botocore parses a listing page on the event loop: 1,000 keys hold it ~90 ms on a small
+    # box, 250 keys ~20 ms (bench/flood.py); /health must not wait behind that.
+    def __init__(self, client: Any, bucket: str, max_attempts: int, list_page_size: int = 250) -> None:
         self.client = client
         self.bucket = bucket
         self.max_attempts = max_attempts

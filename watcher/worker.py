@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import structlog
 
+from watcher.checkpoint import Checkpoints
 from watcher.claim import Claims, Held, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
@@ -68,6 +69,7 @@ class DocumentWorker:
         self.decoder = decoder
         self.layout = Layout.from_settings(settings)
         self.claims = Claims(storage, settings, self.layout)
+        self.checkpoints = Checkpoints(storage, self.layout)
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
         # Versions whose names the store refuses and that could not get an error record.
         self._refused: set[tuple[str, str]] = set()
@@ -200,6 +202,7 @@ class DocumentWorker:
             return Outcome.RETRY
         except KeyRefused as exc:
             return await self._skip_refused(ref, lease, f"{message}; the error record too: {exc}")
+        await self.checkpoints.clear(ref)
         if lease is not None:
             await lease.finish()
         log.warning("document_failed", code=code.value, message=message, outcome="error")
@@ -228,6 +231,7 @@ class DocumentWorker:
         t0 = time.perf_counter()
         with self.metrics.stage("publish"):
             await publish_result(self.storage, self.layout, ref, result, markdown)
+        await self.checkpoints.clear(ref)
         log.info(
             "document_done", pages=len(pages), outcome="done",
             publish_seconds=round(time.perf_counter() - t0, 3),
@@ -246,7 +250,8 @@ class DocumentWorker:
         timings["decode_seconds_sum"] = time.perf_counter() - t0
         log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
         try:
-            pages = await self._pages(doc, timings)
+            kept = await self.checkpoints.load(ref, doc.page_count)
+            pages = await self._pages(ref, doc, timings, kept)
         finally:
             await self.decoder.close(doc)
         t1 = time.perf_counter()
@@ -256,9 +261,13 @@ class DocumentWorker:
         timings["recognise_seconds"] = time.perf_counter() - t0
         return doc.format.value, pages
 
-    async def _pages(self, doc: Document, timings: dict[str, float]) -> list[PageResult]:
-        """Pages rendered on demand, at most WATCHER_PAGE_CONCURRENCY of them in memory."""
-        results: list[PageResult | None] = [None] * doc.page_count
+    async def _pages(
+        self, ref: ObjectRef, doc: Document, timings: dict[str, float], kept: dict[int, PageResult]
+    ) -> list[PageResult]:
+        """Pages rendered on demand, at most WATCHER_PAGE_CONCURRENCY of them in memory;
+        pages kept from an earlier attempt are not recognised again."""
+        results: list[PageResult | None] = [kept.get(i) for i in range(doc.page_count)]
+        checkpointed = self.checkpoints.wanted(doc.page_count)
         gate = asyncio.Semaphore(self.settings.page_concurrency)
         # Sums over pages: with several pages in flight they can exceed the wall time.
         timings.setdefault("decode_seconds_sum", 0.0)
@@ -277,8 +286,10 @@ class DocumentWorker:
                     call = engine_call(self.engine.recognize(page))
                     del page  # the engine decides how long the bitmap lives
                     with self.metrics.stage("engine"):
-                        results[index] = await call
+                        result = results[index] = await call
                     t2 = time.perf_counter()
+                    if checkpointed:
+                        await self.checkpoints.save(ref, result)
                 finally:
                     self.budget.release()
                 timings["decode_seconds_sum"] += t1 - t0
@@ -288,7 +299,8 @@ class DocumentWorker:
         try:
             async with asyncio.TaskGroup() as group:
                 for index in range(doc.page_count):
-                    group.create_task(one(index))
+                    if results[index] is None:
+                        group.create_task(one(index))
         except BaseExceptionGroup as group_error:
             # Report the first real cause, not the group: callers branch on its type.
             raise group_error.exceptions[0] from None

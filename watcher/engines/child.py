@@ -19,6 +19,7 @@ group, but only the daemon decides when its workers stop, so SIGINT is ignored h
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib
@@ -35,6 +36,7 @@ from watcher.engines.base import PageReader
 from watcher.errors import DocumentError
 
 _PR_SET_PDEATHSIG = 1
+WORKER_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ def main(conn: Connection, spec: ReaderSpec, parent_pid: int) -> None:
     """The worker's whole life: build the reader, then answer requests until told to stop."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Inference takes every core it can; the daemon's event loop (/health, S3 I/O) must
+    # still get the CPU at once when it wakes.
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     reader: PageReader | None = None
     failure: tuple[Any, ...] = ()
     try:
