@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -98,6 +99,18 @@ async def daemon_running(settings: Settings, engine: Engine | None = None) -> As
     async with running(daemon):
         await asyncio.wait_for(daemon.listening.wait(), 10)
         yield daemon
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        # A zombie still "exists" for kill(0); it no longer runs.
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
 
 
 def files_under(path: Path) -> list[Path]:

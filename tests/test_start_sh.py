@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import pid_alive
 
 from watcher.embedded import free_ports
 from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
@@ -204,18 +205,6 @@ def owns_listening_socket(pid: int, port: int) -> bool:
             if os.readlink(fd) in wanted:
                 return True
     return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        # A zombie still "exists" for kill(0); it no longer runs.
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
 
 
 def assert_daemon_serves_then_exits_cleanly(run: Launch) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import FAKES, make_settings
+from conftest import FAKES, make_settings, object_exists, pid_alive
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
@@ -42,17 +42,6 @@ def png(colour: str = "white", size: tuple[int, int] = (600, 800)) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); its state in /proc says it is gone.
-    with contextlib.suppress(OSError):
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    return False
 
 
 @pytest.fixture
@@ -123,14 +112,6 @@ def worker_pids(log: Path) -> set[int]:
             if json.loads(line)["event"] == "init"}
 
 
-def exists(s3: Any, bucket: str, key: str) -> bool:
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except Exception:
-        return False
-    return True
-
-
 def error_record(s3: Any, bucket: str, key: str) -> dict[str, Any]:
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     record: dict[str, Any] = json.loads(body)
@@ -165,7 +146,8 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
                     latencies.append(seconds)
                     daemon_pids.add(health["pid"])
                     seen_workers.update(w["pid"] for w in health["engine"]["workers"] if w["pid"])
-                done = await asyncio.gather(*(asyncio.to_thread(exists, s3, bucket, k) for k in expected))
+                done = await asyncio.gather(
+                    *(asyncio.to_thread(object_exists, s3, bucket, k) for k in expected))
                 if all(done):
                     break
                 await asyncio.sleep(0.05)
@@ -212,7 +194,7 @@ async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
         while time.monotonic() < deadline:
             assert daemon.proc is not None
             if daemon.proc.returncode is not None or await asyncio.to_thread(
-                lambda: all(exists(s3, bucket, k) for k in
+                lambda: all(object_exists(s3, bucket, k) for k in
                             ("output/poison.png.error.json", "output/fine.png.json"))
             ):
                 finished = daemon.proc.returncode is None
@@ -231,7 +213,7 @@ async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
     error = error_record(s3, bucket, "output/poison.png.error.json")["error"]
     assert error["code"] == "engine_failed" and error["attempts"] == 2
     assert error["message"].count("replica pod-0 died while processing") == 2
-    assert exists(s3, bucket, "output/fine.png.json")
+    assert object_exists(s3, bucket, "output/fine.png.json")
     assert not [o for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])]
 
 
@@ -321,7 +303,7 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
         assert taken is not None and taken.crashes == 2
         assert "replica ghost stopped renewing its lease" in taken.history[-1]
         await taken.finish()
-        assert not exists(s3, bucket, lease_key)
+        assert not object_exists(s3, bucket, lease_key)
         # A new source version starts counting afresh.
         put_record(released=True, crashes=5, source_etag="etag-0")
         fresh = await claims_one.acquire(ref)

@@ -181,6 +181,13 @@ def map_results(results: list[Any]) -> list[PageResult]:
     return pages
 
 
+def _onto(page: RenderedPage | PageResult, result: Any) -> PageResult:
+    """A pipeline result mapped onto the page it came from: our index and pixel size."""
+    out = map_page(result_json(result), page.index, result_markdown(result))
+    out.index, out.width, out.height = page.index, page.width, page.height
+    return out
+
+
 class PaddleVlReader:
     """One `PaddleOCRVL` pipeline, inside a worker process (see watcher/engines/child.py).
 
@@ -207,12 +214,7 @@ class PaddleVlReader:
         results = list(self.pipeline.predict(images))
         if len(results) != len(pages):
             raise RuntimeError(f"PaddleOCR-VL returned {len(results)} results for {len(pages)} pages")
-        mapped = []
-        for page, result in zip(pages, results, strict=True):
-            out = map_page(result_json(result), page.index, result_markdown(result))
-            out.index, out.width, out.height = page.index, page.width, page.height
-            mapped.append(out)
-        return mapped
+        return [_onto(page, result) for page, result in zip(pages, results, strict=True)]
 
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
         restructure = getattr(self.pipeline, "restructure_pages", None)
@@ -225,12 +227,7 @@ class PaddleVlReader:
             # A single concatenated result would lose the pages; keep them unmerged.
             log.warning("paddleocr_vl_restructure_shape", pages=len(pages), restructured=len(merged))
             return pages
-        out = []
-        for page, result in zip(pages, merged, strict=True):
-            new = map_page(result_json(result), page.index, result_markdown(result))
-            new.index, new.width, new.height = page.index, page.width, page.height
-            out.append(new)
-        return out
+        return [_onto(page, result) for page, result in zip(pages, merged, strict=True)]
 
 
 class PaddleOcrVlEngine(SupervisedEngine):
