@@ -63,9 +63,10 @@ class Checkpoints:
         if not self.wanted(page_count):
             return {}
         keys = [obj.key async for obj in self.storage.list_objects(self._version_prefix(ref))]
+        # Hundreds of pages may be kept; the S3 client's connection pool bounds these GETs.
+        bodies = await asyncio.gather(*(self.storage.get_bytes(key) for key in keys))
         pages: dict[int, PageResult] = {}
-        for key in keys:
-            found = await self.storage.get_bytes(key)
+        for found in bodies:
             if found is None:
                 continue
             try:

@@ -66,7 +66,6 @@ class Daemon:
         self._poll_now = asyncio.Event()
         self._busy: dict[asyncio.Task[None], ObjectRef | None] = {}
         self._workers: list[asyncio.Task[None]] = []
-        self._timers: set[asyncio.TimerHandle] = set()
         self.poll_done = asyncio.Condition()
         self.listening = asyncio.Event()
 
@@ -84,11 +83,10 @@ class Daemon:
     def retry_at(self, ref: ObjectRef, when: float) -> None:
         """Offer `ref` again, ahead of discovered work, once the epoch time `when` passed."""
         delay = max(0.0, when - time.time()) + LEASE_EXPIRY_SLACK_SECONDS
-        handle = asyncio.get_running_loop().call_later(delay, self._offer_urgent, ref)
-        self._timers.add(handle)
+        asyncio.get_running_loop().call_later(delay, self._offer_urgent, ref)
 
     def _offer_urgent(self, ref: ObjectRef) -> None:
-        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > time.monotonic()}
+        # A timer that fires during or after the drain finds the daemon stopping: no-op.
         if not self._stop.is_set() and self.queue.offer_urgent(ref):
             log.info("lease_expired_retrying", key=ref.key)
 
@@ -152,8 +150,6 @@ class Daemon:
         )
         await self._stop.wait()
         self.draining = True
-        for timer in self._timers:
-            timer.cancel()
         log.info("drain_started", inflight=self.inflight, grace_seconds=self.settings.drain_seconds)
         poller.cancel()
         warm.cancel()

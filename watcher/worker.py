@@ -8,7 +8,6 @@ them. What a failure means is decided in watcher/outcome.py; what follows from i
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -73,24 +72,20 @@ class DocumentWorker:
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
         # Versions whose names the store refuses and that could not get an error record.
         self._refused: set[tuple[str, str]] = set()
-        # The admitted document's page-budget ticket, without threading it through stages.
-        self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
-            "watcher_ticket", default=None)
 
     async def process(self, ref: ObjectRef, ticket: Ticket | None = None) -> Outcome:
         """Run `ref` through every stage and say how it ended."""
         structlog.contextvars.bind_contextvars(key=ref.key, etag=ref.etag, size=ref.size)
         started = time.perf_counter()
-        self._ticket.set(ticket)
         try:
-            outcome = await self._claimed(ref)
+            outcome = await self._claimed(ref, ticket or Ticket(self.budget, reservation=False))
         finally:
             structlog.contextvars.unbind_contextvars("key", "etag", "size")
         self.metrics.documents.labels(outcome.value).inc()
         self.metrics.stage_seconds.labels("document").observe(time.perf_counter() - started)
         return outcome
 
-    async def _claimed(self, ref: ObjectRef) -> Outcome:
+    async def _claimed(self, ref: ObjectRef, ticket: Ticket) -> Outcome:
         if (ref.key, ref.etag) in self._refused:
             return Outcome.SKIPPED  # said and counted once; the owner must rename it
         if not self.layout.result_keys_fit(ref.key):
@@ -103,11 +98,8 @@ class DocumentWorker:
                     log.info("document_already_done")
                     return Outcome.SKIPPED
                 lease = await self.claims.acquire(ref)
-        except StorageUnavailable as exc:
-            log.warning("document_deferred", reason="StorageUnavailable", error=str(exc))
-            return Outcome.RETRY
-        except KeyRefused as exc:
-            return await self._refuse(ref, None, str(exc))
+        except Exception as exc:
+            return await self._failed(ref, None, exc)
         if lease is None:
             return Outcome.SKIPPED
         if isinstance(lease, Held):
@@ -115,21 +107,12 @@ class DocumentWorker:
             self.retry_at(ref, lease.expires_at)
             return Outcome.SKIPPED
         log.info("document_claimed", crashes=lease.crashes)
-        shadowing = self.layout.shadowed_by(ref.key)
-        try:
-            collides = shadowing is not None and await self.storage.head(shadowing) is not None
-        except StorageUnavailable:
-            await lease.release()
-            return Outcome.RETRY
-        if collides:
-            return await self._record_error(ref, lease, ErrorCode.NAME_COLLISION, (
-                f"its result would be named {self.layout.result_json(ref.key)!r}, the name of "
-                f"the error record of {shadowing!r}; rename one of the two sources"))
         if lease.crashes >= self.settings.max_attempts:
             # Every earlier attempt ended with its process: do not offer it another.
             return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
         try:
-            await self._run(ref, lease)
+            await self._check_name_collision(ref)
+            await self._run(ref, lease, ticket)
         except asyncio.CancelledError:
             await lease.release()  # drained: the next holder starts at once
             raise
@@ -138,24 +121,39 @@ class DocumentWorker:
         await lease.finish()
         return Outcome.DONE
 
-    async def _failed(self, ref: ObjectRef, lease: Lease, exc: Exception) -> Outcome:
-        """The one place where a failed run turns into an error record, a retry or nothing."""
+    async def _check_name_collision(self, ref: ObjectRef) -> None:
+        """Raise when this source's result would take another source's error-record name."""
+        shadowing = self.layout.shadowed_by(ref.key)
+        if shadowing is not None and await self.storage.head(shadowing) is not None:
+            raise DocumentError(ErrorCode.NAME_COLLISION, (
+                f"its result would be named {self.layout.result_json(ref.key)!r}, the name of "
+                f"the error record of {shadowing!r}; rename one of the two sources"))
+
+    async def _failed(self, ref: ObjectRef, lease: Lease | None, exc: Exception) -> Outcome:
+        """The one place where a failed run turns into an error record, a retry or nothing.
+
+        `lease` is None when the claim itself failed."""
         failure = classify(exc)
         if failure.fate is Fate.GONE:
             log.info("document_changed_or_gone")
-            await lease.release()
+            if lease is not None:
+                await lease.release()
             return Outcome.SKIPPED
         if failure.fate is Fate.TRANSIENT:
             log.warning("document_deferred", reason=failure.message)
-            await lease.release()
+            if lease is not None:
+                await lease.release()
             return Outcome.RETRY
         if failure.fate is Fate.PERMANENT:
             assert failure.code is not None
             return await self._record_error(ref, lease, failure.code, failure.message)
         if failure.fate is Fate.REFUSED:
             return await self._refuse(ref, lease, failure.message)
-        log.error("document_crashed", error=failure.message, attempt=lease.crashes + 1,
+        log.error("document_crashed", error=failure.message,
+                  attempt=lease.crashes + 1 if lease is not None else None,
                   exc_info=failure.code is ErrorCode.INTERNAL)
+        if lease is None:
+            return Outcome.RETRY  # nothing claimed, nothing to count: the next poll retries
         try:
             crashes = await lease.record_crash(failure.message)
         except StorageUnavailable:
@@ -208,7 +206,7 @@ class DocumentWorker:
         log.warning("document_failed", code=code.value, message=message, outcome="error")
         return Outcome.ERROR
 
-    async def _run(self, ref: ObjectRef, lease: Lease) -> None:
+    async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket) -> None:
         timings: dict[str, float] = {}
         path: Path | None = None
         try:
@@ -218,7 +216,7 @@ class DocumentWorker:
                                    self.settings.max_object_bytes)
             timings["fetch_seconds"] = time.perf_counter() - t0
             log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3))
-            fmt, pages = await self._recognise(ref, path, timings)
+            fmt, pages = await self._recognise(ref, path, timings, ticket)
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
@@ -231,7 +229,8 @@ class DocumentWorker:
         t0 = time.perf_counter()
         with self.metrics.stage("publish"):
             await publish_result(self.storage, self.layout, ref, result, markdown)
-        await self.checkpoints.clear(ref)
+        if self.checkpoints.wanted(len(pages)):
+            await self.checkpoints.clear(ref)
         log.info(
             "document_done", pages=len(pages), outcome="done",
             publish_seconds=round(time.perf_counter() - t0, 3),
@@ -242,7 +241,7 @@ class DocumentWorker:
             await settle(self.storage, self.layout, ref, self.settings.source_action)
 
     async def _recognise(
-        self, ref: ObjectRef, path: Path, timings: dict[str, float]
+        self, ref: ObjectRef, path: Path, timings: dict[str, float], ticket: Ticket
     ) -> tuple[str, list[PageResult]]:
         t0 = time.perf_counter()
         with self.metrics.stage("decode"):
@@ -251,7 +250,7 @@ class DocumentWorker:
         log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
         try:
             kept = await self.checkpoints.load(ref, doc.page_count)
-            pages = await self._pages(ref, doc, timings, kept)
+            pages = await self._pages(ref, doc, timings, kept, ticket)
         finally:
             await self.decoder.close(doc)
         t1 = time.perf_counter()
@@ -262,7 +261,8 @@ class DocumentWorker:
         return doc.format.value, pages
 
     async def _pages(
-        self, ref: ObjectRef, doc: Document, timings: dict[str, float], kept: dict[int, PageResult]
+        self, ref: ObjectRef, doc: Document, timings: dict[str, float],
+        kept: dict[int, PageResult], ticket: Ticket,
     ) -> list[PageResult]:
         """Pages rendered on demand, at most WATCHER_PAGE_CONCURRENCY of them in memory;
         pages kept from an earlier attempt are not recognised again."""
@@ -272,8 +272,6 @@ class DocumentWorker:
         # Sums over pages: with several pages in flight they can exceed the wall time.
         timings.setdefault("decode_seconds_sum", 0.0)
         timings.setdefault("engine_seconds_sum", 0.0)
-
-        ticket = self._ticket.get() or Ticket(self.budget, reservation=False)
 
         async def one(index: int) -> None:
             async with gate:

@@ -417,12 +417,19 @@ class SupervisedEngine(Engine):
             raise _DocumentRejected(ErrorCode(reply[1]), reply[2])
         raise _EngineRaised(f"{reply[1]}: {reply[2]}", connection_error=bool(reply[3]))
 
+    @staticmethod
+    async def _wait_exit(worker: _Worker, seconds: float) -> bool:
+        """Wait up to `seconds` for the worker process to end; True when it has."""
+        if worker.exited is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(worker.exited)
+        return worker.exited.done()
+
     async def _reap(self, worker: _Worker) -> None:
         """Wait briefly for a broken worker's exit status, for the log and the record."""
-        if worker.exited is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await asyncio.shield(worker.exited)
+        await self._wait_exit(worker, 2.0)
         if worker.process is not None:
             worker.process.join(timeout=0)
 
@@ -431,18 +438,14 @@ class SupervisedEngine(Engine):
         if process is None:
             return
         loop = asyncio.get_running_loop()
-        if process.is_alive() and not kill and conn is not None:
+        stopped = False
+        if not kill and conn is not None and process.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 conn.send(("stop",))
-            deadline = loop.time() + STOP_GRACE_SECONDS
-            while process.is_alive() and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-        if process.is_alive():
+            stopped = await self._wait_exit(worker, STOP_GRACE_SECONDS)
+        if not stopped and process.is_alive():
             process.kill()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_GRACE_SECONDS):
-                    while process.is_alive():
-                        await asyncio.sleep(0.02)
+            await self._wait_exit(worker, STOP_GRACE_SECONDS)
         process.join(timeout=0)
         with contextlib.suppress(ValueError, OSError):
             loop.remove_reader(process.sentinel)
