@@ -26,7 +26,8 @@ def make_pdf(pages: Sequence[Sequence[str]], password: str | None = None) -> byt
 def page_image(lines: Sequence[str], size: tuple[int, int] = (1000, 700)) -> Image.Image:
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=34)
+    # DejaVu (Debian's fonts-dejavu-core) has Cyrillic; Pillow finds it in the system fonts.
+    font = ImageFont.truetype("DejaVuSans.ttf", 34)
     for i, line in enumerate(lines):
         draw.text((50, 50 + i * 70), line, fill="black", font=font)
     return image

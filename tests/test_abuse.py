@@ -82,14 +82,18 @@ async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str
 
 
 class OrderingEngine(CountingEngine):
-    """The real CPU engine, recording the first words of each page in the order read."""
+    """The real CPU engine, recording the first words of each page in the order read.
 
-    def __init__(self) -> None:
+    Each page takes at least `pace` seconds, so that the queued work outlasts the orphan's
+    lease whatever the speed of the OCR."""
+
+    def __init__(self, pace: float = 0.0) -> None:
         super().__init__()
         self.order: list[str] = []
+        self.pace = pace
 
     async def recognize(self, page: RenderedPage) -> PageResult:
-        result = await super().recognize(page)
+        result, _ = await asyncio.gather(super().recognize(page), asyncio.sleep(self.pace))
         self.order.append(" ".join(b.text for b in result.blocks[:1]))
         return result
 
@@ -97,15 +101,15 @@ class OrderingEngine(CountingEngine):
 async def test_a_crashed_replicas_document_is_taken_over_when_its_lease_expires_not_last(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
-    s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["ORPHAN"], "PNG"))
+    s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["Orphan document"], "PNG"))
     newer = 30
     for n in range(newer):
-        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png", Body=make_image([f"NEWER {n}"], "PNG"))
+        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png", Body=make_image([f"Newer document {n}"], "PNG"))
     # A replica died while holding it: its lease runs out in a few seconds.
     lease = LeaseRecord(owner="dead-replica", source_key="input/crashed.png", source_etag="x",
                         expires_at=time.time() + 3, host="another-host", pid=1, incarnation="gone")
     s3.put_object(Bucket=bucket, Key=".watcher/leases/input/crashed.png.lease", Body=lease.encode())
-    engine = OrderingEngine()
+    engine = OrderingEngine(pace=0.25)
     # One poll only: without the timed retry the orphan would wait for the next listing.
     settings = make_settings(weed, bucket, max_inflight_documents=1, poll_interval=300)
     async with daemon_running(settings, engine):

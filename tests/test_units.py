@@ -14,7 +14,7 @@ from PIL import Image
 
 from watcher.decode import Format, Limits, open_document, sniff
 from watcher.engines.base import Block
-from watcher.engines.cpu import lines_to_markdown, reading_order
+from watcher.engines.cpu import paragraphs_to_markdown
 from watcher.errors import DocumentError, ErrorCode
 from watcher.fetch import prepare_work_dir
 from watcher.identity import INCARNATION
@@ -91,19 +91,13 @@ def test_open_document_rejects_with_codes(tmp_path: Path) -> None:
         assert info.value.code is code, name
 
 
-def block(text: str, x0: float, y0: float, x1: float, y1: float) -> Block:
-    return Block(type="text", bbox=[x0, y0, x1, y1], text=text)
+def block(text: str, paragraph: int) -> Block:
+    return Block(type="text", bbox=[0, 0, 1, 1], text=text, extra={"paragraph": paragraph})
 
 
-def test_reading_order_and_paragraphs() -> None:
-    blocks = [
-        block("world", 200, 12, 300, 40),
-        block("Hello", 10, 10, 180, 40),
-        block("second line", 10, 50, 200, 80),
-        block("new paragraph", 10, 160, 250, 190),
-    ]
-    assert [b.text for b in reading_order(blocks)] == ["Hello", "world", "second line", "new paragraph"]
-    assert lines_to_markdown(blocks) == "Hello world\nsecond line\n\nnew paragraph"
+def test_lines_of_one_paragraph_stay_together() -> None:
+    blocks = [block("Hello world", 0), block("second line", 0), block("new paragraph", 1)]
+    assert paragraphs_to_markdown(blocks) == "Hello world\nsecond line\n\nnew paragraph"
 
 
 def test_layout_keys_keep_the_relative_path() -> None:

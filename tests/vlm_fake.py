@@ -4,7 +4,7 @@ vLLM with an OCR VLM needs a GPU that CI does not have, so this boundary is fake
 aiohttp server on a loopback port that speaks the same protocol (`GET /health`,
 `GET /v1/models`, `POST /v1/chat/completions`, vLLM's 404 body for an unknown model).
 It is honest about the content: it decodes the base64 PNG it is sent and reads it with
-the real CPU OCR (RapidOCR), so the words in the results really come from the page image.
+the real CPU OCR (Tesseract), so the words in the results really come from the page image.
 
 Knobs for the failure tests: `served_model`, `delay` (seconds per request),
 `fail_next` (answer the next N requests with 500), `hang_next`/`hang_seconds` (hold the
@@ -33,7 +33,7 @@ _ocr: CpuEngine | None = None
 
 
 def shared_ocr() -> CpuEngine:
-    """One RapidOCR for every fake in the session: the model load is the slow part."""
+    """One CPU OCR for every fake in the session."""
     global _ocr
     if _ocr is None:
         _ocr = CpuEngine(concurrency=1)

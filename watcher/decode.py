@@ -11,22 +11,24 @@ import asyncio
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from watcher.errors import DocumentError, ErrorCode
+from watcher.errors import DocumentError, ErrorCode, scrub
+
+if TYPE_CHECKING:
+    from watcher.textlayer import TextLayer
 
 # Our own pixel limit is the guard; Pillow's warning-or-error heuristic would fire first
 # with a less helpful message.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-_PDFIUM_PASSWORD_ERROR = 4
 
 
 class Format(StrEnum):
@@ -73,6 +75,16 @@ class RenderedPage:
     image: Image.Image  # RGB
     width: int
     height: int
+    # [{"code", "message"}]: what the decoder reported while making this image.
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+
+# The PDF specification's page size limits (ISO 32000-1, annex C), in points: PDFium
+# opens pages outside them, and a page 2^31 points tall crashes whatever reads it.
+MIN_PAGE_POINTS = 3.0
+MAX_PAGE_POINTS = 14_400.0
+# Below this a page squeezed into WATCHER_MAX_PAGE_PIXELS loses its small print.
+LEGIBLE_DPI = 100
 
 
 class Document:
@@ -84,45 +96,108 @@ class Document:
     def render(self, index: int) -> RenderedPage:
         raise NotImplementedError
 
+    def text_layer(self, index: int) -> TextLayer | None:
+        """The page's own text, where the format has one (PDF)."""
+        return None
+
     def close(self) -> None:
         raise NotImplementedError
+
+
+def _load_pdf(path: Path) -> pdfium.PdfDocument:
+    # pypdfium2's own opener reads PDFium's last error also when loading succeeded but
+    # found no pages, and that error is whatever the previous document left behind (a
+    # readable PDF after an encrypted one was "encrypted"). Load, then ask, ourselves.
+    raw = pdfium_c.FPDF_LoadDocument((str(path) + "\x00").encode("utf-8"), None)
+    if not raw:
+        code = pdfium_c.FPDF_GetLastError()
+        if code == pdfium_c.FPDF_ERR_PASSWORD:
+            raise DocumentError(
+                ErrorCode.ENCRYPTED, "the PDF is password-protected; upload it without a password"
+            )
+        if code == pdfium_c.FPDF_ERR_SECURITY:
+            raise DocumentError(
+                ErrorCode.ENCRYPTED,
+                "the PDF is encrypted with a security handler PDFium does not support; "
+                "upload it without encryption",
+            )
+        reason = _PDFIUM_LOAD_ERRORS.get(code, "it is not a readable PDF")
+        raise DocumentError(ErrorCode.CORRUPT, f"the PDF cannot be opened: {reason}")
+    pdf = pdfium.PdfDocument(raw)
+    if len(pdf) < 1:
+        pdf.close()
+        raise DocumentError(
+            ErrorCode.CORRUPT,
+            "the PDF opens but PDFium finds no pages in it (its page tree is missing or damaged)",
+        )
+    return pdf
+
+
+_PDFIUM_LOAD_ERRORS = {
+    pdfium_c.FPDF_ERR_FILE: "the file cannot be read",
+    pdfium_c.FPDF_ERR_FORMAT: "its structure is damaged or it is not a PDF",
+}
 
 
 class PdfDocument(Document):
     def __init__(self, path: Path, limits: Limits) -> None:
         self.format = Format.PDF
         self.limits = limits
-        try:
-            self.pdf = pdfium.PdfDocument(str(path))
-        except pdfium.PdfiumError as exc:
-            if getattr(exc, "err_code", None) == _PDFIUM_PASSWORD_ERROR:
-                raise DocumentError(
-                    ErrorCode.ENCRYPTED, "the PDF is password-protected; upload it without a password"
-                ) from None
-            raise DocumentError(ErrorCode.CORRUPT, f"the PDF cannot be opened: {exc}") from None
+        self.pdf = _load_pdf(path)
         self.page_count = len(self.pdf)
 
+    def _page(self, index: int) -> pdfium.PdfPage:
+        try:
+            return self.pdf[index]
+        except pdfium.PdfiumError:
+            raise DocumentError(ErrorCode.CORRUPT, f"page {index + 1} cannot be loaded") from None
+
+    def _frame(self, page: pdfium.PdfPage, index: int) -> tuple[float, int, int, list[dict[str, str]]]:
+        """Scale and pixel size of the page as rendered, and what to warn about it."""
+        width_pt, height_pt = page.get_size()
+        for side in (width_pt, height_pt):
+            if not math.isfinite(side) or not MIN_PAGE_POINTS <= side <= MAX_PAGE_POINTS:
+                raise DocumentError(
+                    ErrorCode.BAD_PAGE_GEOMETRY,
+                    f"page {index + 1} is {width_pt:.6g} x {height_pt:.6g} pt, outside the "
+                    f"{MIN_PAGE_POINTS:g}-{MAX_PAGE_POINTS:g} pt a PDF page may have",
+                )
+        scale = self.limits.render_dpi / 72.0
+        pixels = width_pt * height_pt * scale * scale
+        warnings: list[dict[str, str]] = []
+        if pixels > self.limits.max_page_pixels:
+            # A poster-sized page still gets read: render it smaller rather than refuse.
+            # PDFium rounds each side up, so stay a hair under the limit.
+            scale *= math.sqrt(self.limits.max_page_pixels / pixels) * 0.999
+            if scale * 72 < LEGIBLE_DPI:
+                warnings.append({
+                    "code": "low_resolution",
+                    "message": f"page {index + 1} ({width_pt / 72:.0f} x {height_pt / 72:.0f} in) "
+                    f"was read at {scale * 72:.0f} dpi to stay within WATCHER_MAX_PAGE_PIXELS; "
+                    "small print may be lost",
+                })
+        return scale, math.ceil(width_pt * scale), math.ceil(height_pt * scale), warnings
+
     def render(self, index: int) -> RenderedPage:
+        page = self._page(index)
         try:
-            page = self.pdf[index]
-        except pdfium.PdfiumError as exc:
-            raise DocumentError(ErrorCode.CORRUPT, f"page {index + 1} cannot be read: {exc}") from None
-        try:
-            width_pt, height_pt = page.get_size()
-            scale = self.limits.render_dpi / 72.0
-            pixels = width_pt * height_pt * scale * scale
-            if pixels > self.limits.max_page_pixels:
-                # A poster-sized page still gets read: render it smaller rather than refuse.
-                # PDFium rounds each side up, so stay a hair under the limit.
-                scale *= math.sqrt(self.limits.max_page_pixels / pixels) * 0.999
-            if width_pt * scale < 1 or height_pt * scale < 1:
-                raise DocumentError(ErrorCode.CORRUPT, f"page {index + 1} has no area")
+            scale, _, _, warnings = self._frame(page, index)
             bitmap = page.render(scale=scale)
             image = bitmap.to_pil().convert("RGB")
             bitmap.close()
         finally:
             page.close()
-        return RenderedPage(index, image, image.width, image.height)
+        return RenderedPage(index, image, image.width, image.height, warnings)
+
+    def text_layer(self, index: int) -> TextLayer | None:
+        from watcher.textlayer import read_text_layer  # it builds on the engine's types
+
+        page = self._page(index)
+        try:
+            _, width, height, _ = self._frame(page, index)
+            return read_text_layer(page, index, width, height)
+        finally:
+            page.close()
 
     def close(self) -> None:
         self.pdf.close()
@@ -151,8 +226,10 @@ class ImageDocument(Document):
                     f"page {index + 1} is {width}x{height} pixels, over the limit of "
                     f"{self.limits.max_page_pixels} (WATCHER_MAX_PAGE_PIXELS)",
                 )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            if width < 1 or height < 1:
+                raise DocumentError(ErrorCode.BAD_PAGE_GEOMETRY, f"page {index + 1} has no pixels")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 image = _to_rgb(self.image)
         except DocumentError:
             raise
@@ -160,7 +237,9 @@ class ImageDocument(Document):
             raise DocumentError(
                 ErrorCode.CORRUPT, f"page {index + 1} of the image cannot be decoded: {exc}"
             ) from None
-        return RenderedPage(index, image, image.width, image.height)
+        reported = [{"code": "decoder_warning", "message": f"page {index + 1}: {scrub(str(w.message))}"}
+                    for w in caught]
+        return RenderedPage(index, image, image.width, image.height, reported)
 
     def close(self) -> None:
         self.image.close()
@@ -169,13 +248,29 @@ class ImageDocument(Document):
 def _to_rgb(image: Image.Image) -> Image.Image:
     image.load()
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, "white")
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
+        return _flatten(image.convert("RGBA"))
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         return image.point(lambda v: v / 256).convert("RGB")
     return image.convert("RGB")
+
+
+def _flatten(rgba: Image.Image) -> Image.Image:
+    """Transparency onto a background the drawn pixels stand out from: white under dark
+    content, black under light content (white text on a transparent PNG stays readable)."""
+    alpha = rgba.getchannel("A")
+    grey = rgba.convert("L")
+    weight = sum(alpha.histogram()[1:])
+    if weight:
+        # Mean luminance of the drawn pixels, weighted by how opaque they are.
+        drawn = Image.composite(grey, Image.new("L", rgba.size, 0), alpha)
+        stats = sum(v * n for v, n in enumerate(drawn.histogram()))
+        opaque = sum(v * n for v, n in enumerate(alpha.histogram())) / 255.0
+        light = stats / max(opaque, 1.0) > 160
+    else:
+        light = False
+    flat = Image.new("RGB", rgba.size, "black" if light else "white")
+    flat.paste(rgba, mask=alpha)
+    return flat
 
 
 def open_document(path: Path, size: int, limits: Limits, key: str = "") -> Document:
@@ -225,6 +320,10 @@ class Decoder:
     async def render(self, doc: Document, index: int) -> RenderedPage:
         page: RenderedPage = await self._run(doc.render, index)
         return page
+
+    async def text_layer(self, doc: Document, index: int) -> TextLayer | None:
+        layer: TextLayer | None = await self._run(doc.text_layer, index)
+        return layer
 
     async def close(self, doc: Document) -> None:
         await self._run(doc.close)

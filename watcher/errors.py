@@ -7,7 +7,17 @@ document is released and discovery offers it again.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
+
+# Absolute file paths (`/tmp/watcher-work/123/doc.pdf`): they say nothing to a document's
+# owner and tell an outsider about the server.
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"]+/)+[^\s'\",;:)\]]*")
+
+
+def scrub(message: str) -> str:
+    """`message` without local paths, for anything a consumer or a log reader sees."""
+    return _LOCAL_PATH.sub("<file>", message)
 
 
 class ErrorCode(StrEnum):
@@ -18,6 +28,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     TOO_MANY_PAGES = "too_many_pages"
     PAGE_TOO_LARGE = "page_too_large"
+    BAD_PAGE_GEOMETRY = "bad_page_geometry"
     ENGINE_FAILED = "engine_failed"
     KEY_REFUSED = "key_refused"
     NAME_COLLISION = "name_collision"
@@ -28,6 +39,7 @@ class DocumentError(Exception):
     """A permanent problem with one document version."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
+        message = scrub(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -10,11 +10,11 @@ from typing import Any
 
 from watcher import __version__
 from watcher.engines.base import Engine, PageResult
-from watcher.errors import ErrorCode
+from watcher.errors import ErrorCode, scrub
 from watcher.storage import ObjectRef
 
-SCHEMA_VERSION = "1.0"
-ERROR_SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+ERROR_SCHEMA_VERSION = "1.1"
 
 
 def _now() -> str:
@@ -40,8 +40,16 @@ def _block(block: Any) -> dict[str, Any]:
 
 def render_markdown(pages: list[PageResult]) -> str:
     """Pages in order, each introduced by an HTML comment that Markdown viewers hide."""
-    parts = [f"<!-- page {p.index + 1} -->\n\n{p.markdown.strip()}".rstrip() for p in pages]
+    parts = [f"<!-- page {p.index + 1}{_not_read(p)} -->\n\n{p.markdown.strip()}".rstrip()
+             for p in pages]
     return "\n\n".join(parts) + "\n"
+
+
+def _not_read(page: PageResult) -> str:
+    if page.error is None:
+        return ""
+    # `--` may not appear inside an HTML comment.
+    return f": not read ({page.error['code']}: {page.error['message'].replace('--', '-')})"
 
 
 def render_result(
@@ -58,6 +66,7 @@ def render_result(
         "engine": {"name": engine.name, "model": engine.model},
         "document": {"format": doc_format, "page_count": len(pages)},
         "pages": [],
+        "warnings": [{**w, "page": p.index} for p in pages for w in p.warnings],
         "markdown": markdown,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "created_at": _now(),
@@ -70,7 +79,11 @@ def render_result(
             "height": page.height,
             "blocks": [_block(b) for b in page.blocks],
             "markdown": page.markdown,
+            "text_source": page.text_source,
+            "rotation": page.rotation,
         }
+        if page.error is not None:
+            entry["error"] = page.error
         if page.raw is not None:
             entry["raw"] = page.raw
         result["pages"].append(entry)
@@ -81,7 +94,7 @@ def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -
     return {
         "schema_version": ERROR_SCHEMA_VERSION,
         "source": _source(ref),
-        "error": {"code": code.value, "message": message, "attempts": attempts},
+        "error": {"code": code.value, "message": scrub(message), "attempts": attempts},
         "created_at": _now(),
         "watcher_version": __version__,
     }

@@ -32,6 +32,15 @@ class EngineName(StrEnum):
     OPENAI_VLM = "openai-vlm"
 
 
+class TextLayerMode(StrEnum):
+    """Where a PDF page's text comes from: its own text layer when it can be trusted
+    (`auto`), always the engine (`ocr`), or never the engine (`text`)."""
+
+    AUTO = "auto"
+    OCR = "ocr"
+    TEXT = "text"
+
+
 class Addressing(StrEnum):
     PATH = "path"
     VIRTUAL = "virtual"
@@ -128,6 +137,13 @@ class Settings(BaseSettings):
     max_page_pixels: PositiveInt = Field(default=60_000_000, alias="WATCHER_MAX_PAGE_PIXELS")
     render_dpi: Annotated[int, Field(ge=36, le=600)] = Field(default=150, alias="WATCHER_RENDER_DPI")
     temp_dir: str | None = Field(default=None, alias="WATCHER_TEMP_DIR")
+
+    # --- reading text ---
+    text_layer: TextLayerMode = Field(default=TextLayerMode.AUTO, alias="WATCHER_TEXT_LAYER")
+    ocr_languages: Annotated[str, Field(pattern=r"^[a-z_]+(\+[a-z_]+)*$")] = Field(
+        default="rus+eng", alias="WATCHER_OCR_LANGUAGES"
+    )
+    tessdata_dir: str | None = Field(default=None, alias="WATCHER_TESSDATA_DIR")
 
     # --- HTTP and logs ---
     http_host: str = Field(default="0.0.0.0", alias="WATCHER_HTTP_HOST")

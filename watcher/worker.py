@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 
@@ -19,13 +18,14 @@ from watcher.checkpoint import Checkpoints
 from watcher.claim import Claims, Held, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
-from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.errors import DocumentError, ErrorCode
 from watcher.fetch import fetch, prepare_work_dir
 from watcher.layout import Layout, key_fits
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
 from watcher.outcome import Fate, Outcome, classify
 from watcher.publish import publish_error, publish_result
+from watcher.recognise import Recogniser, engine_call, unreadable
 from watcher.render import render_document, render_error
 from watcher.settings import Settings
 from watcher.settle import settle
@@ -33,17 +33,6 @@ from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable
 from watcher.workqueue import PageBudget, Ticket
 
 log = get_logger("watcher.worker")
-T = TypeVar("T")
-
-
-async def engine_call(call: Awaitable[T]) -> T:
-    """Whatever an engine raises beyond the known kinds is a failure on this page."""
-    try:
-        return await call
-    except (DocumentError, EngineUnavailable, EngineCrashed):
-        raise
-    except Exception as exc:
-        raise EngineCrashed("error", f"{type(exc).__name__}: {exc}") from exc
 
 
 class DocumentWorker:
@@ -69,6 +58,7 @@ class DocumentWorker:
         self.layout = Layout.from_settings(settings)
         self.claims = Claims(storage, settings, self.layout)
         self.checkpoints = Checkpoints(storage, self.layout)
+        self.recogniser = Recogniser(decoder, engine, metrics, settings.text_layer)
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
         # Versions whose names the store refuses and that could not get an error record.
         self._refused: set[tuple[str, str]] = set()
@@ -253,6 +243,9 @@ class DocumentWorker:
             pages = await self._pages(ref, doc, timings, kept, ticket)
         finally:
             await self.decoder.close(doc)
+        failure = unreadable(pages)
+        if failure is not None:
+            raise failure
         t1 = time.perf_counter()
         with self.metrics.stage("engine"):
             pages = await engine_call(self.engine.finish_document(pages))
@@ -277,21 +270,11 @@ class DocumentWorker:
             async with gate:
                 await self.budget.acquire(ticket)
                 try:
-                    t0 = time.perf_counter()
-                    with self.metrics.stage("decode"):
-                        page = await self.decoder.render(doc, index)
-                    t1 = time.perf_counter()
-                    call = engine_call(self.engine.recognize(page))
-                    del page  # the engine decides how long the bitmap lives
-                    with self.metrics.stage("engine"):
-                        result = results[index] = await call
-                    t2 = time.perf_counter()
+                    result = results[index] = await self.recogniser.page(doc, index, timings)
                     if checkpointed:
                         await self.checkpoints.save(ref, result)
                 finally:
                     self.budget.release()
-                timings["decode_seconds_sum"] += t1 - t0
-                timings["engine_seconds_sum"] += t2 - t1
                 self.metrics.pages.inc()
 
         try:

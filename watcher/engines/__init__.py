@@ -18,9 +18,10 @@ def create_engine(settings: Settings) -> Engine:
         from watcher.engines.supervisor import SupervisedEngine
 
         return SupervisedEngine(
-            ReaderSpec("watcher.engines.cpu:CpuReader"),
+            ReaderSpec("watcher.engines.cpu:CpuReader",
+                       {"languages": settings.ocr_languages, "tessdata": settings.tessdata_dir}),
             name="cpu",
-            model=model_description(),
+            model=model_description(settings.ocr_languages),
             workers=settings.engine_concurrency,
             timeout=settings.engine_timeout,
             warm_timeout=max(MIN_WARM_TIMEOUT, settings.engine_timeout),

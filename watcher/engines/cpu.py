@@ -1,56 +1,129 @@
-"""The CPU engine: RapidOCR with the PP-OCR ONNX models bundled in its wheel.
+"""The CPU engine: Tesseract (LSTM) through tesserocr, reading Russian and English.
 
-Nothing is downloaded at run time. `CpuReader` is the synchronous core; the daemon runs
-it in supervised worker processes (`create_engine`, watcher/engines/supervisor.py).
-`CpuEngine` runs the same reader on threads of the calling process, for the test suite
-and tools that share one warm model across many short-lived daemons.
+tesserocr's wheel carries libtesseract; the language data comes from Debian's packages
+(`tesseract-ocr-rus`, `tesseract-ocr-eng`, `tesseract-ocr-osd`), found in the usual
+tessdata directories or `WATCHER_TESSDATA_DIR`. Nothing is downloaded at run time.
+
+Pages are turned upright first: Tesseract's orientation detection (OSD) proposes a
+rotation; when it is unsure the page is read both ways and the more confident reading
+kept, since OSD misjudges pages with little text.
+
+`CpuReader` is the synchronous core; the daemon runs it in supervised worker processes
+(`create_engine`, watcher/engines/supervisor.py). `CpuEngine` runs the same reader on
+threads of the calling process, for the test suite and tools that share one warm model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from watcher.decode import RenderedPage
 from watcher.engines.base import Block, Engine, PageResult, check_warm_page, synthetic_page
 
+DEFAULT_LANGUAGES = "rus+eng"
+TESSDATA_DIRS = (
+    "/usr/share/tesseract-ocr/5/tessdata",
+    "/usr/share/tesseract-ocr/4.00/tessdata",
+    "/usr/share/tessdata",
+    "/usr/local/share/tessdata",
+    "/opt/homebrew/share/tessdata",
+)
+# OSD's confidence on a clean page is ~14. Below MIN it is guessing; between the two the
+# page is read both ways and the more confident reading wins.
+MIN_ORIENTATION_CONFIDENCE = 1.5
+SURE_ORIENTATION_CONFIDENCE = 6.0
+# Lines Tesseract finds in pictures and noise: no letter or digit and little confidence.
+MIN_SYMBOL_LINE_CONFIDENCE = 60.0
 
-def model_description() -> str:
+
+class TessdataMissing(RuntimeError):
+    pass
+
+
+def find_tessdata(languages: str, configured: str | None = None) -> Path:
+    """The tessdata directory holding every language asked for (and `osd`)."""
+    wanted = [*languages.split("+"), "osd"]
+    candidates = [configured] if configured else [os.environ.get("TESSDATA_PREFIX"), *TESSDATA_DIRS]
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        if all((path / f"{lang}.traineddata").is_file() for lang in wanted):
+            return path
+    where = configured or ", ".join(TESSDATA_DIRS)
+    packages = " ".join(f"tesseract-ocr-{lang}" for lang in wanted)
+    raise TessdataMissing(
+        f"Tesseract language data for {'+'.join(wanted)} not found in {where}; "
+        f"install the Debian packages {packages} (or set WATCHER_TESSDATA_DIR)"
+    )
+
+
+def model_description(languages: str = DEFAULT_LANGUAGES) -> str:
     try:
-        release = version("rapidocr-onnxruntime")
+        release = version("tesserocr")
     except PackageNotFoundError:  # pragma: no cover - the dependency is mandatory
         release = "unknown"
-    return f"rapidocr-onnxruntime {release} (PP-OCRv4 det/rec, ONNX)"
+    return f"tesseract (tesserocr {release}), languages {languages}, LSTM"
+
+
+@dataclass
+class Reading:
+    blocks: list[Block]
+    markdown: str
+    confidence: float  # mean line confidence weighted by characters, 0-100
+
+    @property
+    def weight(self) -> float:
+        return self.confidence * sum(len(b.text) for b in self.blocks)
 
 
 class CpuReader:
-    """One RapidOCR instance; not thread-safe, so one per thread or process."""
+    """One Tesseract instance; not thread-safe, so one per thread or process."""
 
-    batch_pages = 1  # RapidOCR reads one image per call; batching would only add latency
+    batch_pages = 1  # Tesseract reads one image per call; batching would only add latency
 
-    def __init__(self) -> None:
-        from rapidocr_onnxruntime import RapidOCR  # heavy: loads onnxruntime
+    def __init__(self, languages: str = DEFAULT_LANGUAGES, tessdata: str | None = None) -> None:
+        import tesserocr  # native: loads libtesseract
 
-        self._ocr = RapidOCR()
+        self._tesserocr = tesserocr
+        path = str(find_tessdata(languages, tessdata))
+        self.languages = languages
+        self._api = tesserocr.PyTessBaseAPI(path=path, lang=languages, psm=tesserocr.PSM.AUTO)
+        self._osd = tesserocr.PyTessBaseAPI(path=path, lang="osd", psm=tesserocr.PSM.OSD_ONLY)
 
     def warm(self) -> None:
         check_warm_page(self.recognize(synthetic_page()))
 
     def recognize(self, page: RenderedPage) -> PageResult:
-        result, _elapsed = self._ocr(page.image)
-        blocks = reading_order([_block(item) for item in result or []])
-        for order, block in enumerate(blocks):
-            block.order = order
+        reading, rotation = self._upright(page.image)
+        width, height = (page.height, page.width) if rotation in (90, 270) else (page.width, page.height)
         return PageResult(
             index=page.index,
-            width=page.width,
-            height=page.height,
-            blocks=blocks,
-            markdown=lines_to_markdown(blocks),
+            width=width,
+            height=height,
+            blocks=reading.blocks,
+            markdown=reading.markdown,
+            rotation=rotation,
         )
+
+    def _upright(self, image: Image.Image) -> tuple[Reading, int]:
+        """The page read upright, and the rotation (degrees counter-clockwise) that did it."""
+        proposed, confidence = self._orientation(image)
+        if not proposed:
+            return self._read(image), 0
+        # PIL rotates counter-clockwise; OSD's angle is the one that rights the page.
+        turned = self._read(image.rotate(proposed, expand=True))
+        if confidence >= SURE_ORIENTATION_CONFIDENCE:
+            return turned, proposed
+        as_is = self._read(image)
+        return (turned, proposed) if turned.weight >= as_is.weight else (as_is, 0)
 
     def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
         return [self.recognize(page) for page in pages]
@@ -58,23 +131,149 @@ class CpuReader:
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
         return pages
 
+    def _orientation(self, image: Image.Image) -> tuple[int, float]:
+        self._osd.SetImage(image)
+        found: dict[str, Any] | None = self._osd.DetectOrientationScript()
+        confidence = float(found.get("orient_conf", 0.0)) if found else 0.0
+        if not found or confidence < MIN_ORIENTATION_CONFIDENCE:
+            return 0, confidence
+        return int(found.get("orient_deg", 0)) % 360, confidence
+
+    def _read(self, image: Image.Image) -> Reading:
+        tess = self._tesserocr
+        api = self._api
+        api.SetImage(image)
+        api.Recognize()
+        blocks: list[Block] = []
+        paragraph = -1
+        iterator = api.GetIterator()
+        for line in tess.iterate_level(iterator, tess.RIL.TEXTLINE):
+            if line.IsAtBeginningOf(tess.RIL.PARA):
+                paragraph += 1
+            text = " ".join((line.GetUTF8Text(tess.RIL.TEXTLINE) or "").split())
+            box = line.BoundingBox(tess.RIL.TEXTLINE)
+            confidence = float(line.Confidence(tess.RIL.TEXTLINE))
+            if not text or box is None or _is_noise(text, confidence):
+                continue
+            blocks.append(Block(
+                type="text",
+                bbox=[float(v) for v in box],
+                text=text,
+                score=round(confidence / 100.0, 4),
+                order=len(blocks),
+                extra={"paragraph": max(paragraph, 0)},
+            ))
+        api.Clear()
+        page_script = _majority(" ".join(b.text for b in blocks))
+        for block in blocks:
+            block.text = settle_scripts(block.text, page_script)
+        return Reading(blocks, paragraphs_to_markdown(blocks), _mean_confidence(blocks))
+
+
+# Letters drawn alike in Latin and Cyrillic. Tesseract with two scripts loaded picks
+# either for them, so "СССР" comes out Latin or "a" Cyrillic inside the other script's line.
+_LATIN_TWINS = "ABCEHKMOPTXYaceopxy"
+_CYRILLIC_TWINS = "АВСЕНКМОРТХУасеорху"
+# Not twins, but what Tesseract mistakes for each other across the two scripts ("page"
+# read as "раде"); used only for a word that is otherwise all twins, inside a line whose
+# own letters clearly say which script it is in.
+_LATIN_LOOKALIKES = "gunrm"
+_CYRILLIC_LOOKALIKES = "дипгт"
+_TO_CYRILLIC = str.maketrans(_LATIN_TWINS + _LATIN_LOOKALIKES, _CYRILLIC_TWINS + _CYRILLIC_LOOKALIKES)
+_TO_LATIN = str.maketrans(_CYRILLIC_TWINS + _CYRILLIC_LOOKALIKES, _LATIN_TWINS + _LATIN_LOOKALIKES)
+_TWINS = set(_LATIN_TWINS + _CYRILLIC_TWINS)
+_LOOKALIKES = {"latin": set(_LATIN_LOOKALIKES), "cyrillic": set(_CYRILLIC_LOOKALIKES)}
+
+
+def _script(ch: str) -> str | None:
+    if ch in _TWINS or not ch.isalpha():
+        return None
+    if "\u0400" <= ch <= "\u04ff":
+        return "cyrillic"
+    return "latin" if ch.isascii() or "\u00c0" <= ch <= "\u024f" else None
+
+
+def _majority(text: str) -> str | None:
+    """The script of the letters that only one script has, if one clearly leads."""
+    counts = {"cyrillic": 0, "latin": 0}
+    for ch in text:
+        script = _script(ch)
+        if script:
+            counts[script] += 1
+    if counts["cyrillic"] > 2 * counts["latin"]:
+        return "cyrillic"
+    if counts["latin"] > 2 * counts["cyrillic"]:
+        return "latin"
+    return None
+
+
+def settle_scripts(line: str, page_script: str | None) -> str:
+    """Twin letters moved into the script around them: a word's own unambiguous letters
+    decide, else its line's, else its page's."""
+    line_script = _majority(line) or page_script
+    words = []
+    for word in line.split(" "):
+        script = _majority(word) or (None if any(_script(c) for c in word) else line_script)
+        if script and line_script and script != line_script and _misread(word, script):
+            script = line_script
+        if script == "cyrillic":
+            word = word.translate(_TO_CYRILLIC)
+        elif script == "latin":
+            word = word.translate(_TO_LATIN)
+        words.append(word)
+    return " ".join(words)
+
+
+def _misread(word: str, script: str) -> bool:
+    """A word of twins and at most one look-alike: the other script's word, misread."""
+    letters = [c for c in word if c.isalpha()]
+    odd = [c for c in letters if c not in _TWINS]
+    return len(letters) >= 3 and len(odd) <= 1 and all(c in _LOOKALIKES[script] for c in odd)
+
+
+def _is_noise(text: str, confidence: float) -> bool:
+    return not any(ch.isalnum() for ch in text) and confidence < MIN_SYMBOL_LINE_CONFIDENCE
+
+
+def _mean_confidence(blocks: list[Block]) -> float:
+    chars = sum(len(b.text) for b in blocks)
+    if not chars:
+        return 0.0
+    return sum((b.score or 0.0) * 100.0 * len(b.text) for b in blocks) / chars
+
+
+def paragraphs_to_markdown(blocks: list[Block]) -> str:
+    """Lines in order; blocks with the same `paragraph` number share a paragraph."""
+    paragraphs: list[list[str]] = []
+    current: object = None
+    for block in blocks:
+        number = block.extra.get("paragraph")
+        if not paragraphs or number != current:
+            paragraphs.append([])
+            current = number
+        paragraphs[-1].append(block.text)
+    return "\n\n".join("\n".join(lines) for lines in paragraphs)
+
 
 class CpuEngine(Engine):
     """CpuReader on this process's threads: for tests and tools, not for the daemon."""
 
     name = "cpu"
 
-    def __init__(self, concurrency: int = 1) -> None:
+    def __init__(self, concurrency: int = 1, languages: str = DEFAULT_LANGUAGES,
+                 tessdata: str | None = None) -> None:
         super().__init__()
-        self.model = model_description()
+        self.model = model_description(languages)
         self.concurrency = concurrency
+        self.languages = languages
+        self.tessdata = tessdata
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ocr")
         self._local = threading.local()
 
     def _reader(self) -> CpuReader:
         reader: CpuReader | None = getattr(self._local, "reader", None)
         if reader is None:
-            reader = CpuReader()
+            reader = CpuReader(self.languages, self.tessdata)
             self._local.reader = reader
         return reader
 
@@ -93,56 +292,3 @@ class CpuEngine(Engine):
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _block(item: Any) -> Block:
-    polygon, text, score = item[0], item[1], item[2]
-    xs = [float(p[0]) for p in polygon]
-    ys = [float(p[1]) for p in polygon]
-    return Block(
-        type="text",
-        bbox=[round(min(xs), 1), round(min(ys), 1), round(max(xs), 1), round(max(ys), 1)],
-        text=str(text),
-        score=round(float(score), 4),
-        extra={"polygon": [[round(float(x), 1), round(float(y), 1)] for x, y in polygon]},
-    )
-
-
-def _same_line(a: Block, b: Block) -> bool:
-    """Two boxes share a line when their vertical extents overlap by half the smaller."""
-    overlap = min(a.bbox[3], b.bbox[3]) - max(a.bbox[1], b.bbox[1])
-    smaller = min(a.bbox[3] - a.bbox[1], b.bbox[3] - b.bbox[1])
-    return smaller > 0 and overlap >= smaller / 2
-
-
-def group_lines(blocks: list[Block]) -> list[list[Block]]:
-    lines: list[list[Block]] = []
-    for block in sorted(blocks, key=lambda b: (b.bbox[1], b.bbox[0])):
-        if lines and _same_line(lines[-1][-1], block):
-            lines[-1].append(block)
-        else:
-            lines.append([block])
-    return [sorted(line, key=lambda b: b.bbox[0]) for line in lines]
-
-
-def reading_order(blocks: list[Block]) -> list[Block]:
-    """Top-to-bottom lines, left-to-right within a line."""
-    return [block for line in group_lines(blocks) for block in line]
-
-
-def lines_to_markdown(blocks: list[Block]) -> str:
-    """Lines in reading order; a vertical gap wider than a line starts a new paragraph."""
-    paragraphs: list[list[str]] = []
-    previous_bottom: float | None = None
-    for line in group_lines(blocks):
-        top = min(b.bbox[1] for b in line)
-        bottom = max(b.bbox[3] for b in line)
-        height = bottom - top
-        text = " ".join(b.text.strip() for b in line if b.text.strip())
-        if not text:
-            continue
-        if previous_bottom is None or top - previous_bottom > 0.8 * height:
-            paragraphs.append([])
-        paragraphs[-1].append(text)
-        previous_bottom = bottom
-    return "\n\n".join("\n".join(p) for p in paragraphs)

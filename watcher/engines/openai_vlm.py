@@ -95,6 +95,8 @@ def _server_message(body: str) -> str:
 
 
 class OpenAIVlmEngine(Engine):
+    structured = True
+
     name = "openai-vlm"
 
     def __init__(

@@ -185,6 +185,8 @@ def _onto(page: RenderedPage | PageResult, result: Any) -> PageResult:
     """A pipeline result mapped onto the page it came from: our index and pixel size."""
     out = map_page(result_json(result), page.index, result_markdown(result))
     out.index, out.width, out.height = page.index, page.width, page.height
+    if isinstance(page, PageResult):  # a merge keeps what the page's reading warned of
+        out.warnings = list(page.warnings)
     return out
 
 
@@ -218,19 +220,26 @@ class PaddleVlReader:
 
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
         restructure = getattr(self.pipeline, "restructure_pages", None)
-        if restructure is None or len(pages) < 2 or any(p.raw is None for p in pages):
+        # Pages the VLM read; those from a text layer or in error have nothing to merge.
+        read = [i for i, p in enumerate(pages) if p.raw is not None]
+        if restructure is None or len(read) < 2:
             return pages
         # Plain {"res": ...} dicts: PaddleX rebuilds its blocks from the JSON it emitted.
-        merged = list(restructure([{"res": p.raw} for p in pages], merge_tables=True,
+        merged = list(restructure([{"res": pages[i].raw} for i in read], merge_tables=True,
                                   relevel_titles=True, concatenate_pages=False))
-        if len(merged) != len(pages):
+        if len(merged) != len(read):
             # A single concatenated result would lose the pages; keep them unmerged.
-            log.warning("paddleocr_vl_restructure_shape", pages=len(pages), restructured=len(merged))
+            log.warning("paddleocr_vl_restructure_shape", pages=len(read), restructured=len(merged))
             return pages
-        return [_onto(page, result) for page, result in zip(pages, merged, strict=True)]
+        out = list(pages)
+        for i, result in zip(read, merged, strict=True):
+            out[i] = _onto(pages[i], result)
+        return out
 
 
 class PaddleOcrVlEngine(SupervisedEngine):
+    structured = True
+
     def __init__(
         self,
         settings: Settings,
