@@ -30,12 +30,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # gcc and python3-dev: Triton (under vLLM) compiles a small launcher at first use.
 # libgl1/libglib2.0-0: OpenCV inside PaddleX. tini: reaps whatever the VLM server orphans.
+# tesseract-ocr-*: the language data of the CPU engine (WATCHER_ENGINE=cpu), so that the
+# image reads Russian without a GPU too.
 # Ubuntu's point releases move, so apt versions are not pinned (the base tag is).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev gcc libc6-dev \
         curl ca-certificates tini libgl1 libglib2.0-0 libgomp1 \
+        tesseract-ocr-rus tesseract-ocr-eng tesseract-ocr-osd \
     && rm -rf /var/lib/apt/lists/*
 
 # Two environments, because paddlepaddle-gpu and vLLM's torch pin different exact

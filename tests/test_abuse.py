@@ -104,7 +104,8 @@ async def test_a_crashed_replicas_document_is_taken_over_when_its_lease_expires_
     s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["Orphan document"], "PNG"))
     newer = 30
     for n in range(newer):
-        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png", Body=make_image([f"Newer document {n}"], "PNG"))
+        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png",
+                      Body=make_image([f"Newer document {n}"], "PNG"))
     # A replica died while holding it: its lease runs out in a few seconds.
     lease = LeaseRecord(owner="dead-replica", source_key="input/crashed.png", source_etag="x",
                         expires_at=time.time() + 3, host="another-host", pid=1, incarnation="gone")

@@ -8,8 +8,14 @@ the engine asks for them, so a 500-page PDF never sits in memory as 500 bitmaps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import math
+import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -155,6 +161,16 @@ class PdfDocument(Document):
     def _frame(self, page: pdfium.PdfPage, index: int) -> tuple[float, int, int, list[dict[str, str]]]:
         """Scale and pixel size of the page as rendered, and what to warn about it."""
         width_pt, height_pt = page.get_size()
+        box = [ctypes.c_float() for _ in range(4)]
+        if pdfium_c.FPDFPage_GetMediaBox(page, *(ctypes.byref(v) for v in box)):
+            # PDFium shows a page whose MediaBox has no area as US Letter; it is broken.
+            left, bottom, right, top = (v.value for v in box)
+            if abs(right - left) < MIN_PAGE_POINTS or abs(top - bottom) < MIN_PAGE_POINTS:
+                raise DocumentError(
+                    ErrorCode.BAD_PAGE_GEOMETRY,
+                    f"page {index + 1} has a MediaBox without area "
+                    f"[{left:g} {bottom:g} {right:g} {top:g}]",
+                )
         for side in (width_pt, height_pt):
             if not math.isfinite(side) or not MIN_PAGE_POINTS <= side <= MAX_PAGE_POINTS:
                 raise DocumentError(
@@ -228,21 +244,47 @@ class ImageDocument(Document):
                 )
             if width < 1 or height < 1:
                 raise DocumentError(ErrorCode.BAD_PAGE_GEOMETRY, f"page {index + 1} has no pixels")
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, native_stderr() as said:
                 warnings.simplefilter("always")
                 image = _to_rgb(self.image)
         except DocumentError:
             raise
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            detail = "; ".join(said) or str(exc)
             raise DocumentError(
-                ErrorCode.CORRUPT, f"page {index + 1} of the image cannot be decoded: {exc}"
+                ErrorCode.CORRUPT, f"page {index + 1} of the image cannot be decoded: {detail}"
             ) from None
-        reported = [{"code": "decoder_warning", "message": f"page {index + 1}: {scrub(str(w.message))}"}
-                    for w in caught]
+        reported = [{"code": "decoder_warning", "message": f"page {index + 1}: {scrub(message)}"}
+                    for message in [*(str(w.message) for w in caught), *said]]
         return RenderedPage(index, image, image.width, image.height, reported)
 
     def close(self) -> None:
         self.image.close()
+
+
+@contextlib.contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """What native decoders print to stderr meanwhile (libtiff's "Bad code word" is the
+    only sign of a damaged fax-compressed strip), as lines; echoed to stderr as well.
+
+    Only the decode thread writes images, so the window is short; anything another
+    thread writes to stderr in it is echoed too, not lost."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said = sink.read().decode("utf-8", "replace")
+            if said:
+                os.write(2, said.encode("utf-8"))
+            # libtiff starts with the file or function name: keep only the message.
+            lines.extend(line.split(": ", 1)[-1] for line in said.splitlines() if line.strip())
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

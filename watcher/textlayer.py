@@ -15,6 +15,7 @@ paragraph.
 from __future__ import annotations
 
 import ctypes
+import math
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -57,21 +58,39 @@ class TextLayer:
 
 
 def read_text_layer(page: pdfium.PdfPage, index: int, width: int, height: int) -> TextLayer:
-    """The page's text as blocks in a `width` x `height` pixel frame, and a verdict."""
+    """The page's text as blocks, and a verdict. `width` x `height` are the pixels of the
+    page as rendered; the blocks are in that frame turned so that the text is upright (a
+    page shown sideways through /Rotate, or whose lines run up the page, is turned)."""
     textpage = page.get_textpage()
     try:
         chars = _chars(textpage)
+        turns = _upright_turns(page, textpage, len(chars))
     finally:
         textpage.close()
     visible = [c for c in chars if not c.text.isspace()]
-    to_pixels = _PixelFrame(page, width, height)
-    blocks = _blocks(chars, to_pixels)
+    if turns % 2:
+        width, height = height, width
+    blocks = _blocks(chars, _PixelFrame(page, width, height, turns))
     result = PageResult(
         index=index, width=width, height=height, blocks=blocks,
         markdown=_markdown(blocks), text_source=TextSource.TEXT_LAYER.value,
+        rotation=(360 - 90 * turns) % 360,
     )
     trusted, reason, stats = _verdict(page, visible)
     return TextLayer(result, trusted, reason, len(visible), stats)
+
+
+def _upright_turns(page: pdfium.PdfPage, textpage: pdfium.PdfTextPage, count: int) -> int:
+    """Quarter turns clockwise from the page as shown to the frame its text reads in."""
+    angles: dict[int, int] = {}
+    for i in range(0, count, max(1, count // 200)):  # a sample is plenty
+        angle = pdfium_c.FPDFText_GetCharAngle(textpage, i)
+        if angle >= 0:
+            quarter = round(math.degrees(angle) / 90) % 4
+            angles[quarter] = angles.get(quarter, 0) + 1
+    text_quarters = max(angles, key=lambda q: angles[q]) if angles else 0
+    shown_quarters = (page.get_rotation() // 90) % 4
+    return (text_quarters - shown_quarters) % 4
 
 
 def _chars(textpage: pdfium.PdfTextPage) -> list[Char]:
@@ -83,6 +102,10 @@ def _chars(textpage: pdfium.PdfTextPage) -> list[Char]:
         code = pdfium_c.FPDFText_GetUnicode(textpage, i)
         if pdfium_c.FPDFText_IsGenerated(textpage, i) and chr(code) not in "\r\n":
             text = " "
+        elif code == 0xFFFE:
+            # PDFium's mark for a word hyphenated across lines: keep the hyphen and the break.
+            out.append(Char("-", None, False))
+            text = "\n"
         else:
             text = chr(code) if 0 < code <= 0x10FFFF else "\ufffd"
         broken = bool(pdfium_c.FPDFText_HasUnicodeMapError(textpage, i))
@@ -96,15 +119,16 @@ def _chars(textpage: pdfium.PdfTextPage) -> list[Char]:
 
 
 class _PixelFrame:
-    """PDF user space to the pixels of the page as rendered (PDFium's own transform, so
-    /Rotate, crop boxes and odd origins land where the rendered pixels are)."""
+    """PDF user space to the pixels of the page as rendered, turned `turns` quarters
+    clockwise (PDFium's own transform, so /Rotate, crop boxes and odd origins land where
+    the rendered pixels are)."""
 
-    def __init__(self, page: pdfium.PdfPage, width: int, height: int) -> None:
-        self.page, self.width, self.height = page, width, height
+    def __init__(self, page: pdfium.PdfPage, width: int, height: int, turns: int = 0) -> None:
+        self.page, self.width, self.height, self.turns = page, width, height, turns
 
     def point(self, x: float, y: float) -> tuple[int, int]:
         dx, dy = ctypes.c_int(), ctypes.c_int()
-        pdfium_c.FPDF_PageToDevice(self.page, 0, 0, self.width, self.height, 0, x, y,
+        pdfium_c.FPDF_PageToDevice(self.page, 0, 0, self.width, self.height, self.turns, x, y,
                                    ctypes.byref(dx), ctypes.byref(dy))
         return dx.value, dy.value
 
@@ -128,22 +152,24 @@ def _lines(chars: list[Char]) -> list[list[Char]]:
 
 
 def _blocks(chars: list[Char], frame: _PixelFrame) -> list[Block]:
-    blocks: list[Block] = []
-    paragraph = 0
-    previous: list[float] | None = None
+    lines: list[tuple[str, list[float]]] = []
     for line in _lines(chars):
         boxes = [c.box for c in line if c.box is not None]
         text = " ".join("".join(c.text for c in line).split())
-        if not boxes or not text:
-            continue
-        union = (min(b[0] for b in boxes), min(b[1] for b in boxes),
-                 max(b[2] for b in boxes), max(b[3] for b in boxes))
-        bbox = frame.box(union)
-        if previous is not None and _starts_paragraph(previous, bbox):
+        if boxes and text:
+            union = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                     max(b[2] for b in boxes), max(b[3] for b in boxes))
+            lines.append((text, frame.box(union)))
+    upward = sum(b[1][1] < a[1][1] for a, b in zip(lines, lines[1:], strict=False))
+    if upward > len(lines) // 2:
+        # PDFium lists the lines of some turned pages bottom to top.
+        lines.reverse()
+    blocks: list[Block] = []
+    paragraph = 0
+    for n, (text, bbox) in enumerate(lines):
+        if n and _starts_paragraph(lines[n - 1][1], bbox):
             paragraph += 1
-        blocks.append(Block(type="text", bbox=bbox, text=text, order=len(blocks),
-                            extra={"paragraph": paragraph}))
-        previous = bbox
+        blocks.append(Block(type="text", bbox=bbox, text=text, order=n, extra={"paragraph": paragraph}))
     return blocks
 
 
