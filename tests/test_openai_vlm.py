@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import jsonschema
 import pytest
+import rudocs
 from conftest import daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 from rapidfuzz import fuzz
@@ -115,6 +116,26 @@ async def test_results_carry_the_words_read_by_the_vlm(
     assert fake.requests == 1 + sum(p for _, _, p in docs.values())
     assert set(fake.prompts) == {"OCR:"}
     assert set(fake.auth_headers) == {None}
+
+
+async def test_a_vlm_reads_born_digital_pages_and_the_text_layer_covers_what_it_cannot_see(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    # The VLM reads trusted text layers too (layout is what it is for); a page that renders
+    # blank (its font is not embedded) takes its text layer instead, with a warning.
+    s3.put_object(Bucket=bucket, Key="input/text.pdf", Body=rudocs.ru_pdf([rudocs.RUSSIAN_TEXT[0][:3]]))
+    s3.put_object(Bucket=bucket, Key="input/blank.pdf", Body=rudocs.pdf_nonembedded_font())
+    settings = vlm_settings(weed, bucket, fake, render_dpi=150)
+    async with daemon_running(settings, create_engine(settings)):
+        await wait_for_keys(s3, bucket, ["output/text.pdf.json", "output/blank.pdf.json"], timeout=90)
+    text = load_json(s3, bucket, "output/text.pdf.json")
+    assert text["pages"][0]["text_source"] == "ocr" and text["pages"][0]["raw"]["response"]
+    blank = load_json(s3, bucket, "output/blank.pdf.json")
+    jsonschema.validate(blank, SCHEMA)
+    assert blank["pages"][0]["text_source"] == "text_layer"
+    assert blank["pages"][0]["markdown"].split() == " ".join(rudocs.CYRILLIC_ONLY).split()
+    assert [w["code"] for w in blank["warnings"]] == ["engine_read_nothing"]
+    assert fake.requests == 1 + 2  # warm-up, then both pages went to the VLM
 
 
 async def test_wrong_model_name_is_a_clear_failure_and_documents_wait(

@@ -15,6 +15,7 @@ paragraph.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import unicodedata
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ def _upright_turns(page: pdfium.PdfPage, textpage: pdfium.PdfTextPage, count: in
             quarter = round(math.degrees(angle) / 90) % 4
             angles[quarter] = angles.get(quarter, 0) + 1
     text_quarters = max(angles, key=lambda q: angles[q]) if angles else 0
-    shown_quarters = (page.get_rotation() // 90) % 4
+    shown_quarters = (int(page.get_rotation()) // 90) % 4
     return (text_quarters - shown_quarters) % 4
 
 
@@ -102,7 +103,7 @@ def _chars(textpage: pdfium.PdfTextPage) -> list[Char]:
         code = pdfium_c.FPDFText_GetUnicode(textpage, i)
         if pdfium_c.FPDFText_IsGenerated(textpage, i) and chr(code) not in "\r\n":
             text = " "
-        elif code == 0xFFFE:
+        elif code in (0x02, 0xFFFE):
             # PDFium's mark for a word hyphenated across lines: keep the hyphen and the break.
             out.append(Char("-", None, False))
             text = "\n"
@@ -160,7 +161,7 @@ def _blocks(chars: list[Char], frame: _PixelFrame) -> list[Block]:
             union = (min(b[0] for b in boxes), min(b[1] for b in boxes),
                      max(b[2] for b in boxes), max(b[3] for b in boxes))
             lines.append((text, frame.box(union)))
-    upward = sum(b[1][1] < a[1][1] for a, b in zip(lines, lines[1:], strict=False))
+    upward = sum(b[1][1] < a[1][1] for a, b in itertools.pairwise(lines))
     if upward > len(lines) // 2:
         # PDFium lists the lines of some turned pages bottom to top.
         lines.reverse()

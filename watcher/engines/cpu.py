@@ -148,12 +148,14 @@ class CpuReader:
         paragraph = -1
         iterator = api.GetIterator()
         for line in tess.iterate_level(iterator, tess.RIL.TEXTLINE):
+            box = line.BoundingBox(tess.RIL.TEXTLINE)
+            if box is None:
+                continue  # an empty page yields one line without a box, and no text
             if line.IsAtBeginningOf(tess.RIL.PARA):
                 paragraph += 1
             text = " ".join((line.GetUTF8Text(tess.RIL.TEXTLINE) or "").split())
-            box = line.BoundingBox(tess.RIL.TEXTLINE)
             confidence = float(line.Confidence(tess.RIL.TEXTLINE))
-            if not text or box is None or _is_noise(text, confidence):
+            if not text or _is_noise(text, confidence):
                 continue
             blocks.append(Block(
                 type="text",

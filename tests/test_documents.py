@@ -1,0 +1,313 @@
+"""Readable results on real-shaped documents: Russian text, text layers, scans, rotation,
+faults kept to the page, warnings instead of silent empty results, clean error records.
+
+Documents come from tests/rudocs.py with known text; OCR is the real CPU engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import rudocs
+from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from PIL import Image
+from rapidfuzz.distance import Levenshtein
+
+from watcher.decode import Limits, RenderedPage, open_document
+from watcher.embedded import SeaweedS3
+from watcher.engines.cpu import CpuReader, settle_scripts
+from watcher.errors import DocumentError, ErrorCode, scrub
+from watcher.recognise import unreadable
+from watcher.render import render_error
+from watcher.storage import ObjectRef
+from watcher.textlayer import TextLayer
+
+RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v1.json").read_text())
+LIMITS = Limits(max_pages=100, max_page_pixels=60_000_000, render_dpi=150)
+PAGE = rudocs.RUSSIAN_TEXT[0]
+TRUTH = "\n".join(PAGE)
+
+
+def similarity(truth: str, got: str) -> float:
+    return float(Levenshtein.normalized_similarity(" ".join(truth.split()), " ".join(got.split())))
+
+
+def opened(tmp_path: Path, data: bytes, name: str = "doc.pdf") -> Any:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return open_document(path, len(data), LIMITS, key=f"input/{name}")
+
+
+def layer(tmp_path: Path, data: bytes, index: int = 0) -> TextLayer:
+    found = opened(tmp_path, data).text_layer(index)
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="module")
+def reader() -> CpuReader:
+    return CpuReader()
+
+
+# --- the text layer ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("font", ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"])
+def test_a_born_digital_russian_page_is_read_exactly_from_its_text_layer(tmp_path: Path, font: str) -> None:
+    found = layer(tmp_path, rudocs.ru_pdf([PAGE], font=font, size=11))
+    assert found.trusted, found.stats
+    assert found.result.text_source == "text_layer"
+    assert similarity(TRUTH, found.result.markdown) == 1.0
+    result = found.result
+    assert [b.text for b in result.blocks] == [" ".join(line.split()) for line in PAGE]
+    for block in result.blocks:  # boxes in the rendered page's pixel frame, top to bottom
+        x0, y0, x1, y1 = block.bbox
+        assert 0 <= x0 < x1 <= result.width and 0 <= y0 < y1 <= result.height
+    tops = [b.bbox[1] for b in result.blocks]
+    assert tops == sorted(tops)
+
+
+def test_text_layer_boxes_match_the_ocr_frame(tmp_path: Path, reader: CpuReader) -> None:
+    doc = opened(tmp_path, rudocs.ru_pdf([PAGE], size=12))
+    from_layer = doc.text_layer(0).result
+    page = doc.render(0)
+    from_ocr = reader.recognize(page)
+    assert (from_layer.width, from_layer.height) == (page.width, page.height)
+    # The first line is found at the same place both ways (within a few pixels).
+    assert all(abs(a - b) < 12 for a, b in zip(from_layer.blocks[0].bbox, from_ocr.blocks[0].bbox, strict=True))
+
+
+@pytest.mark.parametrize(("how", "reason"), [("latin1", "mojibake"), ("pua", "garbled"), ("none", "garbled")])
+def test_a_garbage_text_layer_is_not_trusted(tmp_path: Path, how: str, reason: str) -> None:
+    found = layer(tmp_path, rudocs.pdf_garbage_text_layer(PAGE, how=how))
+    assert not found.trusted and found.reason == reason, found.stats
+
+
+def test_scans_and_pictures_with_captions_are_not_taken_from_the_text_layer(tmp_path: Path) -> None:
+    scan = rudocs.scan_pdf(rudocs.render_pages(rudocs.ru_pdf([PAGE]), dpi=100))
+    assert layer(tmp_path, scan).reason == "no_text_layer"
+    caption = "Рисунок 1. Скан договора поставки, подписанного сторонами"
+    mostly = rudocs.pdf_mostly_image_with_caption(PAGE[:15], caption)
+    found = layer(tmp_path, mostly)
+    assert not found.trusted and found.reason == "mostly_image", found.stats
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_a_page_shown_turned_by_its_rotate_entry_reads_upright(tmp_path: Path, degrees: int) -> None:
+    found = layer(tmp_path, rudocs.rotate_flag_pdf(rudocs.ru_pdf([PAGE]), degrees))
+    assert found.trusted
+    assert found.result.rotation == degrees
+    assert similarity(TRUTH, found.result.markdown) == 1.0
+    portrait = found.result.height > found.result.width
+    assert portrait  # the turned frame is the A4 page the text was written on
+
+
+def test_a_line_hyphenated_at_its_end_keeps_its_hyphen_and_break(tmp_path: Path) -> None:
+    lines = ["Поставщик обязуется передать товар в соб-", "ственность покупателя в срок."]
+    found = layer(tmp_path, rudocs.ru_pdf([lines]))
+    assert [b.text for b in found.result.blocks] == lines
+
+
+# --- decoding faults ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [rudocs.zero_area_pdf(), rudocs.zero_area_pdf(mediabox=(0, 0, 0, 0)),
+                                  rudocs.huge_page_pdf()], ids=["no-height", "no-area", "2^31-pt"])
+def test_degenerate_pages_are_rejected_before_any_engine(tmp_path: Path, data: bytes) -> None:
+    doc = opened(tmp_path, data)
+    for read in (doc.render, doc.text_layer):
+        with pytest.raises(DocumentError) as info:
+            read(0)
+        assert info.value.code is ErrorCode.BAD_PAGE_GEOMETRY
+
+
+def pdf_of(*objects: bytes) -> bytes:
+    """A PDF with a correct cross-reference table around the given objects."""
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+# PDFium opens it, then counts no pages: pypdfium2 reported whatever error came before.
+EMPTY_PAGE_TREE = pdf_of(b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[]/Count 0>>")
+
+
+def test_pdfium_errors_belong_to_the_document_that_caused_them(tmp_path: Path) -> None:
+    encrypted = rudocs.ru_pdf([PAGE], password="sekret")
+    for _ in range(2):
+        with pytest.raises(DocumentError) as info:
+            opened(tmp_path, encrypted, "locked.pdf")
+        assert info.value.code is ErrorCode.ENCRYPTED
+        # Right after it: a readable PDF opens, and one without pages is not "encrypted".
+        assert opened(tmp_path, rudocs.ru_pdf([PAGE]), "fine.pdf").page_count == 1
+        with pytest.raises(DocumentError) as info:
+            opened(tmp_path, encrypted, "locked.pdf")
+        with pytest.raises(DocumentError) as info:
+            opened(tmp_path, EMPTY_PAGE_TREE, "empty.pdf")
+        assert info.value.code is ErrorCode.CORRUPT
+        assert "no pages" in info.value.message and "Success" not in info.value.message
+
+
+def test_damage_the_decoder_reports_becomes_a_warning_or_a_page_error(tmp_path: Path) -> None:
+    page = opened(tmp_path, rudocs.broken_tiff(compression="group4"), "fax.tiff").render(0)
+    assert [w["code"] for w in page.warnings] == ["decoder_warning"]
+    assert "Bad code word" in page.warnings[0]["message"]
+    for data, name in ((rudocs.broken_tiff(), "lzw.tiff"), (rudocs.broken_rle_bmp(), "rle.bmp")):
+        with pytest.raises(DocumentError) as info:
+            opened(tmp_path, data, name).render(0)
+        assert info.value.code is ErrorCode.CORRUPT
+        assert str(tmp_path) not in info.value.message
+
+
+def test_white_text_on_transparency_stays_visible(tmp_path: Path, reader: CpuReader) -> None:
+    lines = ["Белый текст на прозрачном фоне", "White text on a transparent PNG"]
+    page = opened(tmp_path, rudocs.transparent_png_white_text(lines), "white.png").render(0)
+    assert page.image.getpixel((0, 0)) == (0, 0, 0)  # dark behind light content
+    assert similarity("\n".join(lines), reader.recognize(page).markdown) > 0.9
+
+
+def test_local_paths_never_reach_a_message() -> None:
+    assert scrub("cannot identify image file '/tmp/watcher-work/12-ab/x.png'") == (
+        "cannot identify image file '<file>'")
+    assert scrub("see http://vlm:8080/v1/models, 1/2 done") == "see http://vlm:8080/v1/models, 1/2 done"
+    ref = ObjectRef(bucket="b", key="input/x.png", etag="e", size=1)
+    record = render_error(ref, ErrorCode.ENGINE_FAILED, "crash in /opt/venv/lib/python3.11/x.py", 3)
+    assert "/opt" not in json.dumps(record)
+
+
+def test_a_document_is_an_error_only_when_no_page_could_be_read() -> None:
+    from watcher.engines.base import PageResult
+
+    good = PageResult(index=0, width=10, height=10, blocks=[], markdown="")
+    bad = PageResult(index=1, width=0, height=0, blocks=[], markdown="",
+                     error={"code": "corrupt", "message": "page 2 cannot be loaded"})
+    assert unreadable([good, bad]) is None
+    failure = unreadable([bad])
+    assert failure is not None and failure.code is ErrorCode.CORRUPT
+    assert failure.message == "page 2 cannot be loaded"
+
+
+def test_letters_alike_in_both_scripts_follow_the_words_around_them() -> None:
+    assert settle_scripts("АКТ приёмки CCCP", None) == "АКТ приёмки СССР"
+    assert settle_scripts("Long document раде 3", None) == "Long document page 3"
+    assert settle_scripts("The page was copied by а reader", None) == "The page was copied by a reader"
+    assert settle_scripts("ISO 9001 и PDF", None) == "ISO 9001 и PDF"  # I, S, D have no twins
+    assert settle_scripts("OOO", "cyrillic") == "ООО"  # a line without its own clue: the page's
+
+
+# --- OCR: Russian, scans, orientation ------------------------------------------------------
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+def test_degraded_russian_scans_are_read_upright(reader: CpuReader, degrees: int) -> None:
+    image = rudocs.degrade(rudocs.render_pages(rudocs.ru_pdf([PAGE]), dpi=150)[0], seed=degrees)
+    turned = image.rotate(-degrees, expand=True, fillcolor="white").convert("RGB")
+    result = reader.recognize(RenderedPage(0, turned, turned.width, turned.height))
+    assert result.rotation == degrees
+    assert similarity(TRUTH, result.markdown) > 0.95, result.markdown
+    letters = [c for c in result.markdown if c.isalpha()]
+    assert sum("а" <= c.lower() <= "я" or c in "ёЁ" for c in letters) / len(letters) > 0.8
+
+
+# --- through the daemon ----------------------------------------------------------------------
+
+def _json(s3: Any, bucket: str, key: str) -> Any:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+async def test_real_shaped_documents_through_the_daemon(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    mixed = rudocs.MIXED_TEXT[0]
+    docs: dict[str, bytes] = {
+        "born-digital.pdf": rudocs.ru_pdf([PAGE, mixed]),
+        "scan.pdf": rudocs.rotated_scan_pdf(rudocs.ru_pdf([PAGE]), 90, dpi=150, seed=3),
+        "one-bad-page.pdf": rudocs.pdf_with_broken_page(PAGE[:6], how="not-a-page"),
+        "not-embedded.pdf": rudocs.pdf_nonembedded_font(),
+        "locked.pdf": rudocs.ru_pdf([PAGE], password="sekret"),
+        "after-locked.pdf": rudocs.ru_pdf([mixed]),
+        "tall.pdf": rudocs.huge_page_pdf(),
+        "blank.png": rudocs.image_bytes(Image.new("RGB", (800, 600), "white"), "PNG"),
+        "fax.tiff": rudocs.broken_tiff(compression="group4"),
+    }
+    for name, body in docs.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{name}", Body=body)
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, render_dpi=150, max_inflight_documents=1)
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, [
+            *(f"output/{n}.json" for n in docs if n not in ("locked.pdf", "tall.pdf")),
+            "output/locked.pdf.error.json", "output/tall.pdf.error.json"])
+
+    results = {n: _json(s3, bucket, f"output/{n}.json") for n in docs if n not in ("locked.pdf", "tall.pdf")}
+    for result in results.values():
+        jsonschema.validate(result, RESULT_SCHEMA)
+
+    born = results["born-digital.pdf"]
+    assert [p["text_source"] for p in born["pages"]] == ["text_layer", "text_layer"]
+    assert similarity(TRUTH, born["pages"][0]["markdown"]) == 1.0
+    assert similarity("\n".join(mixed), born["pages"][1]["markdown"]) == 1.0
+
+    scan = results["scan.pdf"]["pages"][0]
+    assert scan["text_source"] == "ocr" and scan["rotation"] in (90, 270)
+    assert similarity(TRUTH, scan["markdown"]) > 0.95
+
+    broken = results["one-bad-page.pdf"]["pages"]
+    assert similarity("\n".join(PAGE[:6]), broken[0]["markdown"]) == 1.0
+    assert broken[1]["error"]["code"] == "corrupt" and broken[1]["blocks"] == []
+
+    # Renders blank with the CPU engine's fonts, but its text layer holds the text.
+    blank_font = results["not-embedded.pdf"]["pages"][0]
+    assert blank_font["text_source"] == "text_layer"
+    assert similarity("\n".join(rudocs.CYRILLIC_ONLY), blank_font["markdown"]) == 1.0
+
+    locked = _json(s3, bucket, "output/locked.pdf.error.json")["error"]
+    assert locked["code"] == "encrypted"
+    assert similarity("\n".join(mixed), results["after-locked.pdf"]["pages"][0]["markdown"]) == 1.0
+    tall = _json(s3, bucket, "output/tall.pdf.error.json")["error"]
+    assert tall["code"] == "bad_page_geometry"
+
+    blank = results["blank.png"]
+    assert blank["pages"][0]["blocks"] == []
+    assert [w["code"] for w in blank["warnings"]] == ["no_text"]
+    fax = results["fax.tiff"]
+    assert "decoder_warning" in [w["code"] for w in fax["warnings"]]
+
+    # Only pages without a trustworthy text layer reached the engine: the scan, the blank
+    # image and the fax (the degenerate page never did).
+    assert len(engine.calls) == 3
+
+
+async def test_ocr_mode_reads_every_page_and_says_when_it_found_nothing(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/not-embedded.pdf", Body=rudocs.pdf_nonembedded_font())
+    s3.put_object(Bucket=bucket, Key="input/text.pdf", Body=rudocs.ru_pdf([PAGE[:4]]))
+    engine = CountingEngine()
+    async with daemon_running(make_settings(weed, bucket, text_layer="ocr", render_dpi=150), engine):
+        await wait_for_keys(s3, bucket, ["output/not-embedded.pdf.json", "output/text.pdf.json"])
+    assert len(engine.calls) == 2
+    blank = _json(s3, bucket, "output/not-embedded.pdf.json")
+    assert blank["pages"][0]["text_source"] == "ocr"
+    assert [w["code"] for w in blank["warnings"]] == ["no_text"]
+    text = _json(s3, bucket, "output/text.pdf.json")
+    assert text["pages"][0]["text_source"] == "ocr"
+    assert similarity("\n".join(PAGE[:4]), text["pages"][0]["markdown"]) > 0.97
+
+
+async def test_text_mode_never_sends_a_pdf_page_to_the_engine(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    s3.put_object(Bucket=bucket, Key="input/scan.pdf",
+                  Body=rudocs.scan_pdf(rudocs.render_pages(rudocs.ru_pdf([PAGE]), dpi=100)))
+    s3.put_object(Bucket=bucket, Key="input/garbled.pdf", Body=rudocs.pdf_garbage_text_layer(PAGE, how="latin1"))
+    engine = CountingEngine()
+    async with daemon_running(make_settings(weed, bucket, text_layer="text"), engine):
+        await wait_for_keys(s3, bucket, ["output/scan.pdf.json", "output/garbled.pdf.json"])
+    assert engine.calls == []
+    scan = _json(s3, bucket, "output/scan.pdf.json")
+    assert [w["code"] for w in scan["warnings"]] == ["no_text"]
+    garbled = _json(s3, bucket, "output/garbled.pdf.json")
+    assert [w["code"] for w in garbled["warnings"]] == ["text_layer_untrusted"]
