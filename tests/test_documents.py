@@ -77,7 +77,8 @@ def test_text_layer_boxes_match_the_ocr_frame(tmp_path: Path, reader: CpuReader)
     from_ocr = reader.recognize(page)
     assert (from_layer.width, from_layer.height) == (page.width, page.height)
     # The first line is found at the same place both ways (within a few pixels).
-    assert all(abs(a - b) < 12 for a, b in zip(from_layer.blocks[0].bbox, from_ocr.blocks[0].bbox, strict=True))
+    first = zip(from_layer.blocks[0].bbox, from_ocr.blocks[0].bbox, strict=True)
+    assert all(abs(a - b) < 12 for a, b in first)
 
 
 @pytest.mark.parametrize(("how", "reason"), [("latin1", "mojibake"), ("pua", "garbled"), ("none", "garbled")])
@@ -302,7 +303,8 @@ async def test_ocr_mode_reads_every_page_and_says_when_it_found_nothing(
 async def test_text_mode_never_sends_a_pdf_page_to_the_engine(weed: SeaweedS3, bucket: str, s3: Any) -> None:
     s3.put_object(Bucket=bucket, Key="input/scan.pdf",
                   Body=rudocs.scan_pdf(rudocs.render_pages(rudocs.ru_pdf([PAGE]), dpi=100)))
-    s3.put_object(Bucket=bucket, Key="input/garbled.pdf", Body=rudocs.pdf_garbage_text_layer(PAGE, how="latin1"))
+    s3.put_object(Bucket=bucket, Key="input/garbled.pdf",
+                  Body=rudocs.pdf_garbage_text_layer(PAGE, how="latin1"))
     engine = CountingEngine()
     async with daemon_running(make_settings(weed, bucket, text_layer="text"), engine):
         await wait_for_keys(s3, bucket, ["output/scan.pdf.json", "output/garbled.pdf.json"])
