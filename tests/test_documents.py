@@ -136,6 +136,19 @@ def pdf_of(*objects: bytes) -> bytes:
     return out + b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
 
 
+def test_a_page_squeezed_below_legible_resolution_says_so(tmp_path: Path) -> None:
+    plan = pdf_of(b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+                  b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 14000 9000]>>")
+    path = tmp_path / "plan.pdf"
+    path.write_bytes(plan)
+    doc = open_document(path, len(plan), Limits(max_pages=10, max_page_pixels=20_000_000, render_dpi=150))
+    page = doc.render(0)
+    assert page.width * page.height <= 20_000_000
+    assert [w["code"] for w in page.warnings] == ["low_resolution"]
+    roomy = open_document(path, len(plan), Limits(max_pages=10, max_page_pixels=10**9, render_dpi=72))
+    assert roomy.text_layer(0).result.width == 14000  # the same frame the render would have
+
+
 # PDFium opens it, then counts no pages: pypdfium2 reported whatever error came before.
 EMPTY_PAGE_TREE = pdf_of(b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[]/Count 0>>")
 

@@ -1,6 +1,6 @@
 """Supervised engine workers: native inference in child processes the daemon owns.
 
-Paddle, the layout model, ONNX Runtime and PDFium's cousins are native code that can
+Paddle, the layout model, Tesseract and PDFium's cousins are native code that can
 hang on an image, abort on a page or grow without bound; none of that may reach the
 event loop that answers /health or take the daemon's process down. So each heavy engine
 runs in WATCHER_ENGINE_CONCURRENCY worker processes (watcher/engines/child.py), and this
