@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import rudocs
 from docgen import make_image, make_pdf, make_tiff
 
 OUT = Path(__file__).resolve().parent.parent / "watcher" / "samples"
@@ -24,6 +25,12 @@ def main() -> None:
         ["Signed in Moscow", "November 2026"],
     ]))
     (OUT / "notes.pdf").write_bytes(b"These are plain text notes, not a PDF at all.\n")
+    # Russian, as our users' documents are: a born-digital contract (read from its text
+    # layer) and a sideways, degraded scan of a standard's first page (OCR, turned upright).
+    (OUT / "договор поставки.pdf").write_bytes(rudocs.ru_pdf([rudocs.RUSSIAN_TEXT[0]]))
+    scan = rudocs.degrade(rudocs.render_pages(rudocs.ru_pdf([rudocs.RUSSIAN_TEXT[1]]), dpi=150)[0], seed=7)
+    (OUT / "скан стандарта.jpg").write_bytes(
+        rudocs.image_bytes(scan.rotate(90, expand=True, fillcolor="white"), "JPEG", quality=70))
 
 
 if __name__ == "__main__":
