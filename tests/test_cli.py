@@ -135,3 +135,28 @@ def test_daemon_process_serves_health_under_load_and_exits_0_on_sigterm(
     # The in-flight document was finished during the drain, not dropped.
     assert s3.head_object(Bucket=bucket, Key="output/big.pdf.json")
     print(f"/health latency while busy: max {max(latencies) * 1000:.1f} ms")
+
+
+def test_run_once_processes_what_is_pending_and_exits_with_what_happened(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    env = base_env(
+        CLOUDRU_S3_ENDPOINT=weed.endpoint, CLOUDRU_S3_BUCKET=bucket,
+        CLOUDRU_S3_ACCESS_KEY=weed.access_key, CLOUDRU_S3_SECRET_KEY=weed.secret_key,
+        WATCHER_HTTP_PORT="0", WATCHER_HTTP_HOST="127.0.0.1", WATCHER_POLL_INTERVAL="60",
+    )
+    s3.put_object(Bucket=bucket, Key="input/a.pdf", Body=make_pdf([["Backfill page one"]]))
+    s3.put_object(Bucket=bucket, Key="input/b.pdf", Body=make_pdf([["Backfill page two"]]))
+    command = [sys.executable, "-m", "watcher", "run", "--once"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    # Exits on its own (the poll interval is a minute): every document has its result.
+    assert first.returncode == 0, first.stderr
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
+    assert {"output/a.pdf.json", "output/b.pdf.json"} <= keys
+
+    s3.put_object(Bucket=bucket, Key="input/c.png", Body=b"\x89PNG\r\n\x1a\n not really")
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    # The bad one got its error record, and the exit code says that not all went well.
+    assert second.returncode == 1, second.stderr
+    assert "not finished: input/c.png (error)" in second.stderr
+    assert "input/a.pdf" not in second.stderr  # done before: skipped, not redone

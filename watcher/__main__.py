@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from watcher.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from watcher.daemon import Daemon
 
 EXIT_CONFIG = 2
 
 
-def _run() -> int:
+EXIT_UNFINISHED = 1
+
+
+def _run(once: bool = False) -> int:
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -33,31 +40,46 @@ def _run() -> int:
             hint="Cloud.ru expects CLOUDRU_S3_ACCESS_KEY as <tenant_id>:<key_id>",
         )
 
-    async def main() -> None:
-        daemon = Daemon(settings)
+    async def main() -> Daemon:
+        daemon = Daemon(settings, once=once)
         daemon.install_signal_handlers()
         await daemon.run()
+        return daemon
 
     try:
-        asyncio.run(main())
+        daemon = asyncio.run(main())
     except OSError as exc:
         # Nearly always the health port being taken; say so in one line, not a traceback.
         print(f"watcher: cannot start: {exc}", file=sys.stderr)
         return 1
+    if once:
+        return _once_report(daemon)
     return 0
+
+
+def _once_report(daemon: Daemon) -> int:
+    unfinished = daemon.unfinished()
+    for key in unfinished:
+        print(f"watcher: not finished: {key} ({daemon.last_outcomes[key].value})", file=sys.stderr)
+    if daemon.unfinished_reason:
+        print(f"watcher: {daemon.unfinished_reason}", file=sys.stderr)
+    return EXIT_UNFINISHED if unfinished or daemon.unfinished_reason else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="watcher", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon against the S3 endpoint in the environment")
+    run = sub.add_parser("run", help="run the daemon against the S3 endpoint in the environment")
+    run.add_argument("--once", action="store_true",
+                     help="process everything pending, drain and exit: 0 when every document "
+                     "has a result, 1 when any got an error record or could not be finished")
     demo = sub.add_parser("demo", help="embedded SeaweedFS + CPU engine + the sample documents")
     demo.add_argument("--keep-running", action="store_true",
                       help="keep the daemon and S3 server up after the samples are done")
     demo.add_argument("--http-port", type=int, default=8081)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run()
+        return _run(once=args.once)
     from watcher.demo import run_demo
 
     try:

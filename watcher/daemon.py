@@ -26,6 +26,7 @@ from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
 from watcher.metrics import Metrics
+from watcher.outcome import Outcome
 from watcher.settings import Settings
 from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
 from watcher.worker import DocumentWorker
@@ -44,8 +45,15 @@ class Daemon:
         settings: Settings,
         engine: Engine | None = None,
         storage_factory: StorageFactory = open_storage,
+        once: bool = False,
     ) -> None:
         self.settings = settings
+        # `watcher run --once`: work through what is pending, drain and stop (backfills,
+        # Kubernetes Jobs). `last_outcomes` says how each document's last run ended.
+        self.once = once
+        self.last_outcomes: dict[str, Outcome] = {}
+        self.unfinished_reason: str | None = None
+        self._offered_last_poll: int | None = None
         self.engine = engine or create_engine(settings)
         self.storage_factory = storage_factory
         self.metrics = Metrics()
@@ -148,6 +156,9 @@ class Daemon:
             input_prefix=self.settings.input_prefix, output_prefix=self.settings.output_prefix,
             replica=self.settings.replica_id,
         )
+        if self.once:
+            await self._until_nothing_pending()
+            self._stop.set()
         await self._stop.wait()
         self.draining = True
         log.info("drain_started", inflight=self.inflight, grace_seconds=self.settings.drain_seconds)
@@ -196,6 +207,34 @@ class Daemon:
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
 
+    async def _until_nothing_pending(self) -> None:
+        """--once: poll, work through what it found, poll again; done when a poll finds
+        nothing new. A document that keeps failing transiently (S3 or the engine away)
+        is offered again each round, WATCHER_MAX_ATTEMPTS + 1 rounds at most."""
+        for _round in range(self.settings.max_attempts + 2):
+            await self._next_poll()
+            if self._stop.is_set():
+                return
+            if self._offered_last_poll == 0:
+                return
+            while self.queue.unfinished():
+                if self.engine.state is EngineState.FAILED:
+                    self.unfinished_reason = f"the engine failed to start: {self.engine.error}"
+                    return
+                await asyncio.sleep(0.1)
+        self.unfinished_reason = "documents were still pending after the last round"
+
+    async def _next_poll(self) -> None:
+        seen = self.polls
+        self.poke()
+        async with self.poll_done:
+            await self.poll_done.wait_for(lambda: self.polls > seen or self._stop.is_set())
+
+    def unfinished(self) -> list[str]:
+        """--once: sources whose last run did not end with a result."""
+        return sorted(key for key, outcome in self.last_outcomes.items()
+                      if outcome in (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED))
+
     async def _keep_engine_warm(self) -> None:
         """Warm the engine; if warm-up fails (VLM server late or broken), try again later."""
         await self.engine.start()
@@ -225,7 +264,7 @@ class Daemon:
             self._busy[me] = ref
             self.inflight += 1
             try:
-                await worker.process(ref, ticket)
+                self.last_outcomes[ref.key] = await worker.process(ref, ticket)
             except Exception as exc:
                 # A bug must cost one document, never the worker: the loop goes on.
                 log.error("worker_loop_error", key=ref.key, error=f"{type(exc).__name__}: {exc}",
@@ -258,6 +297,7 @@ class Daemon:
                           exc_info=not isinstance(exc, StorageUnavailable))
             self.s3_reachable, self.s3_error = False, error
             self.metrics.s3_errors.inc()
+            self._offered_last_poll = None
         else:
             if self.s3_reachable is False:
                 log.info("s3_reachable_again")
@@ -271,6 +311,7 @@ class Daemon:
                 if n % DISCOVERY_BATCH == 0:
                     await asyncio.sleep(0)  # /health answers between batches
             self.backlog = backlog
+            self._offered_last_poll = offered
             self.metrics.polls.inc()
             if offered:
                 log.info("discovery_found", new=offered, backlog=self.backlog,

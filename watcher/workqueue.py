@@ -75,6 +75,10 @@ class WorkQueue:
     def qsize(self) -> int:
         return len(self._queued)
 
+    def unfinished(self) -> int:
+        """Documents queued or in flight."""
+        return len(self._pending)
+
 
 class PageBudget:
     """Rendered pages in flight across all documents, as many as the engine wants now.
