@@ -80,7 +80,7 @@ def test_daemon_process_serves_health_under_load_and_exits_0_on_sigterm(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
     s3.put_object(Bucket=bucket, Key="input/big.pdf",
-                  Body=make_pdf([[f"Busy page {i}", "lots of text here"] for i in range(8)]))
+                  Body=make_pdf([[f"Busy page {i}", "lots of text here"] for i in range(40)]))
     (port,) = free_ports(1)
     env = base_env(
         CLOUDRU_S3_ENDPOINT=weed.endpoint, CLOUDRU_S3_BUCKET=bucket,
@@ -130,7 +130,7 @@ def test_daemon_process_serves_health_under_load_and_exits_0_on_sigterm(
                      "document_done", "drain_started", "daemon_stopped"):
         assert expected in names, names
     done = next(e for e in events if e["event"] == "document_done")
-    assert done["key"] == "input/big.pdf" and done["pages"] == 8 and "etag" in done
+    assert done["key"] == "input/big.pdf" and done["pages"] == 40 and "etag" in done
     assert weed.secret_key not in output and weed.access_key not in output
     # The in-flight document was finished during the drain, not dropped.
     assert s3.head_object(Bucket=bucket, Key="output/big.pdf.json")
