@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,3 +161,19 @@ def test_run_once_processes_what_is_pending_and_exits_with_what_happened(
     assert second.returncode == 1, second.stderr
     assert "not finished: input/c.png (error)" in second.stderr
     assert "input/a.pdf" not in second.stderr  # done before: skipped, not redone
+
+
+def test_a_taken_health_port_names_the_setting_to_change() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = base_env(
+            CLOUDRU_S3_ENDPOINT="http://127.0.0.1:9", CLOUDRU_S3_BUCKET="documents",
+            CLOUDRU_S3_ACCESS_KEY="tenant:key", CLOUDRU_S3_SECRET_KEY=SECRET,
+            WATCHER_HTTP_HOST="127.0.0.1", WATCHER_HTTP_PORT=str(port),
+        )
+        proc = run_cli(env)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port}" in proc.stderr and "WATCHER_HTTP_PORT" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout

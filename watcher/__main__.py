@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
 from typing import TYPE_CHECKING
 
@@ -50,11 +51,19 @@ def _run(once: bool = False) -> int:
         daemon = asyncio.run(main())
     except OSError as exc:
         # Nearly always the health port being taken; say so in one line, not a traceback.
-        print(f"watcher: cannot start: {exc}", file=sys.stderr)
+        print(f"watcher: cannot start: {_start_error(exc, settings.http_host, settings.http_port)}",
+              file=sys.stderr)
         return 1
     if once:
         return _once_report(daemon)
     return 0
+
+
+def _start_error(exc: OSError, host: str, port: int) -> str:
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        return (f"cannot listen on {host}:{port}: {exc.strerror}; "
+                "set WATCHER_HTTP_PORT (or WATCHER_HTTP_HOST) to a free one")
+    return str(exc)
 
 
 def _once_report(daemon: Daemon) -> int:
