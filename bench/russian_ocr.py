@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rapidfuzz.distance import Levenshtein
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -29,14 +27,6 @@ import rudocs  # noqa: E402
 
 from watcher.decode import Document, Limits, open_document  # noqa: E402
 from watcher.engines.cpu import CpuReader  # noqa: E402
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
-def accuracy(truth: str, got: str) -> float:
-    return float(Levenshtein.normalized_similarity(normalise(truth), normalise(got)))
 
 
 def cyrillic_share(text: str) -> float:
@@ -67,7 +57,7 @@ def run_path(
     started = time.perf_counter()
     for index, known in enumerate(truth):
         text = read(doc, index)
-        scores.append(accuracy(known, text))
+        scores.append(rudocs.similarity(known, text))
         shares.append(cyrillic_share(text))
     return scores, shares, time.perf_counter() - started
 

@@ -26,6 +26,7 @@ import numpy as np
 import pypdfium2 as pdfium
 from fpdf import FPDF
 from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageFont
+from rapidfuzz.distance import Levenshtein
 
 FONT_DIR = Path("/usr/share/fonts")
 FONT_PACKAGE = "fonts-dejavu-core"
@@ -219,6 +220,11 @@ def normalise(text: str | Sequence[str]) -> str:
     """Whitespace collapsed to single spaces: what ground truth and extracted text compare as."""
     joined = text if isinstance(text, str) else "\n".join(text)
     return " ".join(joined.split())
+
+
+def similarity(truth: str | Sequence[str], got: str) -> float:
+    """1 - normalised Levenshtein distance, whitespace collapsed: character accuracy."""
+    return float(Levenshtein.normalized_similarity(normalise(truth), normalise(got)))
 
 
 def ink_fraction(image: Image.Image, threshold: int = 200) -> float:
@@ -506,7 +512,7 @@ def pdf_garbage_text_layer(lines: Sequence[str],
     return raw.tobytes()
 
 
-def _hand_pdf(objects: Sequence[bytes]) -> bytes:
+def hand_pdf(objects: Sequence[bytes]) -> bytes:
     """A PDF from object bodies numbered 1..n; object 1 is the catalog."""
     out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
@@ -553,7 +559,7 @@ def pdf_nonembedded_font(lines: Sequence[str] = CYRILLIC_ONLY, size: float = 16,
         "endcmap\nCMapName currentdict /CMap defineresource pop\nend\nend"
     ).encode()
     name = base_font.encode()
-    return _hand_pdf([
+    return hand_pdf([
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 /MediaBox [0 0 595.28 841.89] >>",
         b"<< /Type /Page /Parent 2 0 R /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",

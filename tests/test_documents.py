@@ -15,7 +15,6 @@ import pytest
 import rudocs
 from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
 from PIL import Image
-from rapidfuzz.distance import Levenshtein
 
 from watcher.decode import Limits, RenderedPage, open_document
 from watcher.embedded import SeaweedS3
@@ -30,10 +29,6 @@ RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/resul
 LIMITS = Limits(max_pages=100, max_page_pixels=60_000_000, render_dpi=150)
 PAGE = rudocs.RUSSIAN_TEXT[0]
 TRUTH = "\n".join(PAGE)
-
-
-def similarity(truth: str, got: str) -> float:
-    return float(Levenshtein.normalized_similarity(" ".join(truth.split()), " ".join(got.split())))
 
 
 def opened(tmp_path: Path, data: bytes, name: str = "doc.pdf") -> Any:
@@ -60,7 +55,7 @@ def test_a_born_digital_russian_page_is_read_exactly_from_its_text_layer(tmp_pat
     found = layer(tmp_path, rudocs.ru_pdf([PAGE], font=font, size=11))
     assert found.trusted, found.stats
     assert found.result.text_source == "text_layer"
-    assert similarity(TRUTH, found.result.markdown) == 1.0
+    assert rudocs.similarity(TRUTH, found.result.markdown) == 1.0
     result = found.result
     assert [b.text for b in result.blocks] == [" ".join(line.split()) for line in PAGE]
     for block in result.blocks:  # boxes in the rendered page's pixel frame, top to bottom
@@ -101,7 +96,7 @@ def test_a_page_shown_turned_by_its_rotate_entry_reads_upright(tmp_path: Path, d
     found = layer(tmp_path, rudocs.rotate_flag_pdf(rudocs.ru_pdf([PAGE]), degrees))
     assert found.trusted
     assert found.result.rotation == degrees
-    assert similarity(TRUTH, found.result.markdown) == 1.0
+    assert rudocs.similarity(TRUTH, found.result.markdown) == 1.0
     portrait = found.result.height > found.result.width
     assert portrait  # the turned frame is the A4 page the text was written on
 
@@ -124,21 +119,9 @@ def test_degenerate_pages_are_rejected_before_any_engine(tmp_path: Path, data: b
         assert info.value.code is ErrorCode.BAD_PAGE_GEOMETRY
 
 
-def pdf_of(*objects: bytes) -> bytes:
-    """A PDF with a correct cross-reference table around the given objects."""
-    out, offsets = b"%PDF-1.4\n", []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    return out + b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-
-
 def test_a_page_squeezed_below_legible_resolution_says_so(tmp_path: Path) -> None:
-    plan = pdf_of(b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
-                  b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 14000 9000]>>")
+    plan = rudocs.hand_pdf([b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+                            b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 14000 9000]>>"])
     path = tmp_path / "plan.pdf"
     path.write_bytes(plan)
     doc = open_document(path, len(plan), Limits(max_pages=10, max_page_pixels=20_000_000, render_dpi=150))
@@ -150,7 +133,7 @@ def test_a_page_squeezed_below_legible_resolution_says_so(tmp_path: Path) -> Non
 
 
 # PDFium opens it, then counts no pages: pypdfium2 reported whatever error came before.
-EMPTY_PAGE_TREE = pdf_of(b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[]/Count 0>>")
+EMPTY_PAGE_TREE = rudocs.hand_pdf([b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[]/Count 0>>"])
 
 
 def test_pdfium_errors_belong_to_the_document_that_caused_them(tmp_path: Path) -> None:
@@ -184,7 +167,7 @@ def test_white_text_on_transparency_stays_visible(tmp_path: Path, reader: CpuRea
     lines = ["Белый текст на прозрачном фоне", "White text on a transparent PNG"]
     page = opened(tmp_path, rudocs.transparent_png_white_text(lines), "white.png").render(0)
     assert page.image.getpixel((0, 0)) == (0, 0, 0)  # dark behind light content
-    assert similarity("\n".join(lines), reader.recognize(page).markdown) > 0.9
+    assert rudocs.similarity("\n".join(lines), reader.recognize(page).markdown) > 0.9
 
 
 def test_local_paths_never_reach_a_message() -> None:
@@ -224,7 +207,7 @@ def test_degraded_russian_scans_are_read_upright(reader: CpuReader, degrees: int
     turned = image.rotate(-degrees, expand=True, fillcolor="white").convert("RGB")
     result = reader.recognize(RenderedPage(0, turned, turned.width, turned.height))
     assert result.rotation == degrees
-    assert similarity(TRUTH, result.markdown) > 0.95, result.markdown
+    assert rudocs.similarity(TRUTH, result.markdown) > 0.95, result.markdown
     letters = [c for c in result.markdown if c.isalpha()]
     assert sum("а" <= c.lower() <= "я" or c in "ёЁ" for c in letters) / len(letters) > 0.8
 
@@ -263,25 +246,25 @@ async def test_real_shaped_documents_through_the_daemon(weed: SeaweedS3, bucket:
 
     born = results["born-digital.pdf"]
     assert [p["text_source"] for p in born["pages"]] == ["text_layer", "text_layer"]
-    assert similarity(TRUTH, born["pages"][0]["markdown"]) == 1.0
-    assert similarity("\n".join(mixed), born["pages"][1]["markdown"]) == 1.0
+    assert rudocs.similarity(TRUTH, born["pages"][0]["markdown"]) == 1.0
+    assert rudocs.similarity("\n".join(mixed), born["pages"][1]["markdown"]) == 1.0
 
     scan = results["scan.pdf"]["pages"][0]
     assert scan["text_source"] == "ocr" and scan["rotation"] in (90, 270)
-    assert similarity(TRUTH, scan["markdown"]) > 0.95
+    assert rudocs.similarity(TRUTH, scan["markdown"]) > 0.95
 
     broken = results["one-bad-page.pdf"]["pages"]
-    assert similarity("\n".join(PAGE[:6]), broken[0]["markdown"]) == 1.0
+    assert rudocs.similarity("\n".join(PAGE[:6]), broken[0]["markdown"]) == 1.0
     assert broken[1]["error"]["code"] == "corrupt" and broken[1]["blocks"] == []
 
     # Renders blank with the CPU engine's fonts, but its text layer holds the text.
     blank_font = results["not-embedded.pdf"]["pages"][0]
     assert blank_font["text_source"] == "text_layer"
-    assert similarity("\n".join(rudocs.CYRILLIC_ONLY), blank_font["markdown"]) == 1.0
+    assert rudocs.similarity("\n".join(rudocs.CYRILLIC_ONLY), blank_font["markdown"]) == 1.0
 
     locked = _json(s3, bucket, "output/locked.pdf.error.json")["error"]
     assert locked["code"] == "encrypted"
-    assert similarity("\n".join(mixed), results["after-locked.pdf"]["pages"][0]["markdown"]) == 1.0
+    assert rudocs.similarity("\n".join(mixed), results["after-locked.pdf"]["pages"][0]["markdown"]) == 1.0
     tall = _json(s3, bucket, "output/tall.pdf.error.json")["error"]
     assert tall["code"] == "bad_page_geometry"
 
@@ -310,7 +293,7 @@ async def test_ocr_mode_reads_every_page_and_says_when_it_found_nothing(
     assert [w["code"] for w in blank["warnings"]] == ["no_text"]
     text = _json(s3, bucket, "output/text.pdf.json")
     assert text["pages"][0]["text_source"] == "ocr"
-    assert similarity("\n".join(PAGE[:4]), text["pages"][0]["markdown"]) > 0.97
+    assert rudocs.similarity("\n".join(PAGE[:4]), text["pages"][0]["markdown"]) > 0.97
 
 
 async def test_text_mode_never_sends_a_pdf_page_to_the_engine(weed: SeaweedS3, bucket: str, s3: Any) -> None:

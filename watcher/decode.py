@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 
 from watcher.errors import DocumentError, ErrorCode, scrub
 
@@ -300,16 +300,8 @@ def _flatten(rgba: Image.Image) -> Image.Image:
     """Transparency onto a background the drawn pixels stand out from: white under dark
     content, black under light content (white text on a transparent PNG stays readable)."""
     alpha = rgba.getchannel("A")
-    grey = rgba.convert("L")
-    weight = sum(alpha.histogram()[1:])
-    if weight:
-        # Mean luminance of the drawn pixels, weighted by how opaque they are.
-        drawn = Image.composite(grey, Image.new("L", rgba.size, 0), alpha)
-        stats = sum(v * n for v, n in enumerate(drawn.histogram()))
-        opaque = sum(v * n for v, n in enumerate(alpha.histogram())) / 255.0
-        light = stats / max(opaque, 1.0) > 160
-    else:
-        light = False
+    drawn = ImageStat.Stat(rgba.convert("L"), mask=alpha.point(lambda a: 255 if a else 0))
+    light = bool(drawn.count[0]) and drawn.mean[0] > 160
     flat = Image.new("RGB", rgba.size, "black" if light else "white")
     flat.paste(rgba, mask=alpha)
     return flat

@@ -71,13 +71,12 @@ class Recogniser:
 
     async def _read(self, doc: Document, index: int, timings: dict[str, float]) -> PageResult:
         layer: TextLayer | None = None
-        if self.mode is not TextLayerMode.OCR:
-            t0 = time.perf_counter()
-            with self.metrics.stage("decode"):
-                layer = await self.decoder.text_layer(doc, index)
-            timings["decode_seconds_sum"] += time.perf_counter() - t0
-        if layer is not None and self._layer_serves(layer):
-            return _from_layer(layer)
+        text_first = self.mode is TextLayerMode.TEXT or (
+            self.mode is TextLayerMode.AUTO and not self.engine.structured)
+        if text_first:
+            layer = await self._text_layer(doc, index, timings)
+            if layer is not None and (self.mode is TextLayerMode.TEXT or layer.trusted):
+                return _from_layer(layer)
         t0 = time.perf_counter()
         with self.metrics.stage("decode"):
             rendered = await self.decoder.render(doc, index)
@@ -90,21 +89,28 @@ class Recogniser:
         timings["decode_seconds_sum"] += t1 - t0
         timings["engine_seconds_sum"] += time.perf_counter() - t1
         result.warnings[:0] = warnings
-        if layer is not None and layer.chars and not result.text.strip() and _usable(layer):
-            fallback = _from_layer(layer)
-            fallback.warnings[:0] = [*warnings, {
-                "code": "engine_read_nothing",
-                "message": f"page {index + 1}: the engine found no text on the rendered page; "
-                "the text is taken from the PDF's text layer (fonts that are not embedded "
-                "can render blank)",
-            }]
-            return fallback
-        return result
+        if result.text.strip() or self.mode is TextLayerMode.OCR:
+            return result
+        # The engine saw nothing: a structured engine's page reads its text layer only now.
+        if layer is None:
+            layer = await self._text_layer(doc, index, timings)
+        if layer is None or not layer.chars or not _usable(layer):
+            return result
+        fallback = _from_layer(layer)
+        fallback.warnings[:0] = [*warnings, {
+            "code": "engine_read_nothing",
+            "message": f"page {index + 1}: the engine found no text on the rendered page; "
+            "the text is taken from the PDF's text layer (fonts that are not embedded "
+            "can render blank)",
+        }]
+        return fallback
 
-    def _layer_serves(self, layer: TextLayer) -> bool:
-        if self.mode is TextLayerMode.TEXT:
-            return True
-        return layer.trusted and not self.engine.structured
+    async def _text_layer(self, doc: Document, index: int, timings: dict[str, float]) -> TextLayer | None:
+        t0 = time.perf_counter()
+        with self.metrics.stage("decode"):
+            layer = await self.decoder.text_layer(doc, index)
+        timings["decode_seconds_sum"] += time.perf_counter() - t0
+        return layer
 
 
 def _usable(layer: TextLayer) -> bool:
@@ -139,6 +145,6 @@ def unreadable(pages: list[PageResult]) -> DocumentError | None:
     first = errors[0]
     listed = "; ".join(e["message"] for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    code = ErrorCode(first["code"]) if first["code"] in ErrorCode._value2member_map_ else ErrorCode.CORRUPT
+    code = ErrorCode(first["code"])  # page errors come from DocumentError codes
     prefix = "" if len(pages) == 1 else f"none of its {len(pages)} pages could be read: "
     return DocumentError(code, f"{prefix}{listed}{more}")

@@ -251,7 +251,7 @@ def _drawn(page: pdfium.PdfPage) -> tuple[list[Box], list[Box]]:
         if kind not in (pdfium_c.FPDF_PAGEOBJ_IMAGE, pdfium_c.FPDF_PAGEOBJ_PATH):
             continue
         try:
-            bounds = obj.get_bounds() if hasattr(obj, "get_bounds") else obj.get_pos()
+            bounds = obj.get_bounds()
         except pdfium.PdfiumError:
             continue
         (images if kind == pdfium_c.FPDF_PAGEOBJ_IMAGE else paths).append(tuple(bounds))
