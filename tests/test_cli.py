@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from docgen import make_pdf
 
 from watcher.embedded import SeaweedS3, free_ports
+from watcher.settings import Settings, settings_table
 
 SECRET = "very-secret-value-9f3a7c"
 
@@ -177,3 +179,34 @@ def test_a_taken_health_port_names_the_setting_to_change() -> None:
     assert proc.returncode == 1
     assert f"127.0.0.1:{port}" in proc.stderr and "WATCHER_HTTP_PORT" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
+
+
+def test_every_configuration_problem_is_reported_in_one_round() -> None:
+    env = base_env(CLOUDRU_S3_BUCKET="documents", CLOUDRU_S3_SECRET_KEY=SECRET,
+                   WATCHER_HTTP_PORT="eighty", WATCHER_OUTPUT_PREFIX="input/results/",
+                   WATCHER_SHARD_INDEX="3")
+    proc = run_cli(env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    # Missing, malformed and contradictory settings together, one line each.
+    for name in ("CLOUDRU_S3_ENDPOINT", "CLOUDRU_S3_ACCESS_KEY", "WATCHER_HTTP_PORT",
+                 "WATCHER_OUTPUT_PREFIX must not overlap", "WATCHER_SHARD_INDEX must be below"):
+        assert sum(name in line for line in lines) == 1, (name, lines)
+    assert len(lines) == 5 and SECRET not in proc.stderr
+
+
+def test_run_help_lists_every_setting_with_its_default_and_meaning() -> None:
+    proc = subprocess.run([sys.executable, "-m", "watcher", "run", "--help"], env=base_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for name, info in Settings.model_fields.items():
+        assert f"  {info.alias} (default: " in proc.stdout, name
+        assert info.description, f"{name} has no docstring"
+    assert "WATCHER_TEXT_LAYER (default: auto)" in proc.stdout
+    assert "CLOUDRU_S3_ENDPOINT (default: required)" in proc.stdout
+
+
+def test_the_readme_settings_tables_are_the_settings_model() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert settings_table() in readme  # regenerate with watcher.settings.settings_table()
+    assert settings_table(vlm=True) in readme

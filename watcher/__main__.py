@@ -8,7 +8,7 @@ import errno
 import sys
 from typing import TYPE_CHECKING
 
-from watcher.settings import SettingsError, load_settings
+from watcher.settings import SettingsError, load_settings, settings_help
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
@@ -78,7 +78,12 @@ def _once_report(daemon: Daemon) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="watcher", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the daemon against the S3 endpoint in the environment")
+    run = sub.add_parser(
+        "run", help="run the daemon against the S3 endpoint in the environment",
+        description="Run the daemon. Its settings come from environment variables "
+        "(or files in WATCHER_SECRETS_DIR).",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--once", action="store_true",
                      help="process everything pending, drain and exit: 0 when every document "
                      "has a result, 1 when any got an error record or could not be finished")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import textwrap
 import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -81,96 +83,162 @@ class Settings(BaseSettings):
         populate_by_name=True,
         extra="ignore",
         secrets_dir=os.environ.get("WATCHER_SECRETS_DIR") or None,
+        # The docstring under each field is its meaning: `watcher run --help` and the
+        # README's settings tables are generated from them (settings_table).
+        use_attribute_docstrings=True,
     )
 
     # --- S3 (names operators already use) ---
     s3_endpoint: str = Field(alias="CLOUDRU_S3_ENDPOINT")
+    """S3 endpoint URL, `http://` or `https://`"""
     s3_bucket: str = Field(alias="CLOUDRU_S3_BUCKET", min_length=3, max_length=63)
+    """the bucket watched and written to"""
     s3_access_key: SecretStr = Field(alias="CLOUDRU_S3_ACCESS_KEY")
+    """access key id; Cloud.ru form `<tenant_id>:<key_id>`"""
     s3_secret_key: SecretStr = Field(alias="CLOUDRU_S3_SECRET_KEY")
+    """secret key; never logged, never in `/health` or results"""
     s3_region: str = Field(default="ru-central-1", alias="CLOUDRU_S3_REGION")
+    """signing region"""
     s3_addressing: Addressing = Field(default=Addressing.PATH, alias="CLOUDRU_S3_ADDRESSING")
+    """`path`, `virtual` or `auto` bucket addressing"""
     s3_connect_timeout: PositiveFloat = Field(default=5.0, alias="WATCHER_S3_CONNECT_TIMEOUT")
+    """seconds to connect"""
     s3_read_timeout: PositiveFloat = Field(default=60.0, alias="WATCHER_S3_READ_TIMEOUT")
+    """seconds to wait for a response"""
     s3_max_attempts: PositiveInt = Field(default=5, alias="WATCHER_S3_MAX_ATTEMPTS")
+    """tries per S3 call (backoff with jitter) before S3 counts as unavailable"""
     s3_max_pool: PositiveInt = Field(default=32, alias="WATCHER_S3_MAX_POOL")
+    """HTTP connections to S3"""
 
     # --- layout in the bucket ---
     input_prefix: str = Field(default="input/", alias="WATCHER_INPUT_PREFIX")
+    """where documents are dropped"""
     output_prefix: str = Field(default="output/", alias="WATCHER_OUTPUT_PREFIX")
+    """where results go (must not overlap the input prefix)"""
     lease_prefix: str = Field(default=".watcher/leases/", alias="WATCHER_LEASE_PREFIX")
+    """claim objects of running replicas"""
     source_action: SourceAction = Field(default=SourceAction.KEEP, alias="WATCHER_SOURCE_ACTION")
+    """after success: `keep`, `delete` or `move` the source (failed sources are always kept)"""
     done_prefix: str = Field(default="done/", alias="WATCHER_DONE_PREFIX")
+    """where `move` puts sources"""
 
     # --- discovery and claims ---
     poll_interval: PositiveFloat = Field(default=5.0, alias="WATCHER_POLL_INTERVAL")
+    """seconds between listings of the input prefix"""
     claim_mode: ClaimMode = Field(default=ClaimMode.LEASE, alias="WATCHER_CLAIM_MODE")
+    """`lease` (conditional PUT) or `shard` (key-hash split, for stores without conditional writes)"""
     lease_seconds: Annotated[float, Field(ge=10)] = Field(
         default=120.0, alias="WATCHER_LEASE_SECONDS"
     )
+    """a lease's lifetime; renewed every third of it while working"""
     shard_index: Annotated[int, Field(ge=0)] = Field(default=0, alias="WATCHER_SHARD_INDEX")
+    """this replica's shard in `shard` mode, from 0"""
     shard_count: PositiveInt = Field(default=1, alias="WATCHER_SHARD_COUNT")
+    """number of shards (replicas) in `shard` mode"""
     replica_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         alias="WATCHER_REPLICA_ID",
     )
+    """written into leases; set it to the pod name (StatefulSet) so that a restarted container takes its
+    own leases back at once"""
 
     # --- work and concurrency ---
     engine: EngineName = Field(default=EngineName.CPU, alias="WATCHER_ENGINE")
+    """`cpu` (Tesseract, offline), `paddleocr-vl` or `openai-vlm` (GPU, see below)"""
     max_inflight_documents: PositiveInt = Field(default=2, alias="WATCHER_MAX_INFLIGHT_DOCUMENTS")
+    """documents processed at once, at most; with a VLM engine the number in flight follows the engine's
+    adaptive request limit below this ceiling"""
     page_concurrency: PositiveInt = Field(default=2, alias="WATCHER_PAGE_CONCURRENCY")
+    """pages of one document in flight (and in memory) at once, at most"""
     engine_concurrency: PositiveInt = Field(default=1, alias="WATCHER_ENGINE_CONCURRENCY")
+    """engine worker processes for `cpu` and `paddleocr-vl` (CPU engine: each uses all cores)"""
     queue_size: PositiveInt = Field(default=1000, alias="WATCHER_QUEUE_SIZE")
+    """discovered documents queued in memory; the rest wait for the next poll"""
     max_attempts: PositiveInt = Field(default=3, alias="WATCHER_MAX_ATTEMPTS")
+    """failed attempts on one document (engine hung, died or raised; or the whole pod died while on it)
+    before it gets `engine_failed`; counted in S3"""
     engine_retry_seconds: PositiveFloat = Field(default=60.0, alias="WATCHER_ENGINE_RETRY_SECONDS")
+    """after a failed warm-up, try again this often"""
     drain_seconds: Annotated[float, Field(ge=0)] = Field(default=30.0, alias="WATCHER_DRAIN_SECONDS")
+    """grace period on SIGTERM to finish in-flight documents"""
     engine_timeout: PositiveFloat = Field(default=600.0, alias="WATCHER_ENGINE_TIMEOUT")
+    """seconds for one call to an engine worker; past it the worker is killed and replaced, and the page's
+    document is charged one attempt"""
     # The GPU image's PaddleOCR-VL worker settles near 3-4 GB of host memory; a worker
     # far above that is leaking (0 turns the check off).
     engine_max_rss_mb: Annotated[int, Field(ge=0)] = Field(
         default=12288, alias="WATCHER_ENGINE_MAX_RSS_MB"
     )
+    """an engine worker whose resident memory passes this is replaced after its current call (`0`: never)"""
 
     # --- document limits ---
     max_object_bytes: PositiveInt = Field(default=200 * MiB, alias="WATCHER_MAX_OBJECT_BYTES")
+    """larger objects get `too_large` without being downloaded"""
     max_pages: PositiveInt = Field(default=1000, alias="WATCHER_MAX_PAGES")
+    """more pages get `too_many_pages`"""
     max_page_pixels: PositiveInt = Field(default=60_000_000, alias="WATCHER_MAX_PAGE_PIXELS")
+    """bigger images get `page_too_large` (decompression bombs); bigger PDF pages are rendered smaller"""
     render_dpi: Annotated[int, Field(ge=36, le=600)] = Field(default=150, alias="WATCHER_RENDER_DPI")
+    """PDF rasterisation resolution"""
     temp_dir: str | None = Field(default=None, alias="WATCHER_TEMP_DIR")
+    """where sources are downloaded while processed (removed after)"""
 
     # --- reading text ---
     text_layer: TextLayerMode = Field(default=TextLayerMode.AUTO, alias="WATCHER_TEXT_LAYER")
+    """where a PDF page's text comes from: `auto` (its own text layer when it can be trusted, else OCR),
+    `ocr` (always OCR), `text` (never OCR a PDF page)"""
     ocr_languages: Annotated[str, Field(pattern=r"^[a-z_]+(\+[a-z_]+)*$")] = Field(
         default="rus+eng", alias="WATCHER_OCR_LANGUAGES"
     )
+    """Tesseract languages of the `cpu` engine, `+`-separated, the first preferred (each needs Debian's
+    `tesseract-ocr-<lang>`)"""
     tessdata_dir: str | None = Field(default=None, alias="WATCHER_TESSDATA_DIR")
+    """where Tesseract's `<lang>.traineddata` files are, if not in the usual places"""
 
     # --- HTTP and logs ---
     http_host: str = Field(default="0.0.0.0", alias="WATCHER_HTTP_HOST")
+    """address the health server (/health, /ready, /metrics) listens on"""
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8081, alias="WATCHER_HTTP_PORT")
+    """port of the health server (0: any free port)"""
     log_level: str = Field(default="INFO", alias="WATCHER_LOG_LEVEL")
+    """`DEBUG`, `INFO`, `WARNING`, `ERROR`"""
     log_format: str = Field(default="json", alias="WATCHER_LOG_FORMAT")
+    """`json` (one event per line) or `console`"""
 
     # --- VLM engines ---
     # Read by the openai-vlm and paddleocr-vl engines only; harmless for the CPU engine.
     vlm_url: str = Field(default="http://127.0.0.1:8080/v1", alias="WATCHER_VLM_URL")
+    """the OpenAI-compatible VLM server (vLLM); its `/health` is probed beside it"""
     # Empty: the served name of WATCHER_PIPELINE_VERSION's model (PADDLEOCR_VL_MODELS).
     vlm_model: str = Field(default="", alias="WATCHER_VLM_MODEL")
+    """model name to request; must equal vLLM's `--served-model-name`"""
     vlm_prompt_preset: Literal["paddleocr-vl", "granite-docling"] = Field(
         default="paddleocr-vl", alias="WATCHER_VLM_PROMPT_PRESET"
     )
+    """`paddleocr-vl` (prompt `OCR:`) or `granite-docling` (DocTags → blocks with boxes + Markdown)"""
     vlm_prompt: str | None = Field(default=None, alias="WATCHER_VLM_PROMPT")
+    """override the prompt text"""
     # An upper bound: the requests in flight adapt to the server (engines/capacity.py).
     vlm_max_concurrency: PositiveInt = Field(default=512, alias="WATCHER_VLM_MAX_CONCURRENCY")
+    """upper bound of the adaptive number of requests in flight to the VLM server (`openai-vlm`);
+    `paddleocr-vl` passes it to the pipeline as `vl_rec_max_concurrency`"""
     vlm_timeout: PositiveFloat = Field(default=120.0, alias="WATCHER_VLM_TIMEOUT")
+    """seconds per request"""
     vlm_max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
         default=3, alias="WATCHER_VLM_MAX_RETRIES"
     )
+    """retries of a request on 5xx, 429, connection error or timeout"""
     vlm_max_tokens: PositiveInt = Field(default=4096, alias="WATCHER_VLM_MAX_TOKENS")
+    """`max_tokens` per page"""
     vlm_startup_timeout: PositiveFloat = Field(default=900.0, alias="WATCHER_VLM_STARTUP_TIMEOUT")
+    """seconds warm-up waits for the VLM server's `/health`"""
     vlm_api_key: SecretStr | None = Field(default=None, alias="WATCHER_VLM_API_KEY")
+    """sent as a Bearer token; treated as a secret"""
     pipeline_version: str = Field(default=DEFAULT_PIPELINE_VERSION, alias="WATCHER_PIPELINE_VERSION")
+    """the PaddleOCR-VL release: `PaddleOCRVL(pipeline_version=...)`, `v1`, `v1.5`, `v1.6`; picks the
+    default served name and weights (daemon and start.sh alike)"""
     layout_device: str = Field(default="gpu", alias="WATCHER_LAYOUT_DEVICE")
+    """device of PaddleOCR-VL's in-process layout model (`gpu:0`, `cpu`, ...)"""
 
     @field_validator("vlm_url")
     @classmethod
@@ -253,11 +321,15 @@ class Settings(BaseSettings):
         }
         if self.source_action is SourceAction.MOVE:
             prefixes["WATCHER_DONE_PREFIX"] = self.done_prefix
-        for name, other in prefixes.items():
-            if other.startswith(self.input_prefix) or self.input_prefix.startswith(other):
-                raise ValueError(f"{name} must not overlap WATCHER_INPUT_PREFIX")
+        problems = [
+            f"{name} must not overlap WATCHER_INPUT_PREFIX"
+            for name, other in prefixes.items()
+            if other.startswith(self.input_prefix) or self.input_prefix.startswith(other)
+        ]
         if self.shard_index >= self.shard_count:
-            raise ValueError("WATCHER_SHARD_INDEX must be below WATCHER_SHARD_COUNT")
+            problems.append("WATCHER_SHARD_INDEX must be below WATCHER_SHARD_COUNT")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -287,6 +359,70 @@ class Settings(BaseSettings):
         return values
 
 
+# --- the settings, documented (`watcher run --help`, the README's tables) ---
+
+# Defaults that the field's own value does not say: computed, or set by the engine.
+_SHOWN_DEFAULTS = {
+    "replica_id": "host name + random",
+    "max_inflight_documents": "`2` (VLM engines: `WATCHER_VLM_MAX_CONCURRENCY`)",
+    "page_concurrency": "`2` (VLM engines: `8`)",
+    "temp_dir": "system temp",
+    "tessdata_dir": "Debian's tessdata",
+    "vlm_model": f"`{PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]}` (the served name of "
+    "`WATCHER_PIPELINE_VERSION`'s model)",
+    "vlm_prompt": "preset's",
+}
+# Read by the VLM engines only: the README lists them in a table of their own.
+_VLM_ONLY = ("pipeline_version", "layout_device")
+# Read before the settings are: where the values may come from.
+_OUTSIDE_THE_MODEL = [("WATCHER_SECRETS_DIR", "unset", "directory of files named like the variables above")]
+
+
+def _shown_default(name: str, info: FieldInfo) -> str:
+    if name in _SHOWN_DEFAULTS:
+        return _SHOWN_DEFAULTS[name]
+    if info.is_required():
+        return "required"
+    value = info.default
+    if value is None:
+        return "unset"
+    if isinstance(value, StrEnum):
+        value = value.value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
+def settings_rows(vlm: bool = False) -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of every setting, from the model itself."""
+    rows = [
+        (str(info.alias), _shown_default(name, info), " ".join((info.description or "").split()))
+        for name, info in Settings.model_fields.items()
+        if (name.startswith("vlm_") or name in _VLM_ONLY) == vlm
+    ]
+    return rows if vlm else rows + _OUTSIDE_THE_MODEL
+
+
+def settings_table(vlm: bool = False) -> str:
+    """The README's settings table (held to the model by a test)."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in settings_rows(vlm)]
+    return "\n".join(lines)
+
+
+def settings_help() -> str:
+    """Every setting with its default and meaning, for `watcher run --help`."""
+    parts = ["settings (environment variables):"]
+    for vlm in (False, True):
+        if vlm:
+            parts.append("\nread by the VLM engines (paddleocr-vl, openai-vlm) only:")
+        for name, default, meaning in settings_rows(vlm):
+            parts.append(f"  {name} (default: {default.replace('`', '')})")
+            parts.append(textwrap.fill(meaning.replace("`", ""), 88, initial_indent="      ",
+                                       subsequent_indent="      "))
+    return "\n".join(parts)
+
+
 class SettingsError(Exception):
     """Start-up configuration is invalid; `lines` name each variable and the problem."""
 
@@ -302,22 +438,54 @@ def _alias_of(field: str) -> str:
     return field
 
 
+def _field_of(name: str) -> str:
+    """The field's name, whether pydantic reports it by name or by alias."""
+    if name in Settings.model_fields:
+        return name
+    return next((f for f, info in Settings.model_fields.items() if info.alias == name), name)
+
+
+# Harmless values for required settings that are missing or bad, so that the checks
+# across settings still run in the same round.
+_STAND_INS = {"s3_endpoint": "http://stand-in", "s3_bucket": "stand-in",
+              "s3_access_key": "stand-in", "s3_secret_key": "stand-in"}
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment; raise SettingsError with one line per problem."""
+    """Read settings from the environment; raise SettingsError with one line per problem,
+    every problem in one round."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_input=False, include_url=False):
-            loc = err.get("loc") or ()
-            message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-            if err.get("type") == "missing":
-                message = "is required but not set"
-            if loc:
-                lines.append(f"invalid setting {_alias_of(str(loc[0]))}: {message}")
-            else:
-                lines.append(f"invalid settings: {message}")
-        raise SettingsError(lines) from None
+        lines, bad = _problems(exc)
+    if bad and not any(line.startswith("invalid settings:") for line in lines):
+        # Checks across settings run only when each setting is valid on its own: run them
+        # again with the bad ones replaced, and keep what does not involve those.
+        stand_ins = {name: _STAND_INS.get(name, Settings.model_fields[name].default) for name in bad}
+        try:
+            Settings(**{**overrides, **stand_ins})
+        except ValidationError as again:
+            bad_names = {_alias_of(name) for name in bad}
+            lines += [line for line in _problems(again)[0] if line.startswith("invalid settings:")
+                      and not any(name in line for name in bad_names)]
+    raise SettingsError(lines)
+
+
+def _problems(exc: ValidationError) -> tuple[list[str], set[str]]:
+    """One line per problem, and the fields that were bad on their own."""
+    lines: list[str] = []
+    bad: set[str] = set()
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = err.get("loc") or ()
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            message = "is required but not set"
+        if loc:
+            bad.add(_field_of(str(loc[0])))
+            lines.append(f"invalid setting {_alias_of(str(loc[0]))}: {message}")
+        else:
+            lines += [f"invalid settings: {part}" for part in message.splitlines()]
+    return lines, bad
 
 
 __all__ = [
