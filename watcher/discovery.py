@@ -1,5 +1,8 @@
 """Discovery: list the input prefix and yield the source versions that are not done.
 
+With WATCHER_RESULTS_OF_DELETED_SOURCES=delete it also removes the results whose source
+is gone: seen missing on two listings in a row, so that one odd listing removes nothing.
+
 Done-ness lives in S3: a version is done when `<output>/<rel>.json` (or `.error.json`)
 carries its ETag in metadata. The output listing tells which results exist; a HEAD per
 new result tells which source ETag it records, cached by the result's own ETag so a
@@ -11,8 +14,11 @@ from __future__ import annotations
 import asyncio
 
 from watcher.layout import SOURCE_ETAG_META, Layout, shard_of
-from watcher.settings import ClaimMode, Settings
+from watcher.logs import get_logger
+from watcher.settings import ClaimMode, DeletedSourceResults, Settings
 from watcher.storage import ObjectRef, Storage, clean_etag
+
+log = get_logger("watcher.discovery")
 
 # Items handled between two yields to the event loop.
 BATCH = 500
@@ -25,6 +31,8 @@ class Discovery:
         self.layout = layout
         self._recorded: dict[tuple[str, str], str] = {}  # (result key, result etag) -> source etag
         self._head_limit = asyncio.Semaphore(16)
+        self._prune = settings.results_of_deleted_sources is DeletedSourceResults.DELETE
+        self._orphans: set[str] = set()  # results whose source the last listing lacked
 
     def _mine(self, key: str) -> bool:
         if self.settings.claim_mode is not ClaimMode.SHARD:
@@ -59,11 +67,14 @@ class Discovery:
             outputs[ref.key] = ref
         todo: list[ObjectRef] = []
         to_check: list[tuple[ObjectRef, list[ObjectRef]]] = []
+        sources: set[str] = set()
         seen = 0
         async for ref in self.storage.list_objects(self.layout.input_prefix):
             seen += 1
             if seen % BATCH == 0:
                 await asyncio.sleep(0)
+            if self._prune:
+                sources.add(ref.key)
             if not (self.layout.is_document_key(ref.key) and self._mine(ref.key)):
                 continue
             results = [outputs[k] for k in (self.layout.result_json(ref.key),
@@ -77,5 +88,19 @@ class Discovery:
             done = await asyncio.gather(*(self._is_done(ref, results) for ref, results in chunk))
             todo.extend(ref for (ref, _), is_done in zip(chunk, done, strict=True) if not is_done)
         self._recorded = {k: v for k, v in self._recorded.items() if k[0] in outputs}
+        if self._prune:
+            await self._remove_orphans(outputs, sources)
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
         return todo
+
+    async def _remove_orphans(self, outputs: dict[str, ObjectRef], sources: set[str]) -> None:
+        orphans = set()
+        for key in outputs:
+            candidates = self.layout.sources_of(key)
+            if (candidates and self._mine(candidates[0])
+                    and not any(source in sources for source in candidates)):
+                orphans.add(key)
+        confirmed, self._orphans = orphans & self._orphans, orphans - self._orphans
+        for key in sorted(confirmed):
+            await self.storage.delete(key)
+            log.info("result_removed_source_deleted", result=key)

@@ -71,6 +71,14 @@ class Layout:
             return readable
         return f"{self.lease_prefix}_sha256/{hashlib.sha256(key.encode('utf-8')).hexdigest()}.lease"
 
+    def sources_of(self, output_key: str) -> list[str]:
+        """The source keys whose result, Markdown or error record `output_key` may be
+        (`y.png.error.json` is y.png's error record or y.png.error's result)."""
+        rel = output_key[len(self.output_prefix):] if output_key.startswith(self.output_prefix) else ""
+        return [f"{self.input_prefix}{rel[: -len(suffix)]}"
+                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md")
+                if rel.endswith(suffix) and len(rel) > len(suffix)]
+
     def result_keys_fit(self, key: str) -> bool:
         return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))
 

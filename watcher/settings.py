@@ -43,6 +43,11 @@ class TextLayerMode(StrEnum):
     TEXT = "text"
 
 
+class DeletedSourceResults(StrEnum):
+    KEEP = "keep"
+    DELETE = "delete"
+
+
 class Addressing(StrEnum):
     PATH = "path"
     VIRTUAL = "virtual"
@@ -121,6 +126,11 @@ class Settings(BaseSettings):
     """after success: `keep`, `delete` or `move` the source (failed sources are always kept)"""
     done_prefix: str = Field(default="done/", alias="WATCHER_DONE_PREFIX")
     """where `move` puts sources"""
+    results_of_deleted_sources: DeletedSourceResults = Field(
+        default=DeletedSourceResults.KEEP, alias="WATCHER_RESULTS_OF_DELETED_SOURCES"
+    )
+    """what happens to a result when its source is deleted: `keep` it, or `delete` it (seen
+    missing on two listings in a row; only with `WATCHER_SOURCE_ACTION=keep`)"""
 
     # --- discovery and claims ---
     poll_interval: PositiveFloat = Field(default=5.0, alias="WATCHER_POLL_INTERVAL")
@@ -328,6 +338,10 @@ class Settings(BaseSettings):
         ]
         if self.shard_index >= self.shard_count:
             problems.append("WATCHER_SHARD_INDEX must be below WATCHER_SHARD_COUNT")
+        if (self.results_of_deleted_sources is DeletedSourceResults.DELETE
+                and self.source_action is not SourceAction.KEEP):
+            # `delete` and `move` take sources away on purpose, after their result is out.
+            problems.append("WATCHER_RESULTS_OF_DELETED_SOURCES=delete needs WATCHER_SOURCE_ACTION=keep")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -491,6 +505,7 @@ def _problems(exc: ValidationError) -> tuple[list[str], set[str]]:
 __all__ = [
     "Addressing",
     "ClaimMode",
+    "DeletedSourceResults",
     "EngineName",
     "Settings",
     "SettingsError",
