@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -91,6 +92,7 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
         assert result["source"] == {
             "bucket": bucket, "key": f"input/{rel}", "etag": head["ETag"].strip('"'),
             "size": len(body), "last_modified": result["source"]["last_modified"],
+            "sha256": hashlib.sha256(body).hexdigest(),
         }
         assert len(result["pages"]) == pages
         for page in result["pages"]:
@@ -148,3 +150,43 @@ async def test_replaced_source_is_processed_again(weed: SeaweedS3, bucket: str, 
     assert result["source"]["etag"] == new_etag
     assert contains_fuzzy(result["markdown"], "Second version LIMA")
     assert len(engine.calls) == 2
+
+
+async def test_the_same_content_uploaded_again_is_not_read_again(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    key, body = "input/contract.pdf", make_pdf([["Same bytes again", "uploaded twice"]])
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, text_layer="ocr")
+    async with daemon_running(settings, engine) as daemon:
+        await wait_for_keys(s3, bucket, ["output/contract.pdf.json"])
+        first = load_json(s3, bucket, "output/contract.pdf.json")
+        calls = len(engine.calls)
+        # The AWS CLI uploads large files in parts: same bytes, an ETag ending in "-1".
+        upload = s3.create_multipart_upload(Bucket=bucket, Key=key)
+        part = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=body)
+        s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={
+            "Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+        new_etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        assert new_etag.endswith("-1") and new_etag != first["source"]["etag"]
+        while load_json(s3, bucket, "output/contract.pdf.json")["source"]["etag"] != new_etag:
+            await daemon.wait_polls(daemon.polls + 1, timeout=30)
+        repointed = load_json(s3, bucket, "output/contract.pdf.json")
+        assert len(engine.calls) == calls  # not read again
+        jsonschema.validate(repointed, SCHEMA)
+        assert repointed["reused"]["from_etag"] == first["source"]["etag"]
+        assert repointed["source"]["sha256"] == first["source"]["sha256"]
+        assert repointed["pages"] == first["pages"] and repointed["markdown"] == first["markdown"]
+        md_head = s3.head_object(Bucket=bucket, Key="output/contract.pdf.md")
+        assert md_head["Metadata"]["source-etag"] == new_etag
+        # A different content under the same key is read, as before.
+        s3.put_object(Bucket=bucket, Key=key, Body=make_pdf([["Different bytes now"]]))
+        changed = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        while load_json(s3, bucket, "output/contract.pdf.json")["source"]["etag"] != changed:
+            await daemon.wait_polls(daemon.polls + 1, timeout=30)
+    last = load_json(s3, bucket, "output/contract.pdf.json")
+    assert len(engine.calls) == calls + 1  # only the changed content was read
+    assert "reused" not in last and contains_fuzzy(last["markdown"], "Different bytes now")
+    head = s3.head_object(Bucket=bucket, Key="output/contract.pdf.json")
+    assert head["Metadata"]["source-sha256"] == last["source"]["sha256"] != first["source"]["sha256"]

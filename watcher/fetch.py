@@ -8,6 +8,7 @@ does not leak across crashes, and never touches a live neighbour's downloads.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -35,8 +36,11 @@ def prepare_work_dir(temp_dir: str | None) -> Path:
     return work
 
 
-async def fetch(storage: Storage, ref: ObjectRef, temp_dir: Path | str | None, max_bytes: int) -> Path:
-    """Download `ref` to a new temp file and return its path; the caller deletes it."""
+async def fetch(
+    storage: Storage, ref: ObjectRef, temp_dir: Path | str | None, max_bytes: int
+) -> tuple[Path, str]:
+    """Download `ref` to a new temp file; its path (the caller deletes it) and the
+    content's SHA-256, computed on the way."""
     if ref.size > max_bytes:
         raise DocumentError(
             ErrorCode.TOO_LARGE,
@@ -48,11 +52,17 @@ async def fetch(storage: Storage, ref: ObjectRef, temp_dir: Path | str | None, m
     fd, name = tempfile.mkstemp(prefix="watcher-", suffix=suffix, dir=temp_dir)
     path = Path(name)
     try:
+        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as fh:
-            written = await storage.download(ref, fh.write)
+
+            def sink(chunk: bytes) -> None:
+                fh.write(chunk)
+                digest.update(chunk)
+
+            written = await storage.download(ref, sink)
         if written > max_bytes:
             raise DocumentError(ErrorCode.TOO_LARGE, "the object grew past WATCHER_MAX_OBJECT_BYTES")
     except BaseException:
         os.unlink(path)
         raise
-    return path
+    return path, digest.hexdigest()

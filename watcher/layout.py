@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from watcher.settings import Settings
 
 SOURCE_ETAG_META = "source-etag"  # x-amz-meta-source-etag on every result object
+SOURCE_SHA256_META = "source-sha256"  # the content's SHA-256, for re-pointing identical uploads
 # S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
 # at 255 bytes, answering KeyTooLongError.
 ERROR_SUFFIX = ".error"

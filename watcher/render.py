@@ -17,18 +17,21 @@ SCHEMA_VERSION = "1.1"
 ERROR_SCHEMA_VERSION = "1.1"
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _source(ref: ObjectRef) -> dict[str, Any]:
-    return {
+def source_fields(ref: ObjectRef) -> dict[str, Any]:
+    fields: dict[str, Any] = {
         "bucket": ref.bucket,
         "key": ref.key,
         "etag": ref.etag,
         "size": ref.size,
         "last_modified": ref.last_modified.isoformat() if ref.last_modified else None,
     }
+    if ref.sha256:
+        fields["sha256"] = ref.sha256
+    return fields
 
 
 def _block(block: Any) -> dict[str, Any]:
@@ -36,6 +39,11 @@ def _block(block: Any) -> dict[str, Any]:
     extra = data.pop("extra") or {}
     data.update(extra)
     return {k: v for k, v in data.items() if v is not None}
+
+
+def engine_of(engine: Engine) -> dict[str, str]:
+    """How a result names the engine that read it."""
+    return {"name": engine.name, "model": engine.model}
 
 
 def render_markdown(pages: list[PageResult]) -> str:
@@ -62,14 +70,14 @@ def render_result(
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "source": _source(ref),
-        "engine": {"name": engine.name, "model": engine.model},
+        "source": source_fields(ref),
+        "engine": engine_of(engine),
         "document": {"format": doc_format, "page_count": len(pages)},
         "pages": [],
         "warnings": [{**w, "page": p.index} for p in pages for w in p.warnings],
         "markdown": markdown,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "created_at": _now(),
+        "created_at": now(),
         "watcher_version": __version__,
     }
     for page in pages:
@@ -93,9 +101,9 @@ def render_result(
 def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -> dict[str, Any]:
     return {
         "schema_version": ERROR_SCHEMA_VERSION,
-        "source": _source(ref),
+        "source": source_fields(ref),
         "error": {"code": code.value, "message": scrub(message), "attempts": attempts},
-        "created_at": _now(),
+        "created_at": now(),
         "watcher_version": __version__,
     }
 

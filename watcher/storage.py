@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -53,6 +53,8 @@ class ObjectRef:
     etag: str
     size: int
     last_modified: datetime | None = None
+    # SHA-256 of the content, once downloaded (fetch.py); not part of the version's identity.
+    sha256: str | None = field(default=None, compare=False)
 
 
 class StorageUnavailable(Exception):

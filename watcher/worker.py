@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -24,9 +25,9 @@ from watcher.layout import Layout, key_fits
 from watcher.logs import get_logger
 from watcher.metrics import Metrics
 from watcher.outcome import Fate, Outcome, classify
-from watcher.publish import publish_error, publish_result
+from watcher.publish import publish_error, publish_result, repoint_result
 from watcher.recognise import Recogniser, engine_call, unreadable
-from watcher.render import render_document, render_error
+from watcher.render import engine_of, render_document, render_error
 from watcher.settings import Settings
 from watcher.settle import settle
 from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable
@@ -202,10 +203,18 @@ class DocumentWorker:
         try:
             t0 = time.perf_counter()
             with self.metrics.stage("fetch"):
-                path = await fetch(self.storage, ref, self.work_dir,
-                                   self.settings.max_object_bytes)
+                path, digest = await fetch(self.storage, ref, self.work_dir,
+                                           self.settings.max_object_bytes)
+            ref = replace(ref, sha256=digest)
             timings["fetch_seconds"] = time.perf_counter() - t0
-            log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3))
+            log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3), sha256=digest)
+            with self.metrics.stage("publish"):
+                reused_from = await repoint_result(self.storage, self.layout, ref, engine_of(self.engine))
+            if reused_from is not None:
+                log.info("document_done", outcome="done", reused_from_etag=reused_from,
+                         hint="same content as the version already read: result re-pointed")
+                await self._settle(ref)
+                return
             fmt, pages = await self._recognise(ref, path, timings, ticket)
         finally:
             if path is not None:
@@ -226,6 +235,9 @@ class DocumentWorker:
             publish_seconds=round(time.perf_counter() - t0, 3),
             **{k: round(v, 3) for k, v in timings.items()},
         )
+        await self._settle(ref)
+
+    async def _settle(self, ref: ObjectRef) -> None:
         # A failed source stays where it is, for its owner to inspect or replace.
         with self.metrics.stage("settle"):
             await settle(self.storage, self.layout, ref, self.settings.source_action)
