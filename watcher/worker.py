@@ -208,12 +208,7 @@ class DocumentWorker:
             ref = replace(ref, sha256=digest)
             timings["fetch_seconds"] = time.perf_counter() - t0
             log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3), sha256=digest)
-            with self.metrics.stage("publish"):
-                reused_from = await repoint_result(self.storage, self.layout, ref, engine_of(self.engine))
-            if reused_from is not None:
-                log.info("document_done", outcome="done", reused_from_etag=reused_from,
-                         hint="same content as the version already read: result re-pointed")
-                await self._settle(ref)
+            if await self._repointed(ref, lease):
                 return
             fmt, pages = await self._recognise(ref, path, timings, ticket)
         finally:
@@ -236,6 +231,19 @@ class DocumentWorker:
             **{k: round(v, 3) for k, v in timings.items()},
         )
         await self._settle(ref)
+
+    async def _repointed(self, ref: ObjectRef, lease: Lease) -> bool:
+        """True when this version's content was read before: its result now points here."""
+        if lease.lost:
+            raise LeaseLost(ref.key)
+        with self.metrics.stage("publish"):
+            reused_from = await repoint_result(self.storage, self.layout, ref, engine_of(self.engine))
+        if reused_from is None:
+            return False
+        log.info("document_done", outcome="done", reused_from_etag=reused_from,
+                 hint="same content as the version already read: result re-pointed")
+        await self._settle(ref)
+        return True
 
     async def _settle(self, ref: ObjectRef) -> None:
         # A failed source stays where it is, for its owner to inspect or replace.
