@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from watcher.settings import SettingsError, load_settings, settings_help
@@ -90,14 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="embedded SeaweedFS + CPU engine + the sample documents")
     demo.add_argument("--keep-running", action="store_true",
                       help="keep the daemon and S3 server up after the samples are done")
-    demo.add_argument("--http-port", type=int, default=8081)
+    demo.add_argument("--http-port", type=int, default=8081, help="port of /health (default 8081)")
+    demo.add_argument("--s3-port", type=int, default=0,
+                      help="port of the embedded S3 server (default: a free one, new each run)")
+    demo.add_argument("--data-dir", type=Path, default=None,
+                      help="keep the S3 server's data here across runs (default: a temporary "
+                      "directory, deleted when the demo stops)")
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(once=args.once)
     from watcher.demo import run_demo
 
     try:
-        return run_demo(keep_running=args.keep_running, http_port=args.http_port)
+        return run_demo(keep_running=args.keep_running, http_port=args.http_port,
+                        s3_port=args.s3_port, data_dir=args.data_dir)
     except OSError as exc:
         print(f"watcher: cannot start the demo: {exc}", file=sys.stderr)
         return 1

@@ -78,6 +78,10 @@ class Daemon:
         self.listening = asyncio.Event()
 
     # --- control -----------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         if self._stop.is_set():
             log.warning("second_stop_signal_skipping_drain")
@@ -329,5 +333,8 @@ async def running(daemon: Daemon) -> AsyncIterator[asyncio.Task[None]]:
     try:
         yield task
     finally:
-        daemon.request_stop()
+        # A stop already asked for (Ctrl-C, SIGTERM) is not asked again: a second request
+        # means "skip the drain".
+        if not daemon.stop_requested:
+            daemon.request_stop()
         await task

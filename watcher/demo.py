@@ -17,7 +17,7 @@ from watcher.daemon import Daemon, running
 from watcher.embedded import SeaweedS3
 from watcher.layout import Layout
 from watcher.logs import configure_logging
-from watcher.settings import load_settings
+from watcher.settings import Settings, load_settings
 
 BUCKET = "documents"
 
@@ -36,6 +36,36 @@ def _summary(client: object, key: str) -> str:
     return f"{len(data['pages'])} page(s): {words}..."
 
 
+def connection_help(server: SeaweedS3, settings: Settings) -> str:
+    """Everything an S3 client needs to reach the demo, ready to paste."""
+    endpoint, key, secret, region = server.endpoint, server.access_key, server.secret_key, settings.s3_region
+    data = server.data_dir
+    kept = ("kept when the demo stops" if server.keeps_data
+            else "deleted when the demo stops; --data-dir keeps it")
+    return "\n".join([
+        f"S3 endpoint   {endpoint}",
+        f"bucket        {BUCKET}",
+        f"region        {region}",
+        f"access key    {key}",
+        f"secret key    {secret}",
+        "              (demo-only credentials of this local server; never used anywhere else)",
+        f"input prefix  {settings.input_prefix}",
+        f"output prefix {settings.output_prefix}",
+        f"data          {data} ({kept})",
+        "",
+        "AWS CLI:",
+        f"  export AWS_ACCESS_KEY_ID='{key}' AWS_SECRET_ACCESS_KEY='{secret}' AWS_DEFAULT_REGION={region}",
+        f"  aws --endpoint-url {endpoint} s3 cp my.pdf s3://{BUCKET}/{settings.input_prefix}",
+        f"  aws --endpoint-url {endpoint} s3 ls --recursive s3://{BUCKET}/{settings.output_prefix}",
+        "rclone:",
+        f"  export RCLONE_CONFIG_DEMO_TYPE=s3 RCLONE_CONFIG_DEMO_PROVIDER=SeaweedFS "
+        f"RCLONE_CONFIG_DEMO_ENDPOINT={endpoint} RCLONE_CONFIG_DEMO_REGION={region} "
+        f"RCLONE_CONFIG_DEMO_ACCESS_KEY_ID='{key}' RCLONE_CONFIG_DEMO_SECRET_ACCESS_KEY='{secret}'",
+        f"  rclone copy my.pdf demo:{BUCKET}/{settings.input_prefix}",
+        f"  rclone ls demo:{BUCKET}/{settings.output_prefix}",
+    ])
+
+
 async def _demo(server: SeaweedS3, keep_running: bool, http_port: int) -> int:
     settings = load_settings(
         s3_endpoint=server.endpoint, s3_bucket=BUCKET,
@@ -52,44 +82,54 @@ async def _demo(server: SeaweedS3, keep_running: bool, http_port: int) -> int:
         if task.done():
             listening.cancel()
             task.result()  # raises why the daemon could not start (port taken, ...)
-        print(f"S3 endpoint  {server.endpoint}  bucket '{BUCKET}'")
-        print(f"health       http://127.0.0.1:{daemon.http.port}/health  (/ready, /metrics)")
-        keys = []
-        for path in sample_files():
-            key = f"{settings.input_prefix}samples/{path.name}"
-            client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
-            keys.append(key)
-            print(f"uploaded     s3://{BUCKET}/{key}")
-        daemon.poke()
-        print("waiting for results (the CPU engine takes about a second a page)...")
-        layout = Layout.from_settings(settings)
-        pending = {k: (layout.result_json(k), layout.error_json(k)) for k in keys}
-        deadline = time.monotonic() + 300
-        while pending and time.monotonic() < deadline:
-            for key, candidates in list(pending.items()):
-                for result_key in candidates:
-                    if _exists(client, result_key):
-                        print(f"\n{key}\n  -> s3://{BUCKET}/{result_key}")
-                        if result_key.endswith(".error.json"):
-                            print(f"     {_summary(client, result_key)}")
-                        else:
-                            print(f"  -> s3://{BUCKET}/{result_key[:-5]}.md")
-                            print(f"     {_summary(client, result_key)}")
-                        del pending[key]
-                        break
-            await asyncio.sleep(0.5)
-        if pending:
-            print(f"\ntimed out waiting for: {', '.join(pending)}")
+        # Ctrl-C from here on is one stop request: the daemon drains once, quietly.
+        daemon.install_signal_handlers()
+        print(connection_help(server, settings))
+        print(f"health        http://127.0.0.1:{daemon.http.port}/health  (/ready, /metrics)\n",
+              flush=True)
+        if not await _samples(client, daemon, settings):
             return 1
-        listing = client.list_objects_v2(Bucket=BUCKET, Prefix=settings.output_prefix)
-        print(f"\nAll samples processed; s3://{BUCKET}/{settings.output_prefix} now holds:")
-        for item in listing.get("Contents", []):
-            print(f"  {item['Size']:>8}  {item['Key']}")
-        if keep_running:
-            print("\nDaemon and S3 keep running; drop files under input/ and press Ctrl+C to stop.")
-            daemon.install_signal_handlers()
-            await daemon._stop.wait()
+        if keep_running and not daemon.stop_requested:
+            print(f"\nDaemon and S3 keep running: drop files under s3://{BUCKET}/{settings.input_prefix} "
+                  "(commands above); Ctrl-C stops.", flush=True)
+            await task
     return 0
+
+
+async def _samples(client: object, daemon: Daemon, settings: Settings) -> bool:
+    """Upload the samples and print where each result landed; False when they time out."""
+    keys = []
+    for path in sample_files():
+        key = f"{settings.input_prefix}samples/{path.name}"
+        client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())  # type: ignore[attr-defined]
+        keys.append(key)
+        print(f"uploaded     s3://{BUCKET}/{key}")
+    daemon.poke()
+    print("waiting for results (the CPU engine takes about a second a page)...", flush=True)
+    layout = Layout.from_settings(settings)
+    pending = {k: (layout.result_json(k), layout.error_json(k)) for k in keys}
+    deadline = time.monotonic() + 300
+    while pending and time.monotonic() < deadline and not daemon.stop_requested:
+        for key, candidates in list(pending.items()):
+            for result_key in candidates:
+                if _exists(client, result_key):
+                    print(f"\n{key}\n  -> s3://{BUCKET}/{result_key}")
+                    if not result_key.endswith(".error.json"):
+                        print(f"  -> s3://{BUCKET}/{result_key[:-5]}.md")
+                    print(f"     {_summary(client, result_key)}")
+                    del pending[key]
+                    break
+        await asyncio.sleep(0.5)
+    if daemon.stop_requested:
+        return True
+    if pending:
+        print(f"\ntimed out waiting for: {', '.join(pending)}")
+        return False
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=settings.output_prefix)  # type: ignore[attr-defined]
+    print(f"\nAll samples processed; s3://{BUCKET}/{settings.output_prefix} now holds:")
+    for item in listing.get("Contents", []):
+        print(f"  {item['Size']:>8}  {item['Key']}")
+    return True
 
 
 def _exists(client: object, key: str) -> bool:
@@ -100,6 +140,8 @@ def _exists(client: object, key: str) -> bool:
     return True
 
 
-def run_demo(keep_running: bool = False, http_port: int = 8081) -> int:
-    with SeaweedS3(buckets=(BUCKET,)) as server:
+def run_demo(keep_running: bool = False, http_port: int = 8081, s3_port: int = 0,
+             data_dir: Path | None = None) -> int:
+    server = SeaweedS3(buckets=(BUCKET,), data_dir=data_dir, ports={"s3.port": s3_port} if s3_port else {})
+    with server:
         return asyncio.run(_demo(server, keep_running, http_port))

@@ -72,6 +72,11 @@ class SeaweedS3:
     _own_dir: bool = False
 
     @property
+    def keeps_data(self) -> bool:
+        """False when the data directory is this server's own, removed by cleanup()."""
+        return not self._own_dir
+
+    @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
@@ -80,8 +85,12 @@ class SeaweedS3:
             self.data_dir = Path(tempfile.mkdtemp(prefix="watcher-weed-"))
             self._own_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.ports:
-            self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        chosen = {flag: port for flag, port in self.ports.items() if port}
+        if len(chosen) < len(_PORT_FLAGS):
+            # Free ports for the listeners not chosen (the demo fixes only the S3 port).
+            spare = iter(free_ports(len(_PORT_FLAGS)))
+            self.ports = {flag: chosen.get(flag) or next(p for p in spare if p not in chosen.values())
+                          for flag in _PORT_FLAGS}
         identities = self.data_dir / "identities.json"
         identities.write_text(json.dumps({"identities": [{
             "name": "watcher",
