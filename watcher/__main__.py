@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from watcher.settings import SettingsError, load_settings, settings_help
+from watcher.settings import Settings, SettingsError, load_settings, settings_help
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
@@ -20,12 +20,28 @@ EXIT_CONFIG = 2
 EXIT_UNFINISHED = 1
 
 
-def _run(once: bool = False) -> int:
+def _settings() -> Settings | None:
+    """The settings, or None after saying on stderr what is wrong with them."""
     try:
-        settings = load_settings()
+        return load_settings()
     except SettingsError as exc:
         for line in exc.lines:
             print(f"watcher: {line}", file=sys.stderr)
+        return None
+
+
+def _check() -> int:
+    settings = _settings()
+    if settings is None:
+        return EXIT_CONFIG
+    from watcher.check import run_check
+
+    return run_check(settings)
+
+
+def _run(once: bool = False) -> int:
+    settings = _settings()
+    if settings is None:
         return EXIT_CONFIG
 
     from watcher.daemon import Daemon
@@ -88,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--once", action="store_true",
                      help="process everything pending, drain and exit: 0 when every document "
                      "has a result, 1 when any got an error record or could not be finished")
+    sub.add_parser(
+        "check", help="check the configuration, S3 access and the engine before deploying",
+        description="Validate the settings (as `watcher run` reads them), then probe S3 "
+        "(credentials, bucket, list/write/delete under the prefixes, conditional writes, "
+        "clock skew) and the engine, one line each. Exit 0 when all pass, 1 when any fails, "
+        "2 for bad settings.",
+    )
     demo = sub.add_parser("demo", help="embedded SeaweedFS + CPU engine + the sample documents")
     demo.add_argument("--keep-running", action="store_true",
                       help="keep the daemon and S3 server up after the samples are done")
@@ -98,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the S3 server's data here across runs (default: a temporary "
                       "directory, deleted when the demo stops)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check()
     if args.command == "run":
         return _run(once=args.once)
     from watcher.demo import run_demo
