@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Labelled fakes (fake_paddleocr); spawned engine workers inherit this path.
@@ -22,6 +24,7 @@ from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
 from watcher.engines.base import Engine, PageResult
 from watcher.engines.cpu import CpuEngine
+from watcher.health import serve_app
 from watcher.settings import Settings, load_settings
 
 
@@ -139,3 +142,30 @@ async def wait_for_keys(s3: Any, bucket: str, keys: list[str], timeout: float = 
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {missing}")
         await asyncio.sleep(0.3)
+
+
+@contextlib.asynccontextmanager
+async def lenient_store(weed: SeaweedS3) -> AsyncIterator[str]:
+    """SeaweedFS behind a proxy that turns 412 into 200: how a store that ignores
+    conditional headers looks from outside (the request is forwarded unchanged, signature
+    and all, so only the answer differs)."""
+    async def forward(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length",)}
+        async with aiohttp.ClientSession(auto_decompress=False) as http, http.request(
+            request.method, f"{weed.endpoint}{request.rel_url}", headers=headers,
+            data=await request.read(), allow_redirects=False,
+        ) as upstream:
+            body = await upstream.read()
+            status = 200 if upstream.status == 412 else upstream.status
+            passed = {k: v for k, v in upstream.headers.items()
+                      if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")}
+            return web.Response(status=status, body=b"" if status != upstream.status else body,
+                                headers=passed)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner, port = await serve_app(app, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

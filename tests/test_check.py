@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-from aiohttp import web
+from conftest import lenient_store
 
 from watcher.check import Checker
 from watcher.embedded import SeaweedS3
-from watcher.health import serve_app
 from watcher.settings import load_settings
 
 
@@ -80,33 +76,6 @@ async def test_a_missing_bucket_and_an_absent_vlm_server_are_named(weed: Seaweed
     assert any("bucket 'no-such-bucket-here'" in f and "CLOUDRU_S3_BUCKET" in f for f in failed)
     assert any("engine openai-vlm" in f and "WATCHER_VLM_URL" in f for f in failed)
     assert checker.probes[0].state == "ok"  # the credentials themselves are fine
-
-
-@contextlib.asynccontextmanager
-async def lenient_store(weed: SeaweedS3) -> AsyncIterator[str]:
-    """SeaweedFS behind a proxy that turns 412 into 200: how a store that ignores
-    conditional headers looks from outside (the request is forwarded unchanged, signature
-    and all, so only the answer differs)."""
-    async def forward(request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length",)}
-        async with aiohttp.ClientSession(auto_decompress=False) as http, http.request(
-            request.method, f"{weed.endpoint}{request.rel_url}", headers=headers,
-            data=await request.read(), allow_redirects=False,
-        ) as upstream:
-            body = await upstream.read()
-            status = 200 if upstream.status == 412 else upstream.status
-            passed = {k: v for k, v in upstream.headers.items()
-                      if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")}
-            return web.Response(status=status, body=b"" if status != upstream.status else body,
-                                headers=passed)
-
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner, port = await serve_app(app, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_store_that_ignores_conditional_writes_is_told_to_use_shards(

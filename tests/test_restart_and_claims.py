@@ -8,13 +8,14 @@ import time
 import weakref
 from typing import Any
 
-from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from conftest import CountingEngine, daemon_running, lenient_store, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
 from watcher.daemon import Daemon, running
 from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
 from watcher.engines.base import PageResult
+from watcher.health import health_body
 
 
 def upload_batch(s3: Any, bucket: str, count: int) -> list[str]:
@@ -173,3 +174,23 @@ async def test_long_pdf_pages_are_rendered_on_demand(weed: SeaweedS3, bucket: st
     assert 2 <= engine.max_alive <= 3 + 1
     result = json.loads(s3.get_object(Bucket=bucket, Key="output/long.pdf.json")["Body"].read())
     assert [p["index"] for p in result["pages"]] == list(range(pages))
+
+
+async def test_a_store_that_ignores_conditional_writes_gets_shards(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/a.png", Body=make_image(["Sharded anyway"], "PNG"))
+    async with lenient_store(weed) as endpoint:
+        settings = make_settings(weed, bucket, s3_endpoint=endpoint)
+        async with daemon_running(settings) as daemon:
+            await wait_for_keys(s3, bucket, ["output/a.png.json"])
+            claims = health_body(daemon)["claims"]
+    assert claims["mode"] == "shard" and claims["shard_count"] == 1
+    assert "ignores If-None-Match and If-Match" in claims["probe"]
+
+
+async def test_a_store_that_enforces_them_keeps_leases(weed: SeaweedS3, bucket: str) -> None:
+    async with daemon_running(make_settings(weed, bucket)) as daemon:
+        await daemon.wait_polls(1, timeout=30)
+        claims = health_body(daemon)["claims"]
+    assert claims["mode"] == "lease" and claims["probe"] == "conditional writes enforced"

@@ -18,15 +18,10 @@ from typing import Any
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
+from watcher.claim import ignored_conditions
 from watcher.engines import vlm_server
 from watcher.settings import EngineName, Settings
-from watcher.storage import (
-    PreconditionFailed,
-    Storage,
-    error_code,
-    http_status,
-    open_storage,
-)
+from watcher.storage import Storage, error_code, http_status, open_storage
 
 MAX_CLOCK_SKEW_SECONDS = 300  # SigV4 refuses requests 15 minutes off; warn well before
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed",
@@ -149,26 +144,12 @@ class Checker:
         return ""
 
     async def _conditional(self, storage: Storage) -> str:
-        key = f"{self.settings.lease_prefix}.watcher-check-{uuid.uuid4().hex}"
-        ignored = []
-        try:
-            etag = await storage.put(key, b"first", "text/plain", if_none_match=True)
-            try:
-                await storage.put(key, b"second", "text/plain", if_none_match=True)
-                ignored.append("If-None-Match")
-            except PreconditionFailed:
-                pass
-            try:
-                await storage.put(key, b"third", "text/plain", if_match=f"not-{etag}")
-                ignored.append("If-Match")
-            except PreconditionFailed:
-                pass
-        finally:
-            await storage.delete(key)
+        ignored = await ignored_conditions(storage, self.settings.lease_prefix)
         if ignored:
             raise ProbeFailed(f"the store ignores {' and '.join(ignored)}: two replicas could read "
                               "one document; set WATCHER_CLAIM_MODE=shard (with WATCHER_SHARD_INDEX "
-                              "and WATCHER_SHARD_COUNT), or run one replica")
+                              "and WATCHER_SHARD_COUNT), or run one replica (the daemon switches "
+                              "to shards by itself when it finds this)")
         return ""
 
     def _remember_date(self, response: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,3 +266,25 @@ class Claims:
             return 0, []
         why = "died" if dead else "stopped renewing its lease (killed or cut off)"
         return crashes + 1, [*history, f"replica {previous.owner} {why} while processing"][-HISTORY_LIMIT:]
+
+
+async def ignored_conditions(storage: Storage, prefix: str) -> list[str]:
+    """Which of `If-None-Match: *` and `If-Match` the store ignores (some S3 services
+    accept both and overwrite): leases rely on them; without them only shards are safe."""
+    key = f"{prefix}.watcher-probe-{uuid.uuid4().hex}"
+    ignored = []
+    try:
+        etag = await storage.put(key, b"first", "text/plain", if_none_match=True)
+        try:
+            await storage.put(key, b"second", "text/plain", if_none_match=True)
+            ignored.append("If-None-Match")
+        except PreconditionFailed:
+            pass
+        try:
+            await storage.put(key, b"third", "text/plain", if_match=f"not-{etag}")
+            ignored.append("If-Match")
+        except PreconditionFailed:
+            pass
+    finally:
+        await storage.delete(key)
+    return ignored

@@ -17,18 +17,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from watcher.claim import ignored_conditions
 from watcher.decode import Decoder
 from watcher.discovery import BATCH as DISCOVERY_BATCH
 from watcher.discovery import Discovery
 from watcher.engines import Engine, EngineState, create_engine
+from watcher.events import EventIntake
 from watcher.fetch import prepare_work_dir
 from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
 from watcher.metrics import Metrics
 from watcher.outcome import Outcome
-from watcher.settings import Settings
-from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
+from watcher.settings import ClaimMode, Settings
+from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable, open_storage
 from watcher.worker import DocumentWorker
 from watcher.workqueue import PageBudget, Ticket, WorkQueue
 
@@ -53,6 +55,7 @@ class Daemon:
         self.once = once
         self.last_outcomes: dict[str, Outcome] = {}
         self.unfinished_reason: str | None = None
+        self.claims_probe = "not probed yet"
         self._offered_last_poll: int | None = None
         self.engine = engine or create_engine(settings)
         self.storage_factory = storage_factory
@@ -61,7 +64,8 @@ class Daemon:
         self.queue = WorkQueue(settings.queue_size)
         self.pages = PageBudget(self.engine.pages_wanted)
         self.decoder = Decoder()
-        self.http = HealthServer(self, settings.http_host, settings.http_port)
+        intake = EventIntake(settings.s3_bucket, Layout.from_settings(settings), self.queue.offer, self.poke)
+        self.http = HealthServer(self, settings.http_host, settings.http_port, intake)
         self.started_at = time.monotonic()
         self.s3_reachable: bool | None = None
         self.s3_error: str | None = None
@@ -146,7 +150,29 @@ class Daemon:
             await self.http.stop()
             log.info("daemon_stopped")
 
+    async def _choose_claim_mode(self, storage: Storage) -> None:
+        """Leases need conditional writes; a store that ignores them gets key-hash shards."""
+        if self.settings.claim_mode is ClaimMode.SHARD:
+            self.claims_probe = "not probed (WATCHER_CLAIM_MODE=shard)"
+            return
+        try:
+            ignored = await ignored_conditions(storage, self.settings.lease_prefix)
+        except (StorageUnavailable, KeyRefused) as exc:
+            self.claims_probe = f"not probed: {exc}"
+            log.warning("claims_probe_failed", error=str(exc), mode="lease")
+            return
+        if not ignored:
+            self.claims_probe = "conditional writes enforced"
+            return
+        self.claims_probe = f"the store ignores {' and '.join(ignored)}"
+        self.settings = self.settings.model_copy(update={"claim_mode": ClaimMode.SHARD})
+        log.error("conditional_writes_ignored_using_shards", ignored=ignored,
+                  shard=f"{self.settings.shard_index}/{self.settings.shard_count}",
+                  hint="give each replica WATCHER_SHARD_INDEX and all WATCHER_SHARD_COUNT "
+                  "(a StatefulSet's pod ordinal is used when the index is not set)")
+
     async def _serve(self, storage: Storage) -> None:
+        await self._choose_claim_mode(storage)
         work_dir = prepare_work_dir(self.settings.temp_dir)
         worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder,
                                 self.pages, work_dir, self.retry_at)

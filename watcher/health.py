@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from watcher import __version__
 from watcher.engines.base import EngineState
+from watcher.events import BadEvent, EventIntake
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
@@ -39,6 +40,12 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "bucket": daemon.settings.s3_bucket,
             "reachable": daemon.s3_reachable,
             "error": daemon.s3_error,
+        },
+        "claims": {
+            "mode": daemon.settings.claim_mode.value,
+            "shard_index": daemon.settings.shard_index,
+            "shard_count": daemon.settings.shard_count,
+            "probe": daemon.claims_probe,
         },
         "inflight_documents": daemon.inflight,
         "inflight_pages": daemon.pages.in_use,
@@ -83,10 +90,11 @@ async def serve_app(
 
 
 class HealthServer:
-    def __init__(self, daemon: Daemon, host: str, port: int) -> None:
+    def __init__(self, daemon: Daemon, host: str, port: int, events: EventIntake | None = None) -> None:
         self.daemon = daemon
         self.host = host
         self.port = port
+        self.events = events
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -94,7 +102,27 @@ class HealthServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
+        if self.events is not None and self.daemon.settings.webhook_token is not None:
+            app.router.add_post("/events", self.post_events)
         return app
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        settings = self.daemon.settings
+        assert self.events is not None and settings.webhook_token is not None
+        token = settings.webhook_token.get_secret_value()
+        if not self.events.authorised(request.headers.get("Authorization"), token):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        limit = settings.webhook_max_bytes
+        if (request.content_length or 0) > limit:
+            return web.json_response({"error": f"body over {limit} bytes"}, status=413)
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            return web.json_response({"error": f"body over {limit} bytes"}, status=413)
+        try:
+            intake = self.events.take(body)
+        except BadEvent as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"accepted": intake.accepted, "ignored": intake.ignored})
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response(self.daemon.scrub(health_body(self.daemon)))

@@ -142,7 +142,8 @@ class Settings(BaseSettings):
     )
     """a lease's lifetime; renewed every third of it while working"""
     shard_index: Annotated[int, Field(ge=0)] = Field(default=0, alias="WATCHER_SHARD_INDEX")
-    """this replica's shard in `shard` mode, from 0"""
+    """this replica's shard in `shard` mode, from 0; with several shards and none given, the
+    StatefulSet pod ordinal (`<name>-<n>` of WATCHER_REPLICA_ID or the host name)"""
     shard_count: PositiveInt = Field(default=1, alias="WATCHER_SHARD_COUNT")
     """number of shards (replicas) in `shard` mode"""
     replica_id: str = Field(
@@ -215,6 +216,13 @@ class Settings(BaseSettings):
     log_format: str = Field(default="json", alias="WATCHER_LOG_FORMAT")
     """`json` (one event per line) or `console`"""
 
+    # --- notifications ---
+    webhook_token: SecretStr | None = Field(default=None, alias="WATCHER_WEBHOOK_TOKEN")
+    """bearer token that S3 event notifications must send to `POST /events` on the health
+    port; unset: the endpoint is off"""
+    webhook_max_bytes: PositiveInt = Field(default=1024 * 1024, alias="WATCHER_WEBHOOK_MAX_BYTES")
+    """largest notification body accepted (bigger ones get 413)"""
+
     # --- VLM engines ---
     # Read by the openai-vlm and paddleocr-vl engines only; harmless for the CPU engine.
     vlm_url: str = Field(default="http://127.0.0.1:8080/v1", alias="WATCHER_VLM_URL")
@@ -263,7 +271,7 @@ class Settings(BaseSettings):
         # An empty override would silently send no instruction; treat it as "use the preset".
         return value if value and value.strip() else None
 
-    @field_validator("vlm_api_key")
+    @field_validator("vlm_api_key", "webhook_token")
     @classmethod
     def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
@@ -324,6 +332,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _shard_from_pod_ordinal(self) -> Settings:
+        # A StatefulSet names its pods <name>-<ordinal>: with several shards and no index
+        # given, the ordinal is this replica's shard.
+        if self.shard_count > 1 and "shard_index" not in self.model_fields_set:
+            pod = self.replica_id if "replica_id" in self.model_fields_set else socket.gethostname()
+            ordinal = re.fullmatch(r".*-(\d+)", pod)
+            if ordinal:
+                self.shard_index = int(ordinal.group(1))
+        return self
+
+    @model_validator(mode="after")
     def _prefixes_disjoint(self) -> Settings:
         prefixes = {
             "WATCHER_OUTPUT_PREFIX": self.output_prefix,
@@ -370,6 +389,8 @@ class Settings(BaseSettings):
         values = [self.s3_secret_key.get_secret_value(), self.s3_access_key.get_secret_value()]
         if self.vlm_api_key is not None:  # VLM engines
             values.append(self.vlm_api_key.get_secret_value())
+        if self.webhook_token is not None:
+            values.append(self.webhook_token.get_secret_value())
         return values
 
 
