@@ -379,3 +379,19 @@ def test_image_and_manifests_ship_the_default_model(
     assert args["VLM_MODEL_SOURCE"] == source  # what BAKE_MODELS=1 downloads
     # PaddleOCR 3.7 is the first release whose PaddleOCRVL runs v1.6.
     assert tuple(int(x) for x in args["PADDLEOCR_VERSION"].split(".")) >= (3, 7, 0)
+
+
+def test_keda_scales_the_deployment_on_the_backlog(manifests: dict[str, dict[str, Any]]) -> None:
+    scaled = yaml.safe_load((K8S / "keda" / "scaledobject.yaml").read_text())
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    spec = scaled["spec"]
+    target = manifests["Deployment"]["metadata"]["name"]
+    assert spec["scaleTargetRef"] == {"kind": "Deployment", "name": target}
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] >= 300  # GPU pods are slow to start: no flapping
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    # Every replica reports the whole backlog: the fleet's is the max, not the sum.
+    assert trigger["metadata"]["query"].startswith("max(watcher_backlog_documents")
+    assert int(trigger["metadata"]["threshold"]) > 0
+    assert '"watcher_backlog_documents"' in (REPO / "watcher" / "metrics.py").read_text()

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from watcher.callbacks import Notifier
 from watcher.claim import ignored_conditions
 from watcher.decode import Decoder
 from watcher.discovery import BATCH as DISCOVERY_BATCH
@@ -35,6 +36,8 @@ from watcher.worker import DocumentWorker
 from watcher.workqueue import PageBudget, Ticket, WorkQueue
 
 log = get_logger("watcher.daemon")
+# At shutdown, callbacks still queued get this long to go out.
+CALLBACK_FLUSH_SECONDS = 5.0
 # Clocks of replicas differ a little; look again just after a lease's stated expiry.
 LEASE_EXPIRY_SLACK_SECONDS = 1.0
 
@@ -64,6 +67,10 @@ class Daemon:
         self.queue = WorkQueue(settings.queue_size)
         self.pages = PageBudget(self.engine.pages_wanted)
         self.decoder = Decoder()
+        self.notifier = (Notifier(settings.callback_url, settings.callback_secret.get_secret_value()
+                                  if settings.callback_secret else None, settings.s3_bucket,
+                                  Layout.from_settings(settings))
+                         if settings.callback_url else None)
         intake = EventIntake(settings.s3_bucket, Layout.from_settings(settings), self.queue.offer, self.poke)
         self.http = HealthServer(self, settings.http_host, settings.http_port, intake)
         self.started_at = time.monotonic()
@@ -175,7 +182,9 @@ class Daemon:
         await self._choose_claim_mode(storage)
         work_dir = prepare_work_dir(self.settings.temp_dir)
         worker = DocumentWorker(self.settings, storage, self.engine, self.metrics, self.decoder,
-                                self.pages, work_dir, self.retry_at)
+                                self.pages, work_dir, self.retry_at, self.notifier)
+        notices = asyncio.create_task(self.notifier.run() if self.notifier else asyncio.sleep(0),
+                                      name="callbacks")
         discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
@@ -195,6 +204,7 @@ class Daemon:
         poller.cancel()
         warm.cancel()
         await self._drain(self._workers)
+        await self._flush_callbacks(notices)
         await asyncio.gather(poller, warm, return_exceptions=True)
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -236,6 +246,15 @@ class Daemon:
             for task in leftover:
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _flush_callbacks(self, notices: asyncio.Task[None]) -> None:
+        """Give queued callbacks a few seconds to go out; the results are in S3 regardless."""
+        if self.notifier is not None and not self.notifier.queue.empty():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CALLBACK_FLUSH_SECONDS):
+                    await self.notifier.queue.join()
+        notices.cancel()
+        await asyncio.gather(notices, return_exceptions=True)
 
     async def _until_nothing_pending(self) -> None:
         """--once: poll, work through what it found, poll again; done when a poll finds

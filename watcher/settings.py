@@ -222,6 +222,11 @@ class Settings(BaseSettings):
     port; unset: the endpoint is off"""
     webhook_max_bytes: PositiveInt = Field(default=1024 * 1024, alias="WATCHER_WEBHOOK_MAX_BYTES")
     """largest notification body accepted (bigger ones get 413)"""
+    callback_url: str | None = Field(default=None, alias="WATCHER_CALLBACK_URL")
+    """where to POST a JSON notice for each finished document (result or error record);
+    retried with backoff, never holding a document back"""
+    callback_secret: SecretStr | None = Field(default=None, alias="WATCHER_CALLBACK_SECRET")
+    """key of the HMAC-SHA256 signature over each callback body (`X-Watcher-Signature`)"""
 
     # --- VLM engines ---
     # Read by the openai-vlm and paddleocr-vl engines only; harmless for the CPU engine.
@@ -271,7 +276,14 @@ class Settings(BaseSettings):
         # An empty override would silently send no instruction; treat it as "use the preset".
         return value if value and value.strip() else None
 
-    @field_validator("vlm_api_key", "webhook_token")
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url_shape(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value or None
+
+    @field_validator("vlm_api_key", "webhook_token", "callback_secret")
     @classmethod
     def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
@@ -391,6 +403,8 @@ class Settings(BaseSettings):
             values.append(self.vlm_api_key.get_secret_value())
         if self.webhook_token is not None:
             values.append(self.webhook_token.get_secret_value())
+        if self.callback_secret is not None:
+            values.append(self.callback_secret.get_secret_value())
         return values
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from watcher.callbacks import Notifier
 from watcher.checkpoint import Checkpoints
 from watcher.claim import Claims, Held, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
@@ -47,7 +48,9 @@ class DocumentWorker:
         budget: PageBudget | None = None,
         work_dir: Path | None = None,
         retry_at: Callable[[ObjectRef, float], None] = lambda ref, when: None,
+        notifier: Notifier | None = None,
     ) -> None:
+        self.notifier = notifier
         self.retry_at = retry_at
         self.work_dir = work_dir or prepare_work_dir(settings.temp_dir)
         self.budget = budget or PageBudget(lambda: None)
@@ -195,6 +198,8 @@ class DocumentWorker:
         if lease is not None:
             await lease.finish()
         log.warning("document_failed", code=code.value, message=message, outcome="error")
+        if self.notifier is not None:
+            self.notifier.failed(ref, code.value)
         return Outcome.ERROR
 
     async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket) -> None:
@@ -230,7 +235,7 @@ class DocumentWorker:
             publish_seconds=round(time.perf_counter() - t0, 3),
             **{k: round(v, 3) for k, v in timings.items()},
         )
-        await self._settle(ref)
+        await self._finished(ref)
 
     async def _repointed(self, ref: ObjectRef, lease: Lease) -> bool:
         """True when this version's content was read before: its result now points here."""
@@ -242,10 +247,13 @@ class DocumentWorker:
             return False
         log.info("document_done", outcome="done", reused_from_etag=reused_from,
                  hint="same content as the version already read: result re-pointed")
-        await self._settle(ref)
+        await self._finished(ref)
         return True
 
-    async def _settle(self, ref: ObjectRef) -> None:
+    async def _finished(self, ref: ObjectRef) -> None:
+        """The result is out: tell whoever asked, then settle the source."""
+        if self.notifier is not None:
+            self.notifier.done(ref)
         # A failed source stays where it is, for its owner to inspect or replace.
         with self.metrics.stage("settle"):
             await settle(self.storage, self.layout, ref, self.settings.source_action)
