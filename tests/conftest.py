@@ -121,6 +121,12 @@ def files_under(path: Path) -> list[Path]:
     return [f for f in path.rglob("*") if not f.is_dir()]
 
 
+def leftovers(s3: Any, bucket: str) -> list[str]:
+    """Internal objects left behind (leases, checkpoints); done-markers are meant to stay."""
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])
+    return [o["Key"] for o in listing if "/_done/" not in o["Key"]]
+
+
 def object_exists(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)

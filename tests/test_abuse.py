@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from conftest import CountingEngine, daemon_running, make_settings, object_exists, wait_for_keys
+from conftest import CountingEngine, daemon_running, leftovers, make_settings, object_exists, wait_for_keys
 from docgen import make_image
 
 from watcher.claim import LeaseRecord
@@ -50,8 +50,7 @@ async def test_names_the_store_refuses_are_reported_once_and_workers_live_on(
         assert metric(daemon, "refused") == 2
         assert daemon.workers_down() == 0
     assert not object_exists(s3, bucket, layout.error_json(long_ok))
-    leftovers = s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])
-    assert leftovers == []
+    assert leftovers(s3, bucket) == []
 
 
 async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str, s3: Any) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from conftest import daemon_running, make_settings, wait_for_keys
+from conftest import daemon_running, leftovers, make_settings, wait_for_keys
 from docgen import make_image
 
 from watcher.embedded import SeaweedS3, free_ports
@@ -81,4 +81,4 @@ async def test_an_absent_endpoint_never_holds_a_document_back(weed: SeaweedS3, b
         await wait_for_keys(s3, bucket, ["output/a.png.json"])
         await daemon.wait_polls(daemon.polls + 2, timeout=30)
         assert daemon.notifier is not None and daemon.notifier.sent == 0
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    assert leftovers(s3, bucket) == []

@@ -17,7 +17,7 @@ from watcher.storage import ObjectRef
 
 
 class ListedStore:
-    """In memory: what discovery lists, reads the metadata of, and deletes."""
+    """In memory: what discovery lists, reads the metadata of, writes and deletes."""
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = set(keys)
@@ -33,6 +33,10 @@ class ListedStore:
     async def delete(self, key: str) -> None:
         self.keys.discard(key)
         self.deleted.append(key)
+
+    async def put(self, key: str, body: bytes, content_type: str) -> str:
+        self.keys.add(key)
+        return "e"
 
 
 def upload(s3: Any, bucket: str) -> list[str]:
@@ -91,4 +95,8 @@ async def test_a_source_must_be_missing_from_two_listings_in_a_row() -> None:
     await discovery.scan()
     assert store.deleted == []
     await discovery.scan()
-    assert sorted(store.deleted) == ["output/a.pdf.json", "output/a.pdf.md"]
+    removed = sorted(store.deleted)
+    assert [k for k in removed if k.startswith("output/")] == ["output/a.pdf.json", "output/a.pdf.md"]
+    # Its done-marker goes too: uploaded again, the source is read again.
+    marker = Layout.from_settings(settings).marker("input/a.pdf", "e")
+    assert [k for k in removed if "/_done/" in k] == [marker]

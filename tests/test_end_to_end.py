@@ -11,11 +11,14 @@ from typing import Any
 
 import aiohttp
 import jsonschema
-from conftest import CountingEngine, daemon_running, files_under, make_settings, wait_for_keys
+from conftest import CountingEngine, daemon_running, files_under, leftovers, make_settings, wait_for_keys
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
 
+from watcher.discovery import Discovery
 from watcher.embedded import SeaweedS3
+from watcher.layout import Layout
+from watcher.storage import open_storage
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
 
@@ -127,7 +130,7 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
     assert second.calls == []
     after = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
     assert {i["Key"]: (i["ETag"], i["LastModified"]) for i in after} == stamps
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    assert leftovers(s3, bucket) == []
 
 
 async def test_replaced_source_is_processed_again(weed: SeaweedS3, bucket: str, s3: Any) -> None:
@@ -190,3 +193,34 @@ async def test_the_same_content_uploaded_again_is_not_read_again(
     assert "reused" not in last and contains_fuzzy(last["markdown"], "Different bytes now")
     head = s3.head_object(Bucket=bucket, Key="output/contract.pdf.json")
     assert head["Metadata"]["source-sha256"] == last["source"]["sha256"] != first["source"]["sha256"]
+
+
+async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    for n in range(6):
+        s3.put_object(Bucket=bucket, Key=f"input/d{n}.png", Body=make_image([f"Done marker {n}"], "PNG"))
+    s3.put_object(Bucket=bucket, Key="input/bad.png", Body=b"\x89PNG\r\n\x1a\n broken")
+    settings = make_settings(weed, bucket)
+    async with daemon_running(settings):
+        await wait_for_keys(s3, bucket, [*(f"output/d{n}.png.json" for n in range(6)),
+                                         "output/bad.png.error.json"])
+    layout = Layout.from_settings(settings)
+    async with open_storage(settings) as storage:
+        heads: list[str] = []
+        real_head = storage.head
+
+        async def counted(key: str) -> Any:
+            heads.append(key)
+            return await real_head(key)
+
+        storage.head = counted  # type: ignore[method-assign]
+        # A fresh replica (nothing cached) finds nothing to do, without a request per document.
+        assert await Discovery(storage, settings, layout).scan() == []
+        assert heads == []
+        # A bucket from before markers: each result is checked once and then marked.
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix=layout.markers_prefix)["Contents"]:
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+        assert await Discovery(storage, settings, layout).scan() == []
+        assert len(heads) == 7
+        heads.clear()
+        assert await Discovery(storage, settings, layout).scan() == []
+        assert heads == []

@@ -8,7 +8,7 @@ import time
 import weakref
 from typing import Any
 
-from conftest import CountingEngine, daemon_running, lenient_store, make_settings, wait_for_keys
+from conftest import CountingEngine, daemon_running, leftovers, lenient_store, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
 from watcher.daemon import Daemon, running
@@ -56,7 +56,7 @@ async def test_restart_in_the_middle_of_a_batch(weed: SeaweedS3, bucket: str, s3
     assert len(first.calls) + len(second.calls) == 2 * len(rels)  # every page exactly once
     after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert all(after[k] == v for k, v in stamps.items())  # the first run's results untouched
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    assert leftovers(s3, bucket) == []
 
 
 async def test_a_cut_off_drain_releases_its_lease_and_the_next_start_resumes(
@@ -72,7 +72,7 @@ async def test_a_cut_off_drain_releases_its_lease_and_the_next_start_resumes(
     # No grace: the document was cancelled mid-way, its lease deleted, nothing published,
     # but the pages already recognised were kept.
     assert s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) == 0
-    internal = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/")["Contents"]]
+    internal = leftovers(s3, bucket)
     assert not [k for k in internal if k.endswith(".lease")]
     kept = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in internal if "/_pages/" in k}
     assert len(kept) >= 4 and kept <= set(first.calls)
@@ -88,7 +88,7 @@ async def test_a_cut_off_drain_releases_its_lease_and_the_next_start_resumes(
     assert [p["index"] for p in result["pages"]] == list(range(12))
     assert all(f"page {i}" in t for i, t in enumerate(texts)), texts
     # Published: checkpoints and lease are gone.
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    assert leftovers(s3, bucket) == []
 
 
 async def test_two_replicas_share_a_backlog_without_doing_anything_twice(
@@ -124,7 +124,7 @@ async def test_a_live_lease_is_respected_and_an_expired_one_taken_over(
     assert "output/held.png.json" not in keys
     assert len(engine.calls) == 1
     # The held lease is untouched; the stale one was taken over, then released.
-    leases = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/")["Contents"]}
+    leases = set(leftovers(s3, bucket))
     assert leases == {".watcher/leases/input/held.png.lease"}
 
 
@@ -139,7 +139,7 @@ async def test_shard_mode_splits_keys_between_replicas(weed: SeaweedS3, bucket: 
     ):
         await wait_for_keys(s3, bucket, result_keys(rels))
     assert len(engines[0].calls) + len(engines[1].calls) == 2 * len(rels)
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("KeyCount", 0) == 0
+    assert leftovers(s3, bucket) == []
 
 
 class LivePageTracker(CountingEngine):

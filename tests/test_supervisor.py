@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import FAKES, make_settings, object_exists, pid_alive
+from conftest import FAKES, leftovers, make_settings, object_exists, pid_alive
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
@@ -214,7 +214,7 @@ async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
     assert error["code"] == "engine_failed" and error["attempts"] == 2
     assert error["message"].count("replica pod-0 died while processing") == 2
     assert object_exists(s3, bucket, "output/fine.png.json")
-    assert not [o for o in s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])]
+    assert not leftovers(s3, bucket)
 
 
 async def test_sigterm_with_a_hung_page_drains_releases_and_exits(
@@ -237,7 +237,7 @@ async def test_sigterm_with_a_hung_page_drains_releases_and_exits(
     assert "drain_timeout_releasing" in names and names[-1] == "daemon_stopped"
     assert not any(pid_alive(pid) for pid in worker_pids(log))
     # Released for the next holder, not left to expire.
-    assert not s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents")
+    assert not leftovers(s3, bucket)
 
 
 async def test_only_the_page_that_hangs_is_charged_when_its_batch_fails(

@@ -3,10 +3,12 @@
 With WATCHER_RESULTS_OF_DELETED_SOURCES=delete it also removes the results whose source
 is gone: seen missing on two listings in a row, so that one odd listing removes nothing.
 
-Done-ness lives in S3: a version is done when `<output>/<rel>.json` (or `.error.json`)
-carries its ETag in metadata. The output listing tells which results exist; a HEAD per
-new result tells which source ETag it records, cached by the result's own ETag so a
-steady bucket costs two listings a poll and nothing more.
+Done-ness lives in S3 and is read from listings: publishing a result or an error record
+writes an empty done-marker `<lease prefix>_done/<sha256 of the source key>/<source etag>`,
+so a restart over a hundred thousand finished documents lists and starts, with no request
+per document. Results from before markers existed (a version is done when
+`<output>/<rel>.json` or `.error.json` carries its ETag in metadata) are checked with a
+HEAD once, cached by the result's own ETag, and get their marker then.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Discovery:
         is done in batches that yield, and only sources that have a result object at
         all cost a coroutine (a HEAD at most once per result version).
         """
+        marked = await self._marked()
         outputs: dict[str, ObjectRef] = {}
         async for ref in self.storage.list_objects(self.layout.output_prefix):
             outputs[ref.key] = ref
@@ -77,6 +80,8 @@ class Discovery:
                 sources.add(ref.key)
             if not (self.layout.is_document_key(ref.key) and self._mine(ref.key)):
                 continue
+            if self.layout.marker(ref.key, ref.etag) in marked:
+                continue
             results = [outputs[k] for k in (self.layout.result_json(ref.key),
                                             self.layout.error_json(ref.key)) if k in outputs]
             if results:
@@ -87,11 +92,29 @@ class Discovery:
             chunk = to_check[start:start + BATCH]
             done = await asyncio.gather(*(self._is_done(ref, results) for ref, results in chunk))
             todo.extend(ref for (ref, _), is_done in zip(chunk, done, strict=True) if not is_done)
+            await self._mark_legacy([ref for (ref, _), is_done in zip(chunk, done, strict=True) if is_done])
         self._recorded = {k: v for k, v in self._recorded.items() if k[0] in outputs}
         if self._prune:
             await self._remove_orphans(outputs, sources)
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
         return todo
+
+    async def _marked(self) -> set[str]:
+        keys: set[str] = set()
+        async for ref in self.storage.list_objects(self.layout.markers_prefix):
+            keys.add(ref.key)
+            if len(keys) % BATCH == 0:
+                await asyncio.sleep(0)
+        return keys
+
+    async def _mark_legacy(self, done: list[ObjectRef]) -> None:
+        """Results from before done-markers: mark them, so the next listing knows."""
+        async def one(ref: ObjectRef) -> None:
+            async with self._head_limit:
+                await self.storage.put(self.layout.marker(ref.key, ref.etag), b"",
+                                       "application/octet-stream")
+
+        await asyncio.gather(*(one(ref) for ref in done))
 
     async def _remove_orphans(self, outputs: dict[str, ObjectRef], sources: set[str]) -> None:
         orphans = set()
@@ -104,3 +127,6 @@ class Discovery:
         for key in sorted(confirmed):
             await self.storage.delete(key)
             log.info("result_removed_source_deleted", result=key)
+            for source in self.layout.sources_of(key):
+                async for marker in self.storage.list_objects(self.layout.marker_dir(source)):
+                    await self.storage.delete(marker.key)

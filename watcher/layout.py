@@ -80,6 +80,18 @@ class Layout:
                 for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md")
                 if rel.endswith(suffix) and len(rel) > len(suffix)]
 
+    @property
+    def markers_prefix(self) -> str:
+        """Where done-markers live: one empty object per finished source version, so that
+        done-ness is read from a listing, not from a HEAD per result."""
+        return f"{self.lease_prefix}_done/"
+
+    def marker_dir(self, key: str) -> str:
+        return f"{self.markers_prefix}{hashlib.sha256(key.encode('utf-8')).hexdigest()}/"
+
+    def marker(self, key: str, etag: str) -> str:
+        return f"{self.marker_dir(key)}{etag}"
+
     def result_keys_fit(self, key: str) -> bool:
         return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))
 

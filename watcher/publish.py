@@ -13,6 +13,15 @@ JSON = "application/json; charset=utf-8"
 MARKDOWN = "text/markdown; charset=utf-8"
 
 
+async def mark_done(storage: Storage, layout: Layout, ref: ObjectRef) -> None:
+    """The done-marker of this version, written after its result (or error record), and
+    those of the source's earlier versions removed."""
+    await storage.put(layout.marker(ref.key, ref.etag), b"", "application/octet-stream")
+    async for old in storage.list_objects(layout.marker_dir(ref.key)):
+        if old.key != layout.marker(ref.key, ref.etag):
+            await storage.delete(old.key)
+
+
 def _meta(ref: ObjectRef) -> dict[str, str]:
     meta = {SOURCE_ETAG_META: ref.etag}
     if ref.sha256:
@@ -27,12 +36,14 @@ async def publish_result(
     await storage.put(layout.result_json(ref.key), result_json, JSON, _meta(ref))
     # An earlier version's failure no longer describes this source.
     await storage.delete(layout.error_json(ref.key))
+    await mark_done(storage, layout, ref)
 
 
 async def publish_error(
     storage: Storage, layout: Layout, ref: ObjectRef, record: dict[str, Any]
 ) -> None:
     await storage.put(layout.error_json(ref.key), to_json_bytes(record), JSON, _meta(ref))
+    await mark_done(storage, layout, ref)
     if layout.shadowed_by(ref.key) is not None and record["error"]["code"] == "name_collision":
         return  # its result name belongs to the other source's error record: leave it
     # Results of an earlier version would contradict the error for the current one.
@@ -64,4 +75,5 @@ async def repoint_result(
     await storage.put(layout.result_markdown(ref.key), markdown[0], MARKDOWN, _meta(ref))
     await storage.put(layout.result_json(ref.key), to_json_bytes(result), JSON, _meta(ref))
     await storage.delete(layout.error_json(ref.key))
+    await mark_done(storage, layout, ref)
     return previous
