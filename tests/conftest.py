@@ -122,9 +122,11 @@ def files_under(path: Path) -> list[Path]:
 
 
 def leftovers(s3: Any, bucket: str) -> list[str]:
-    """Internal objects left behind (leases, checkpoints); done-markers are meant to stay."""
+    """Internal objects left behind (leases, checkpoints); done-markers and the fleet's
+    manifest are meant to stay."""
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])
-    return [o["Key"] for o in listing if "/_done/" not in o["Key"]]
+    return [o["Key"] for o in listing
+            if "/_done/" not in o["Key"] and not o["Key"].endswith("/_fleet/manifest.json")]
 
 
 def object_exists(s3: Any, bucket: str, key: str) -> bool:

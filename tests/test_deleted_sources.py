@@ -84,8 +84,10 @@ def test_removing_results_needs_sources_kept(weed: SeaweedS3, bucket: str) -> No
 async def test_a_source_must_be_missing_from_two_listings_in_a_row() -> None:
     settings = load_settings(s3_endpoint="http://stand-in", s3_bucket="bucket", s3_access_key="a:b",
                              s3_secret_key="s", results_of_deleted_sources="delete")
+    layout = Layout.from_settings(settings)
     store = ListedStore(["output/a.pdf.json", "output/a.pdf.md", "output/b.pdf.json",
-                         "output/x.png.error.json", "output/readme.txt", "input/b.pdf", "input/x.png"])
+                         "output/x.png.error.json", "output/readme.txt", "input/b.pdf", "input/x.png",
+                         layout.marker("input/a.pdf", "e"), layout.marker("input/b.pdf", "e")])
     discovery = Discovery(store, settings, Layout.from_settings(settings))  # type: ignore[arg-type]
     await discovery.scan()
     assert store.deleted == []  # seen missing once: could be an odd listing

@@ -15,6 +15,7 @@ from conftest import CountingEngine, daemon_running, files_under, leftovers, mak
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
 
+from watcher.claim import Claims
 from watcher.discovery import Discovery
 from watcher.embedded import SeaweedS3
 from watcher.layout import Layout
@@ -205,22 +206,23 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
                                          "output/bad.png.error.json"])
     layout = Layout.from_settings(settings)
     async with open_storage(settings) as storage:
-        heads: list[str] = []
-        real_head = storage.head
-
-        async def counted(key: str) -> Any:
-            heads.append(key)
-            return await real_head(key)
-
-        storage.head = counted  # type: ignore[method-assign]
-        # A fresh replica (nothing cached) finds nothing to do, without a request per document.
+        requests: list[str] = []
+        storage.on_request = requests.append
+        # A fresh replica finds nothing to do from two listings (markers, sources) of one
+        # page each: no request per document, and the output prefix is not listed.
         assert await Discovery(storage, settings, layout).scan() == []
-        assert heads == []
-        # A bucket from before markers: each result is checked once and then marked.
+        assert requests == ["list", "list"]
+        # A bucket from before markers: its versions look pending to discovery; the claim
+        # stage checks each result once (two HEADs at most) and marks it.
         for item in s3.list_objects_v2(Bucket=bucket, Prefix=layout.markers_prefix)["Contents"]:
             s3.delete_object(Bucket=bucket, Key=item["Key"])
+        legacy = await Discovery(storage, settings, layout).scan()
+        assert sorted(r.key for r in legacy) == sorted([*(f"input/d{n}.png" for n in range(6)),
+                                                        "input/bad.png"])
+        claims = Claims(storage, settings, layout)
+        requests.clear()
+        assert all([await claims.is_done(ref) for ref in legacy])
+        assert requests.count("head") <= 2 * len(legacy) and "list" not in requests
+        requests.clear()
         assert await Discovery(storage, settings, layout).scan() == []
-        assert len(heads) == 7
-        heads.clear()
-        assert await Discovery(storage, settings, layout).scan() == []
-        assert heads == []
+        assert requests == ["list", "list"]

@@ -32,6 +32,7 @@ from typing import Any
 from watcher.identity import HOST, INCARNATION, left_by_dead_process
 from watcher.layout import SOURCE_ETAG_META, Layout
 from watcher.logs import get_logger
+from watcher.publish import mark_done
 from watcher.settings import ClaimMode, Settings
 from watcher.storage import ObjectRef, PreconditionFailed, Storage, StorageUnavailable, clean_etag
 
@@ -189,10 +190,14 @@ class Claims:
         self.conditional = settings.claim_mode is ClaimMode.LEASE
 
     async def is_done(self, ref: ObjectRef) -> bool:
-        """True when a result or error record already carries this source ETag."""
+        """True when a result or error record already carries this source ETag.
+
+        Discovery reads done-markers; a result from before markers existed (or whose marker
+        write was cut off) is found here and gets its marker, so listings know it next time."""
         for key in (self.layout.result_json(ref.key), self.layout.error_json(ref.key)):
             head = await self.storage.head(key)
             if head and clean_etag(head.get("Metadata", {}).get(SOURCE_ETAG_META, "")) == ref.etag:
+                await mark_done(self.storage, self.layout, ref)
                 return True
         return False
 

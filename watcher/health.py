@@ -47,6 +47,12 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "shard_count": daemon.settings.shard_count,
             "probe": daemon.claims_probe,
         },
+        "discovery": {
+            **(daemon.fleet.snapshot() if daemon.fleet else {"role": None, "lister": None}),
+            "polls": daemon.polls,
+            "last_poll": daemon.last_poll,
+            "list_requests_per_second_budget": daemon.settings.list_requests_per_second,
+        },
         "inflight_documents": daemon.inflight,
         "inflight_pages": daemon.pages.in_use,
         "pages_wanted": engine.pages_wanted(),

@@ -33,6 +33,18 @@ class Metrics:
             "watcher_s3_unavailable", "S3 operations that failed after retries.", registry=r
         )
         self.polls = Counter("watcher_discovery_polls", "Discovery listings completed.", registry=r)
+        self.poll_seconds = Histogram(
+            "watcher_discovery_poll_seconds",
+            "Time one discovery poll took (a listing, or a follower's manifest read).",
+            buckets=_BUCKETS, registry=r,
+        )
+        self.s3_requests = Counter(
+            "watcher_s3_requests", "S3 requests sent, by operation (retries included).", ["op"],
+            registry=r,
+        )
+        self.lister = Gauge(
+            "watcher_discovery_lister", "1 while this replica lists the bucket for the fleet.", registry=r
+        )
         self.vlm_request_limit = Gauge(
             "watcher_vlm_request_limit",
             "Requests the daemon lets be in flight to the VLM server now (adaptive).", registry=r,
@@ -50,8 +62,10 @@ class Metrics:
         )
         for reason in ("timeout", "crash", "memory"):
             self.engine_restarts.labels(reason)
-        for outcome in ("done", "error", "skipped", "retry", "refused"):
+        for outcome in ("done", "error", "skipped", "held", "retry", "refused"):
             self.documents.labels(outcome)
+        for op in ("list", "head", "get", "put", "delete", "copy"):
+            self.s3_requests.labels(op)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 

@@ -25,6 +25,7 @@ class Outcome(StrEnum):
     DONE = "done"
     ERROR = "error"
     SKIPPED = "skipped"
+    HELD = "held"  # another live replica holds its lease; looked at again when that expires
     RETRY = "retry"
     REFUSED = "refused"  # the store refuses its keys and no error record could be written
 

@@ -14,12 +14,9 @@ MARKDOWN = "text/markdown; charset=utf-8"
 
 
 async def mark_done(storage: Storage, layout: Layout, ref: ObjectRef) -> None:
-    """The done-marker of this version, written after its result (or error record), and
-    those of the source's earlier versions removed."""
+    """The done-marker of this version, written after its result (or error record); those
+    of the source's earlier versions are removed by discovery, which lists them anyway."""
     await storage.put(layout.marker(ref.key, ref.etag), b"", "application/octet-stream")
-    async for old in storage.list_objects(layout.marker_dir(ref.key)):
-        if old.key != layout.marker(ref.key, ref.etag):
-            await storage.delete(old.key)
 
 
 def _meta(ref: ObjectRef) -> dict[str, str]:

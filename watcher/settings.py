@@ -134,7 +134,17 @@ class Settings(BaseSettings):
 
     # --- discovery and claims ---
     poll_interval: PositiveFloat = Field(default=5.0, alias="WATCHER_POLL_INTERVAL")
-    """seconds between listings of the input prefix"""
+    """seconds between listings of the input prefix (longer while the listing budget
+    needs it; minutes are fine with a notification source on)"""
+    list_requests_per_second: PositiveFloat = Field(
+        default=100.0, alias="WATCHER_LIST_REQUESTS_PER_SECOND"
+    )
+    """listing budget of the whole fleet: list requests per second at most (Cloud.ru allows
+    1,000 per bucket); listings are paced to it, so a large bucket's poll takes longer and the
+    next one starts later"""
+    shared_listing: bool = Field(default=True, alias="WATCHER_SHARED_LISTING")
+    """one replica (holding a lease) lists for the fleet and shares what it found in a manifest
+    object that the others read; `false`: every replica lists (the budget is then per replica)"""
     claim_mode: ClaimMode = Field(default=ClaimMode.LEASE, alias="WATCHER_CLAIM_MODE")
     """`lease` (conditional PUT) or `shard` (key-hash split, for stores without conditional writes)"""
     lease_seconds: Annotated[float, Field(ge=10)] = Field(
@@ -222,6 +232,22 @@ class Settings(BaseSettings):
     port; unset: the endpoint is off"""
     webhook_max_bytes: PositiveInt = Field(default=1024 * 1024, alias="WATCHER_WEBHOOK_MAX_BYTES")
     """largest notification body accepted (bigger ones get 413)"""
+    sqs_queue_url: str | None = Field(default=None, alias="WATCHER_SQS_QUEUE_URL")
+    """URL of an SQS-compatible queue that receives the bucket's ObjectCreated notifications;
+    unset: no queue is read (the poll still finds everything)"""
+    sqs_endpoint: str | None = Field(default=None, alias="WATCHER_SQS_ENDPOINT")
+    """endpoint of the SQS-compatible service; unset: the AWS endpoint of `CLOUDRU_S3_REGION`"""
+    sqs_region: str | None = Field(default=None, alias="WATCHER_SQS_REGION")
+    """the queue's region; unset: `CLOUDRU_S3_REGION`"""
+    sqs_access_key: SecretStr | None = Field(default=None, alias="WATCHER_SQS_ACCESS_KEY")
+    """access key for the queue; unset: the S3 access key"""
+    sqs_secret_key: SecretStr | None = Field(default=None, alias="WATCHER_SQS_SECRET_KEY")
+    """secret key for the queue; unset: the S3 secret key"""
+    sqs_visibility_seconds: Annotated[int, Field(ge=10, le=43200)] = Field(
+        default=120, alias="WATCHER_SQS_VISIBILITY_SECONDS"
+    )
+    """how long a received message stays hidden from other readers; extended every third of it
+    while its document is in progress"""
     callback_url: str | None = Field(default=None, alias="WATCHER_CALLBACK_URL")
     """where to POST a JSON notice for each finished document (result or error record);
     retried with backoff, never holding a document back"""
@@ -276,14 +302,14 @@ class Settings(BaseSettings):
         # An empty override would silently send no instruction; treat it as "use the preset".
         return value if value and value.strip() else None
 
-    @field_validator("callback_url")
+    @field_validator("callback_url", "sqs_endpoint", "sqs_queue_url")
     @classmethod
     def _callback_url_shape(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value or None
 
-    @field_validator("vlm_api_key", "webhook_token", "callback_secret")
+    @field_validator("vlm_api_key", "webhook_token", "callback_secret", "sqs_access_key", "sqs_secret_key")
     @classmethod
     def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
@@ -405,6 +431,9 @@ class Settings(BaseSettings):
             values.append(self.webhook_token.get_secret_value())
         if self.callback_secret is not None:
             values.append(self.callback_secret.get_secret_value())
+        for key in (self.sqs_access_key, self.sqs_secret_key):
+            if key is not None:
+                values.append(key.get_secret_value())
         return values
 
 

@@ -7,10 +7,12 @@ timeouts, 5xx, throttling) with exponential backoff and jitter and turns exhaust
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from functools import partial
 from typing import Any, TypeVar
 
@@ -70,6 +72,32 @@ class KeyRefused(Exception):
 
 
 _KEY_REFUSED_CODES = {"KeyTooLongError", "InvalidObjectName", "InvalidKey", "InvalidURI"}
+
+
+class Unchanged(Enum):
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+
+
+class ListPace:
+    """Spaces list requests at least 1/rate apart, so that a poll of a large bucket takes
+    longer instead of exceeding the provider's request limit."""
+
+    def __init__(self, per_second: float | None) -> None:
+        self.gap = 1.0 / per_second if per_second else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self.gap:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(now, self._next)
+        self._next = start + self.gap
+        if start > now:
+            await asyncio.sleep(start - now)
 
 
 def clean_etag(etag: str) -> str:
@@ -145,6 +173,13 @@ class Storage:
         self.bucket = bucket
         self.max_attempts = max_attempts
         self.list_page_size = list_page_size
+        # Every request sent, by operation (retries included): the daemon counts them.
+        self.on_request: Callable[[str], None] = lambda op: None
+        self._list_pace = ListPace(None)
+
+    def pace_listing(self, per_second: float | None) -> None:
+        """Send list requests at most `per_second` (the listing budget); None: unpaced."""
+        self._list_pace = ListPace(per_second)
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         retrying = AsyncRetrying(
@@ -156,6 +191,9 @@ class Storage:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if op == "list":
+                        await self._list_pace.wait()
+                    self.on_request(op)
                     return await fn()
         except ClientError as exc:
             if error_code(exc) in _KEY_REFUSED_CODES:
@@ -217,6 +255,27 @@ class Storage:
             except ClientError as exc:
                 if is_not_found(exc):
                     return None
+                raise
+            async with resp["Body"] as body:
+                data = await body.read()
+            return data, clean_etag(resp.get("ETag", ""))
+
+        return await self._call("get", op)
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | Unchanged | None:
+        """Like get_bytes, but `UNCHANGED` (a 304, no body sent) while the ETag is `etag`."""
+
+        async def op() -> tuple[bytes, str] | Unchanged | None:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+            if etag:
+                kwargs["IfNoneMatch"] = f'"{etag}"'
+            try:
+                resp = await self.client.get_object(**kwargs)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    return None
+                if http_status(exc) == 304 or error_code(exc) == "304":
+                    return UNCHANGED
                 raise
             async with resp["Body"] as body:
                 data = await body.read()

@@ -99,7 +99,7 @@ class DocumentWorker:
         if isinstance(lease, Held):
             # Its holder may have died: look again the moment the lease runs out.
             self.retry_at(ref, lease.expires_at)
-            return Outcome.SKIPPED
+            return Outcome.HELD
         log.info("document_claimed", crashes=lease.crashes)
         if lease.crashes >= self.settings.max_attempts:
             # Every earlier attempt ended with its process: do not offer it another.
