@@ -395,3 +395,18 @@ def test_keda_scales_the_deployment_on_the_backlog(manifests: dict[str, dict[str
     assert trigger["metadata"]["query"].startswith("max(watcher_backlog_documents")
     assert int(trigger["metadata"]["threshold"]) > 0
     assert '"watcher_backlog_documents"' in (REPO / "watcher" / "metrics.py").read_text()
+
+
+def test_statefulset_runs_n_replicas_like_the_deployment(manifests: dict[str, dict[str, Any]]) -> None:
+    docs = list(yaml.safe_load_all((K8S / "statefulset" / "statefulset.yaml").read_text()))
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert set(by_kind) == {"Service", "StatefulSet"}
+    sts = by_kind["StatefulSet"]["spec"]
+    assert sts["replicas"] >= 2 and sts["serviceName"] == by_kind["Service"]["metadata"]["name"]
+    assert by_kind["Service"]["spec"]["clusterIP"] == "None"
+    deployment = manifests["Deployment"]["spec"]["template"]
+    # The same pod as the Deployment's (probes, GPU, grace period, the pod name as replica id).
+    assert sts["template"] == deployment
+    (env,) = deployment["spec"]["containers"][0]["env"]
+    assert env == {"name": "WATCHER_REPLICA_ID",
+                   "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from conftest import CountingEngine, daemon_running, leftovers, make_settings, wait_for_keys
 from docgen import make_image
+from test_events import TOKEN, aws, post
 
 from watcher import storage as storage_module
 from watcher.daemon import Daemon
@@ -150,3 +151,22 @@ async def test_the_budget_paces_a_real_listing(weed: SeaweedS3, bucket: str, s3:
     # Three pages, each paced; two shards share the budget: 25 requests/s each.
     assert paces == [pytest.approx(1 / 25)] * 3
     assert list_requests(daemon) == 3
+
+
+async def test_the_poll_finds_what_notifications_missed(weed: SeaweedS3, bucket: str, s3: Any) -> None:
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, poll_interval=2, webhook_token=TOKEN)
+    async with daemon_running(settings, engine) as daemon:
+        await daemon.wait_polls(1, timeout=30)
+        url = f"http://127.0.0.1:{daemon.http.port}/events"
+        keys = [f"input/n{n}.png" for n in range(4)]
+        for n, key in enumerate(keys):
+            s3.put_object(Bucket=bucket, Key=key, Body=make_image([f"Notified {n}"], "PNG"))
+            if n % 2 == 0:  # every other notification is lost on its way
+                etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+                assert (await post(url, aws(bucket, key, etag, f"0{n + 1}")))[0] == 200
+        await wait_for_keys(s3, bucket, [f"output/n{n}.png.json" for n in range(4)], timeout=60)
+        polls = daemon.polls
+        await daemon.wait_polls(polls + 2, timeout=30)
+    # Notified or listed, each document ran once.
+    assert sorted(engine.calls) == [0, 0, 0, 0]

@@ -18,19 +18,21 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from watcher.callbacks import Notifier
-from watcher.claim import ignored_conditions
+from watcher.claim import Claims, ignored_conditions
 from watcher.decode import Decoder
 from watcher.discovery import BATCH as DISCOVERY_BATCH
 from watcher.discovery import Discovery
 from watcher.engines import Engine, EngineState, create_engine
 from watcher.events import EventIntake
 from watcher.fetch import prepare_work_dir
+from watcher.fleet import FleetDiscovery, Role
 from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
 from watcher.metrics import Metrics
 from watcher.outcome import Outcome
 from watcher.settings import ClaimMode, Settings
+from watcher.sqs import SqsSource
 from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable, open_storage
 from watcher.worker import DocumentWorker
 from watcher.workqueue import PageBudget, Ticket, WorkQueue
@@ -73,12 +75,17 @@ class Daemon:
                          if settings.callback_url else None)
         intake = EventIntake(settings.s3_bucket, Layout.from_settings(settings), self.queue.offer, self.poke)
         self.http = HealthServer(self, settings.http_host, settings.http_port, intake)
+        self.sqs = (SqsSource(settings, self.queue, self.poke, lambda: self._stop.is_set())
+                    if settings.sqs_queue_url else None)
         self.started_at = time.monotonic()
         self.s3_reachable: bool | None = None
         self.s3_error: str | None = None
         self.inflight = 0
         self.backlog = 0
         self.polls = 0
+        self.fleet: FleetDiscovery | None = None
+        self.last_poll: dict[str, Any] = {}
+        self._list_requests = 0
         self.draining = False
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -129,6 +136,7 @@ class Daemon:
         self.metrics.inflight.set(self.inflight)
         self.metrics.backlog.set(self.backlog)
         self.metrics.engine_ready.set(1 if self.engine.state is EngineState.READY else 0)
+        self.metrics.lister.set(1 if self.fleet is not None and self.fleet.role is Role.LISTER else 0)
         wanted = self.engine.pages_wanted()
         if wanted is not None:
             self.metrics.pages_wanted.set(wanted)
@@ -185,7 +193,8 @@ class Daemon:
                                 self.pages, work_dir, self.retry_at, self.notifier)
         notices = asyncio.create_task(self.notifier.run() if self.notifier else asyncio.sleep(0),
                                       name="callbacks")
-        discovery = Discovery(storage, self.settings, Layout.from_settings(self.settings))
+        reader = asyncio.create_task(self.sqs.run() if self.sqs else asyncio.sleep(0), name="sqs")
+        discovery = self._discovery(storage)
         warm = asyncio.create_task(self._keep_engine_warm(), name="engine-warm")
         poller = asyncio.create_task(self._discover_forever(discovery), name="discovery")
         self._workers = [self._start_worker(worker, i)
@@ -204,9 +213,29 @@ class Daemon:
         poller.cancel()
         warm.cancel()
         await self._drain(self._workers)
+        reader.cancel()  # after the drain: the messages of documents it finished are deleted
+        await self._hand_listing_over()
         await self._flush_callbacks(notices)
-        await asyncio.gather(poller, warm, return_exceptions=True)
+        await asyncio.gather(poller, warm, reader, return_exceptions=True)
         shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _discovery(self, storage: Storage) -> FleetDiscovery:
+        """Count every S3 request; pace listings to the budget; one lister per fleet where
+        leases work (a shard lists only its keys, but every shard lists: budget split)."""
+        storage.on_request = self._count_request
+        layout = Layout.from_settings(self.settings)
+        shard = self.settings.claim_mode is ClaimMode.SHARD
+        shared = self.settings.shared_listing and not shard and not self.once
+        budget = self.settings.list_requests_per_second
+        storage.pace_listing(budget / self.settings.shard_count if shard else budget)
+        self.fleet = FleetDiscovery(Discovery(storage, self.settings, layout),
+                                    Claims(storage, self.settings, layout), storage, layout, shared)
+        return self.fleet
+
+    def _count_request(self, op: str) -> None:
+        self.metrics.s3_requests.labels(op).inc()
+        if op == "list":
+            self._list_requests += 1
 
     def _start_worker(self, worker: DocumentWorker, index: int) -> asyncio.Task[None]:
         task = asyncio.create_task(self._work_forever(worker), name=f"worker-{index}")
@@ -247,6 +276,11 @@ class Daemon:
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
 
+    async def _hand_listing_over(self) -> None:
+        if self.fleet is not None:
+            with contextlib.suppress(StorageUnavailable):
+                await self.fleet.close()
+
     async def _flush_callbacks(self, notices: asyncio.Task[None]) -> None:
         """Give queued callbacks a few seconds to go out; the results are in S3 regardless."""
         if self.notifier is not None and not self.notifier.queue.empty():
@@ -282,7 +316,7 @@ class Daemon:
     def unfinished(self) -> list[str]:
         """--once: sources whose last run did not end with a result."""
         return sorted(key for key, outcome in self.last_outcomes.items()
-                      if outcome in (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED))
+                      if outcome in (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED, Outcome.HELD))
 
     async def _keep_engine_warm(self) -> None:
         """Warm the engine; if warm-up fails (VLM server late or broken), try again later."""
@@ -312,8 +346,9 @@ class Daemon:
                     self.queue.finish(ref)
             self._busy[me] = ref
             self.inflight += 1
+            outcome = Outcome.RETRY  # what a run that raised comes to
             try:
-                self.last_outcomes[ref.key] = await worker.process(ref, ticket)
+                outcome = self.last_outcomes[ref.key] = await worker.process(ref, ticket)
             except Exception as exc:
                 # A bug must cost one document, never the worker: the loop goes on.
                 log.error("worker_loop_error", key=ref.key, error=f"{type(exc).__name__}: {exc}",
@@ -325,8 +360,10 @@ class Daemon:
                 self._busy[me] = None
                 self.queue.finish(ref)
                 self.refresh_gauges()
+            if self.sqs is not None:  # not when cancelled: its message is handed back at shutdown
+                self.sqs.settled(ref, outcome)
 
-    async def _discover_forever(self, discovery: Discovery) -> None:
+    async def _discover_forever(self, discovery: FleetDiscovery) -> None:
         while not self._stop.is_set():
             self._poll_now.clear()
             await self._poll_once(discovery)
@@ -334,8 +371,9 @@ class Daemon:
                 async with asyncio.timeout(self.settings.poll_interval):
                     await self._poll_now.wait()
 
-    async def _poll_once(self, discovery: Discovery) -> None:
+    async def _poll_once(self, discovery: FleetDiscovery) -> None:
         started = time.perf_counter()
+        lists_before = self._list_requests
         try:
             todo = await discovery.scan()
         except Exception as exc:
@@ -362,6 +400,10 @@ class Daemon:
             self.backlog = backlog
             self._offered_last_poll = offered
             self.metrics.polls.inc()
+            seconds = time.perf_counter() - started
+            self.metrics.poll_seconds.observe(seconds)
+            self.last_poll = {"seconds": round(seconds, 3), "found": len(todo),
+                              "list_requests": self._list_requests - lists_before}
             if offered:
                 log.info("discovery_found", new=offered, backlog=self.backlog,
                          seconds=round(time.perf_counter() - started, 3))

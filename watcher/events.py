@@ -11,6 +11,8 @@ AWS and MinIO URL-encode object keys in events (spaces as `+`); Ceph RGW sends t
 they are, so keys are decoded only for senders known to encode them. Deliveries are at
 least once and may come out of order: a key + ETag already offered is not offered again,
 and a record older (by S3's `sequencer`) than one already seen for its key is dropped.
+
+The SQS source (sqs.py) reads the same bodies from a queue through `EventIntake.refs`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ class Intake:
     ignored: int
 
 
+@dataclass(frozen=True)
+class Found:
+    """What one notification body names."""
+
+    refs: list[ObjectRef]  # new versions of our documents, to offer
+    polled: int  # records without an ETag, for which a poll was asked
+    ignored: int  # anything else: other buckets or prefixes, removals, repeats, stale
+
+    @property
+    def accepted(self) -> int:
+        return len(self.refs) + self.polled
+
+
 class EventIntake:
     """Turns notification bodies into work offered to the queue; no I/O of its own."""
 
@@ -62,45 +77,58 @@ class EventIntake:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
     def take(self, body: bytes) -> Intake:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadEvent(f"the body is not JSON: {exc}") from None
-        if isinstance(data, dict) and data.get("Event") == "s3:TestEvent":
-            return Intake(0, 0)  # AWS checks the destination with this when it is set up
-        records = data.get("Records") if isinstance(data, dict) else None
-        if not isinstance(records, list):
-            raise BadEvent("expected an AWS-style body with a 'Records' list")
-        accepted = sum(self._record(r) for r in records)
-        return Intake(accepted, len(records) - accepted)
+        found = self.refs(body)
+        for ref in found.refs:
+            offered = self.offer(ref)
+            log.info("event_received", key=ref.key, etag=ref.etag, offered=offered)
+        return Intake(found.accepted, found.ignored)
 
-    def _record(self, record: Any) -> bool:
+    def refs(self, body: bytes) -> Found:
+        """The new versions of our documents that a notification body names (no offers made);
+        records without an ETag ask for a poll instead. Raises BadEvent for a body that is
+        not a notification."""
+        refs: list[ObjectRef] = []
+        polled = ignored = 0
+        for record in _records(body):
+            ref = self._version(record)
+            if ref is None:
+                ignored += 1
+            elif not ref.etag:
+                self.poke()  # nothing to claim by: let a listing find it now
+                polled += 1
+            else:
+                refs.append(ref)
+        return Found(refs, polled, ignored)
+
+    def forget(self, ref: ObjectRef) -> None:
+        """Take `ref` as new when it is named again (its run is to be retried)."""
+        last = self._seen.get(ref.key)
+        if last is not None and last[1] == ref.etag:
+            del self._seen[ref.key]
+
+    def _version(self, record: Any) -> ObjectRef | None:
+        """The version a record names when it is a new one of our documents (its etag is
+        empty when the sender gave none); None for anything else."""
         try:
             s3 = record["s3"]
             name = str(record.get("eventName", ""))
             bucket = str(s3["bucket"]["name"])
             obj = s3["object"]
             raw_key = str(obj["key"])
-        except (KeyError, TypeError):
-            return False
+        except (KeyError, TypeError, AttributeError):
+            return None
         if "ObjectCreated" not in name or bucket != self.bucket:
-            return False  # removals, test events, other buckets: the poll's business
+            return None  # removals, test events, other buckets: the poll's business
         source = str(record.get("eventSource", ""))
         key = unquote_plus(raw_key) if source in ENCODING_SOURCES else raw_key
         if not self.layout.is_document_key(key):
-            return False
+            return None
         etag = clean_etag(str(obj.get("eTag") or obj.get("etag") or ""))
         sequencer = str(obj.get("sequencer") or "")
         if not self._newer(key, sequencer, etag):
-            return False
-        if not etag:
-            self.poke()  # nothing to claim by: let a listing find it now
-            return True
-        ref = ObjectRef(bucket=bucket, key=key, etag=etag, size=int(obj.get("size") or 0),
-                        last_modified=_time(record.get("eventTime")))
-        offered = self.offer(ref)
-        log.info("event_received", key=key, etag=etag, offered=offered, source=source or None)
-        return True
+            return None
+        return ObjectRef(bucket=bucket, key=key, etag=etag, size=_size(obj.get("size")),
+                         last_modified=_time(record.get("eventTime")))
 
     def _newer(self, key: str, sequencer: str, etag: str) -> bool:
         """False for a delivery seen before, or older than one seen for the key."""
@@ -116,6 +144,26 @@ class EventIntake:
         while len(self._seen) > _REMEMBERED:
             self._seen.popitem(last=False)
         return True
+
+
+def _records(body: bytes) -> list[Any]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadEvent(f"the body is not JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("Event") == "s3:TestEvent":
+        return []  # AWS checks the destination with this when it is set up
+    records = data.get("Records") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise BadEvent("expected an AWS-style body with a 'Records' list")
+    return records
+
+
+def _size(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _order(sequencer: str) -> tuple[int, str]:

@@ -53,6 +53,10 @@ def health_body(daemon: Daemon) -> dict[str, Any]:
             "last_poll": daemon.last_poll,
             "list_requests_per_second_budget": daemon.settings.list_requests_per_second,
         },
+        "notifications": {
+            "webhook": daemon.settings.webhook_token is not None,
+            "sqs": daemon.sqs.snapshot() if daemon.sqs is not None else None,
+        },
         "inflight_documents": daemon.inflight,
         "inflight_pages": daemon.pages.in_use,
         "pages_wanted": engine.pages_wanted(),
