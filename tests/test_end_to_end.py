@@ -15,7 +15,7 @@ from conftest import CountingEngine, daemon_running, files_under, leftovers, mak
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
 
-from watcher.claim import Claims
+from watcher.claim import Claims, Done
 from watcher.discovery import Discovery
 from watcher.embedded import SeaweedS3
 from watcher.layout import Layout
@@ -221,8 +221,12 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
                                                         "input/bad.png"])
         claims = Claims(storage, settings, layout)
         requests.clear()
-        assert all([await claims.is_done(ref) for ref in legacy])
-        assert requests.count("head") <= 2 * len(legacy) and "list" not in requests
+        found = {ref.key: await claims.done(ref) for ref in legacy}
+        assert found.pop("input/bad.png") is Done.ERROR_RECORD
+        assert set(found.values()) == {Done.RESULT}
+        # Per version: its marker, its result (and error record), then its marker written.
+        assert requests.count("head") <= 3 * len(legacy) and requests.count("put") == len(legacy)
+        assert "list" not in requests
         requests.clear()
         assert await Discovery(storage, settings, layout).scan() == []
         assert requests == ["list", "list"]

@@ -185,7 +185,9 @@ async def test_a_store_that_ignores_conditional_writes_gets_shards(
         async with daemon_running(settings) as daemon:
             await wait_for_keys(s3, bucket, ["output/a.png.json"])
             claims = health_body(daemon)["claims"]
+            role = health_body(daemon)["discovery"]["role"]
     assert claims["mode"] == "shard" and claims["shard_count"] == 1
+    assert role == "alone"  # no lister lease without conditional writes: each shard lists
     assert "ignores If-None-Match and If-Match" in claims["probe"]
 
 

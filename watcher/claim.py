@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from watcher.identity import HOST, INCARNATION, left_by_dead_process
@@ -40,6 +42,16 @@ log = get_logger("watcher.claim")
 
 # Reasons kept per document: enough to explain an `engine_failed` record.
 HISTORY_LIMIT = 10
+# Tries at deleting a lease that S3 refused to delete, backing off to a minute: an hour.
+LATER_ATTEMPTS = 65
+
+
+class Done(StrEnum):
+    """How a version is known to be done."""
+
+    MARKED = "marked"  # its done-marker exists
+    RESULT = "result"  # its result exists, unmarked: its publisher stopped before the end
+    ERROR_RECORD = "error_record"  # its error record exists, unmarked
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,8 @@ class Lease:
                 await self.claims.storage.delete(self.claims.layout.lease(self.ref.key))
         except (StorageUnavailable, PreconditionFailed) as exc:
             log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+            if not self.crashes and isinstance(exc, StorageUnavailable):
+                self.claims.delete_later(self.ref)
 
     async def finish(self) -> None:
         """The version has its result or error record: nothing about it needs keeping."""
@@ -179,6 +193,7 @@ class Lease:
             await self.claims.storage.delete(self.claims.layout.lease(self.ref.key))
         except StorageUnavailable as exc:
             log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+            self.claims.delete_later(self.ref)
 
 
 class Claims:
@@ -188,18 +203,59 @@ class Claims:
         self.layout = layout
         # Stores without conditional writes get the same objects, written unconditionally.
         self.conditional = settings.claim_mode is ClaimMode.LEASE
+        self._later: set[asyncio.Task[None]] = set()
 
-    async def is_done(self, ref: ObjectRef) -> bool:
-        """True when a result or error record already carries this source ETag.
+    async def is_marked(self, ref: ObjectRef) -> bool:
+        """This version's done-marker exists (one HEAD): the quick check before claiming."""
+        return await self.storage.head(self.layout.marker(ref.key, ref.etag)) is not None
 
-        Discovery reads done-markers; a result from before markers existed (or whose marker
-        write was cut off) is found here and gets its marker, so listings know it next time."""
-        for key in (self.layout.result_json(ref.key), self.layout.error_json(ref.key)):
+    async def done(self, ref: ObjectRef) -> Done | None:
+        """Whether this version is done, and how we know; the check made once we hold its
+        lease, when nobody else can publish it.
+
+        A result or error record that carries this ETag without a marker (its publisher
+        was cut off before the marker, or it dates from before markers) gets its marker
+        now, so that listings know it next time."""
+        if await self.is_marked(ref):
+            return Done.MARKED
+        for key, kind in ((self.layout.result_json(ref.key), Done.RESULT),
+                          (self.layout.error_json(ref.key), Done.ERROR_RECORD)):
             head = await self.storage.head(key)
             if head and clean_etag(head.get("Metadata", {}).get(SOURCE_ETAG_META, "")) == ref.etag:
                 await mark_done(self.storage, self.layout, ref)
-                return True
-        return False
+                return kind
+        return None
+
+    def delete_later(self, ref: ObjectRef) -> None:
+        """A lease we could not delete (S3 away) is deleted once S3 is back."""
+        task = asyncio.create_task(self._delete_eventually(ref), name=f"lease-delete:{ref.key}")
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _delete_eventually(self, ref: ObjectRef) -> None:
+        key = self.layout.lease(ref.key)
+        delay = 1.0
+        for _attempt in range(LATER_ATTEMPTS):
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 60.0)
+            try:
+                current = await self.storage.get_bytes(key)
+                record = LeaseRecord.parse(current[0]) if current else None
+                # Only our own record of this version: once it expired, another replica may
+                # have taken the key for a newer version.
+                if (record is None or record.owner != self.settings.replica_id
+                        or record.incarnation != INCARNATION or record.source_etag != ref.etag):
+                    return
+                await self.storage.delete(key)
+                log.info("lease_deleted_after_all", key=ref.key)
+                return
+            except StorageUnavailable:
+                continue
+
+    async def close(self) -> None:
+        for task in list(self._later):
+            task.cancel()
+        await asyncio.gather(*self._later, return_exceptions=True)
 
     def record(self, ref: ObjectRef, crashes: int, history: list[str], released: bool) -> LeaseRecord:
         return LeaseRecord(

@@ -40,6 +40,8 @@ from watcher.workqueue import PageBudget, Ticket, WorkQueue
 log = get_logger("watcher.daemon")
 # At shutdown, callbacks still queued get this long to go out.
 CALLBACK_FLUSH_SECONDS = 5.0
+# Outcomes after which a version is not worth offering again from a manifest.
+FINISHED = frozenset({Outcome.DONE, Outcome.ERROR, Outcome.SKIPPED, Outcome.REFUSED})
 # Clocks of replicas differ a little; look again just after a lease's stated expiry.
 LEASE_EXPIRY_SLACK_SECONDS = 1.0
 
@@ -216,6 +218,7 @@ class Daemon:
         reader.cancel()  # after the drain: the messages of documents it finished are deleted
         await self._hand_listing_over()
         await self._flush_callbacks(notices)
+        await worker.close()
         await asyncio.gather(poller, warm, reader, return_exceptions=True)
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -362,6 +365,8 @@ class Daemon:
                 self.refresh_gauges()
             if self.sqs is not None:  # not when cancelled: its message is handed back at shutdown
                 self.sqs.settled(ref, outcome)
+            if self.fleet is not None and outcome in FINISHED:
+                self.fleet.finished(ref)
 
     async def _discover_forever(self, discovery: FleetDiscovery) -> None:
         while not self._stop.is_set():

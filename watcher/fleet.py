@@ -81,6 +81,8 @@ class FleetDiscovery:
         self._written: bytes | None = None
         self._seen_etag: str | None = None
         self._seen: list[ObjectRef] = []
+        # Versions this replica finished since the manifest was written: not offered again.
+        self._finished: set[tuple[str, str]] = set()
         self._ref = ObjectRef(bucket=storage.bucket, key=_LISTER, etag="fleet", size=0)
 
     async def scan(self) -> list[ObjectRef]:
@@ -97,6 +99,7 @@ class FleetDiscovery:
         if self._lease is not None:
             await self._lease.finish()
             self._lease = None
+        await self.claims.close()
 
     async def _leading(self) -> bool:
         if self._lease is not None and not self._lease.lost:
@@ -129,16 +132,22 @@ class FleetDiscovery:
             return
         self._written = body
 
+    def finished(self, ref: ObjectRef) -> None:
+        """`ref` has its result or error record (or is not for us): a follower does not offer
+        it again from a manifest written before that."""
+        if self.role is Role.FOLLOWER:
+            self._finished.add((ref.key, ref.etag))
+
     async def _follow(self) -> list[ObjectRef]:
         got = await self.storage.get_if_changed(manifest_key(self.layout), self._seen_etag)
-        if got is UNCHANGED:
-            return self._seen
         if got is None:  # no lister has written one yet
             self._seen_etag, self._seen = None, []
-            return []
-        body, etag = got
-        self._seen_etag, self._seen = etag, decode_manifest(self.storage.bucket, body)
-        return self._seen
+        elif got is not UNCHANGED:
+            body, etag = got
+            self._seen_etag, self._seen = etag, decode_manifest(self.storage.bucket, body)
+            listed = {(r.key, r.etag) for r in self._seen}
+            self._finished &= listed  # the rest the lister's listing knows about itself
+        return [r for r in self._seen if (r.key, r.etag) not in self._finished]
 
     def snapshot(self) -> dict[str, Any]:
         return {"role": self.role.value, "lister": self.lister}

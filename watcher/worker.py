@@ -17,7 +17,7 @@ import structlog
 
 from watcher.callbacks import Notifier
 from watcher.checkpoint import Checkpoints
-from watcher.claim import Claims, Held, Lease, LeaseLost
+from watcher.claim import Claims, Done, Held, Lease, LeaseLost
 from watcher.decode import Decoder, Document, Limits
 from watcher.engines.base import Engine, PageResult
 from watcher.errors import DocumentError, ErrorCode
@@ -88,18 +88,26 @@ class DocumentWorker:
                 f"({self.layout.result_json(ref.key)!r} exceeds the store's limits); rename it"))
         try:
             with self.metrics.stage("claim"):
-                if await self.claims.is_done(ref):
+                if await self.claims.is_marked(ref):
                     log.info("document_already_done")
                     return Outcome.SKIPPED
                 lease = await self.claims.acquire(ref)
         except Exception as exc:
             return await self._failed(ref, None, exc)
         if lease is None:
-            return Outcome.SKIPPED
+            return Outcome.HELD  # a race with another replica, lost: the winner has it
         if isinstance(lease, Held):
             # Its holder may have died: look again the moment the lease runs out.
             self.retry_at(ref, lease.expires_at)
             return Outcome.HELD
+        try:
+            # Another replica may have published it between our check and our lease (it
+            # publishes before it lets its lease go): look again, now that nobody else can.
+            done = await self.claims.done(ref)
+        except Exception as exc:
+            return await self._failed(ref, lease, exc)
+        if done is not None:
+            return await self._already_done(ref, lease, done)
         log.info("document_claimed", crashes=lease.crashes)
         if lease.crashes >= self.settings.max_attempts:
             # Every earlier attempt ended with its process: do not offer it another.
@@ -114,6 +122,20 @@ class DocumentWorker:
             return await self._failed(ref, lease, exc)
         await lease.finish()
         return Outcome.DONE
+
+    async def _already_done(self, ref: ObjectRef, lease: Lease, done: Done) -> Outcome:
+        await lease.finish()
+        if done is not Done.RESULT:
+            log.info("document_already_done", known_by=done.value)
+            return Outcome.SKIPPED
+        # Its result is out but its publisher stopped before the rest (S3 went away, the
+        # pod died): do what it did not, so the document counts, is told and is settled.
+        log.info("document_done", outcome="done", hint="published earlier; finished now")
+        await self._finished(ref)
+        return Outcome.DONE
+
+    async def close(self) -> None:
+        await self.claims.close()
 
     async def _check_name_collision(self, ref: ObjectRef) -> None:
         """Raise when this source's result would take another source's error-record name."""
