@@ -44,6 +44,7 @@ log = get_logger("watcher.claim")
 HISTORY_LIMIT = 10
 # Tries at deleting a lease that S3 refused to delete, backing off to a minute: an hour.
 LATER_ATTEMPTS = 65
+LATER_FIRST_SECONDS = 1.0
 
 
 class Done(StrEnum):
@@ -234,7 +235,7 @@ class Claims:
 
     async def _delete_eventually(self, ref: ObjectRef) -> None:
         key = self.layout.lease(ref.key)
-        delay = 1.0
+        delay = LATER_FIRST_SECONDS
         for _attempt in range(LATER_ATTEMPTS):
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 60.0)
