@@ -136,8 +136,8 @@ def moto_with_queue() -> Iterator[tuple[str, str, Any]]:
 def summary(name: str, latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return (f"| {name} | {len(ordered)} | {statistics.median(ordered):.2f} | {p95:.2f} | "
-            f"{ordered[-1]:.2f} |")
+    return (f"| {name} | {len(ordered)} | {statistics.median(ordered) * 1000:.0f} | {p95 * 1000:.0f} | "
+            f"{ordered[-1] * 1000:.0f} |")
 
 
 async def run(docs: int) -> None:
@@ -156,7 +156,7 @@ async def run(docs: int) -> None:
                                  http_host="127.0.0.1", log_level="WARNING", poll_interval=300,
                                  sqs_queue_url=queue_url, sqs_endpoint=endpoint)
         rows.append(summary("SQS (moto's S3 → SQS; poll every 300 s)", await measure(settings, s3, docs)))
-    print("| discovery | documents | p50 s | p95 s | max s |")
+    print("| discovery | documents | p50 ms | p95 ms | max ms |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -43,21 +43,23 @@ class Discovery:
     async def scan(self) -> list[ObjectRef]:
         """Source versions under the input prefix without a done-marker, oldest first.
 
-        Two listings (markers, then sources) and no request per object. The event loop
-        also answers /health: with a backlog of many thousands, the work is done in batches
-        that yield.
+        Two listings (markers and sources, side by side) and no request per object. A
+        marker names its version's ETag, so listings taken at different moments can only
+        err towards offering a finished version, which the claim stage then skips. The
+        event loop also answers /health: with a backlog of many thousands, the work is
+        done in batches that yield.
         """
-        marked = await self._marked()
+        markers = asyncio.create_task(self._marked())
+        try:
+            listed = await self._sources()
+            marked = await markers
+        finally:
+            markers.cancel()
         todo: list[ObjectRef] = []
         stale: list[str] = []
-        sources: set[str] = set()
-        seen = 0
-        async for ref in self.storage.list_objects(self.layout.input_prefix):
-            seen += 1
-            if seen % BATCH == 0:
+        for n, ref in enumerate(listed, 1):
+            if n % BATCH == 0:
                 await asyncio.sleep(0)
-            if self._prune:
-                sources.add(ref.key)
             if not (self.layout.is_document_key(ref.key) and self._mine(ref.key)):
                 continue
             etags = marked.get(self.layout.marker_dir(ref.key), ())
@@ -67,9 +69,17 @@ class Discovery:
                 stale.extend(self.layout.marker(ref.key, e) for e in etags if e != ref.etag)
         await self._remove_stale_markers(stale)
         if self._prune:
-            await self._remove_orphans(sources)
+            await self._remove_orphans({ref.key for ref in listed})
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
         return todo
+
+    async def _sources(self) -> list[ObjectRef]:
+        listed: list[ObjectRef] = []
+        async for ref in self.storage.list_objects(self.layout.input_prefix):
+            listed.append(ref)
+            if len(listed) % BATCH == 0:
+                await asyncio.sleep(0)
+        return listed
 
     async def _marked(self) -> dict[str, set[str]]:
         """Marker directory (one per source key) -> the source ETags marked done in it."""
