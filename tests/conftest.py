@@ -76,6 +76,20 @@ class CountingEngine(Engine):
         return await self.inner.recognize(page)
 
 
+class GatedEngine(CountingEngine):
+    """The real CPU engine, held at a gate so that a test can act while a page is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def recognize(self, page: RenderedPage) -> PageResult:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().recognize(page)
+
+
 def make_settings(server: SeaweedS3, bucket: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "s3_endpoint": server.endpoint,

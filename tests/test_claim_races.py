@@ -99,6 +99,13 @@ async def test_an_error_record_without_a_marker_is_marked_and_skipped(
         assert await claims.done(ObjectRef(bucket, ref.key, "0" * 32, 1)) is None  # another version
 
 
+async def later_deletes_done(claims: Claims) -> None:
+    async with asyncio.timeout(30):
+        while claims._later:
+            await asyncio.sleep(0.05)
+    await claims.close()
+
+
 class FlakyDeletes:
     """The real store, except that the first `failures` deletes find S3 away."""
 
@@ -128,10 +135,7 @@ async def test_a_lease_s3_would_not_delete_is_deleted_once_it_is_back(
         lease = await claims.acquire(ref)
         assert isinstance(lease, Lease)
         await lease.finish()  # S3 away: the delete fails and is tried again later
-        async with asyncio.timeout(30):
-            while claims._later:
-                await asyncio.sleep(0.05)
-        await claims.close()
+        await later_deletes_done(claims)
     assert keys(s3, bucket, layout.lease(ref.key)) == []
 
 
@@ -153,9 +157,7 @@ async def test_a_delayed_delete_never_removes_another_replicas_lease(
         monkeypatch.setattr(flaky, "delete", _overwrite_then_fail(flaky, real, layout.lease(ref.key),
                                                                   theirs.encode()))
         await lease.finish()
-        async with asyncio.timeout(30):
-            while claims._later:
-                await asyncio.sleep(0.05)
+        await later_deletes_done(claims)
     body = s3.get_object(Bucket=bucket, Key=layout.lease(ref.key))["Body"].read()
     assert json.loads(body)["owner"] == "someone-else"
 

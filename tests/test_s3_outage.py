@@ -9,12 +9,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
+from conftest import GatedEngine, daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
-from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3
-from watcher.engines.base import PageResult
 
 
 @pytest.fixture
@@ -28,20 +26,6 @@ def own_weed(tmp_path: Path) -> Iterator[SeaweedS3]:
 async def get_json(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return resp.status, await resp.json()
-
-
-class GatedEngine(CountingEngine):
-    """The real CPU engine, held at a gate so that a test can act while a page is in flight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def recognize(self, page: RenderedPage) -> PageResult:
-        self.entered.set()
-        await self.gate.wait()
-        return await super().recognize(page)
 
 
 async def test_daemon_recovers_when_s3_stops_and_starts(own_weed: SeaweedS3) -> None:

@@ -18,14 +18,12 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import CountingEngine, daemon_running, wait_for_keys
+from conftest import CountingEngine, GatedEngine, daemon_running, wait_for_keys
 from docgen import make_image
 
 from watcher import sqs as sqs_module
 from watcher.daemon import Daemon
-from watcher.decode import RenderedPage
 from watcher.engines import EngineState
-from watcher.engines.base import PageResult
 from watcher.outcome import Outcome
 from watcher.settings import Settings, load_settings
 from watcher.sqs import SqsSource
@@ -60,20 +58,6 @@ def moto_endpoint() -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(10)
-
-
-class GatedEngine(CountingEngine):
-    """The real CPU engine, held at a gate while a test looks at the queue."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def recognize(self, page: RenderedPage) -> PageResult:
-        self.entered.set()
-        await self.gate.wait()
-        return await super().recognize(page)
 
 
 @dataclass
