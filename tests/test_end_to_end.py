@@ -208,10 +208,10 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
     async with open_storage(settings) as storage:
         requests: list[str] = []
         storage.on_request = requests.append
-        # A fresh replica finds nothing to do from two listings (markers, sources) of one
-        # page each: no request per document, and the output prefix is not listed.
+        # A fresh replica finds nothing to do from listings of one page each (markers,
+        # sources, leases): no request per document, and the output prefix is not listed.
         assert await Discovery(storage, settings, layout).scan() == []
-        assert requests == ["list", "list"]
+        assert requests == ["list", "list", "list"]
         # A bucket from before markers: its versions look pending to discovery; the claim
         # stage checks each result once (two HEADs at most) and marks it.
         for item in s3.list_objects_v2(Bucket=bucket, Prefix=layout.markers_prefix)["Contents"]:
@@ -229,4 +229,4 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
         assert "list" not in requests
         requests.clear()
         assert await Discovery(storage, settings, layout).scan() == []
-        assert requests == ["list", "list"]
+        assert requests == ["list", "list", "list"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -14,8 +16,11 @@ from test_events import TOKEN, aws, post
 
 from watcher import storage as storage_module
 from watcher.daemon import Daemon
+from watcher.discovery import Discovery
 from watcher.embedded import SeaweedS3
 from watcher.fleet import Role, decode_manifest, encode_manifest
+from watcher.layout import Layout
+from watcher.settings import load_settings
 from watcher.storage import UNCHANGED, ListPace, ObjectRef, open_storage
 
 LISTER_LEASE = ".watcher/leases/_fleet/lister.lease"
@@ -170,3 +175,39 @@ async def test_the_poll_finds_what_notifications_missed(weed: SeaweedS3, bucket:
         await daemon.wait_polls(polls + 2, timeout=30)
     # Notified or listed, each document ran once.
     assert sorted(engine.calls) == [0, 0, 0, 0]
+
+
+class LeaseStore:
+    """In memory: sources, markers and leases as discovery lists them, with their ages."""
+
+    def __init__(self, objects: dict[str, float]) -> None:
+        self.objects = objects  # key -> last modified (epoch seconds)
+        self.deleted: list[str] = []
+
+    async def list_objects(self, prefix: str) -> Any:
+        for key in sorted(k for k in self.objects if k.startswith(prefix)):
+            modified = datetime.fromtimestamp(self.objects[key], UTC)
+            yield ObjectRef(bucket="b", key=key, etag="e", size=1, last_modified=modified)
+
+    async def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+        self.deleted.append(key)
+
+
+async def test_leases_left_by_a_dead_replica_on_finished_versions_are_swept() -> None:
+    settings = load_settings(s3_endpoint="http://stand-in", s3_bucket="bucket", s3_access_key="a:b",
+                             s3_secret_key="s", lease_seconds=60)
+    layout = Layout.from_settings(settings)
+    now = time.time()
+    old, fresh = now - 4 * 60, now - 30
+    store = LeaseStore({
+        "input/done.pdf": old, layout.marker("input/done.pdf", "e"): old,
+        layout.lease("input/done.pdf"): old,  # its holder published, then was killed
+        "input/busy.pdf": old, layout.marker("input/busy.pdf", "e"): old,
+        layout.lease("input/busy.pdf"): fresh,  # renewed: someone lives
+        "input/failing.pdf": old, layout.lease("input/failing.pdf"): old,  # attempts counted, not done
+        layout.lease("input/deleted.pdf"): old,  # its source is gone
+    })
+    await Discovery(store, settings, layout).scan()  # type: ignore[arg-type]
+    assert sorted(store.deleted) == sorted([layout.lease("input/done.pdf"),
+                                            layout.lease("input/deleted.pdf")])

@@ -15,6 +15,7 @@ old bucket migrates once, on first sight.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from watcher.layout import Layout, shard_of
 from watcher.logs import get_logger
@@ -25,6 +26,8 @@ log = get_logger("watcher.discovery")
 
 # Items handled between two yields to the event loop.
 BATCH = 500
+# A lease not renewed for this many lease periods has no living holder.
+STALE_LEASE_PERIODS = 3
 
 
 class Discovery:
@@ -49,6 +52,7 @@ class Discovery:
         event loop also answers /health: with a backlog of many thousands, the work is
         done in batches that yield.
         """
+        started = time.time()
         markers = asyncio.create_task(self._marked())
         try:
             listed = await self._sources()
@@ -68,6 +72,7 @@ class Discovery:
             else:
                 stale.extend(self.layout.marker(ref.key, e) for e in etags if e != ref.etag)
         await self._remove_stale_markers(stale)
+        await self._sweep_leases(listed, marked, started)
         if self._prune:
             await self._remove_orphans({ref.key for ref in listed})
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
@@ -92,6 +97,27 @@ class Discovery:
             if seen % BATCH == 0:
                 await asyncio.sleep(0)
         return marked
+
+    async def _sweep_leases(self, listed: list[ObjectRef], marked: dict[str, set[str]],
+                            started: float) -> None:
+        """Delete leases that nobody has renewed for several lease periods and whose
+        version is done (or whose source is gone): a replica killed between publishing and
+        letting go leaves one, and nobody else would ever look at it again. Released
+        leases of versions not done yet keep their attempt counts."""
+        # Written before the listing began: their version is the one listed, or older.
+        cutoff = started - STALE_LEASE_PERIODS * self.settings.lease_seconds
+        current = {ref.key: ref.etag for ref in listed}
+        stale = []
+        async for lease in self.storage.list_objects(self.layout.source_leases_prefix):
+            key = self.layout.source_of_lease(lease.key)
+            if key is None or lease.last_modified is None or lease.last_modified.timestamp() > cutoff:
+                continue
+            etag = current.get(key)
+            if etag is None or etag in marked.get(self.layout.marker_dir(key), ()):
+                stale.append(lease.key)
+        for key in stale:
+            await self.storage.delete(key)
+            log.info("stale_lease_removed", lease=key)
 
     async def _remove_stale_markers(self, stale: list[str]) -> None:
         """Markers of versions replaced since, once the current version is marked too."""

@@ -72,6 +72,17 @@ class Layout:
             return readable
         return f"{self.lease_prefix}_sha256/{hashlib.sha256(key.encode('utf-8')).hexdigest()}.lease"
 
+    @property
+    def source_leases_prefix(self) -> str:
+        """Where the readable leases of sources live (hashed ones are under `_sha256/`)."""
+        return f"{self.lease_prefix}{self.input_prefix}"
+
+    def source_of_lease(self, lease_key: str) -> str | None:
+        """The source key a readable lease key belongs to."""
+        if not (lease_key.startswith(self.source_leases_prefix) and lease_key.endswith(".lease")):
+            return None
+        return lease_key[len(self.lease_prefix):-len(".lease")]
+
     def sources_of(self, output_key: str) -> list[str]:
         """The source keys whose result, Markdown or error record `output_key` may be
         (`y.png.error.json` is y.png's error record or y.png.error's result)."""
