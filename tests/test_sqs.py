@@ -6,6 +6,7 @@ once the document settled; messages naming nothing for us are deleted at once.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from watcher.engines import EngineState
 from watcher.outcome import Outcome
 from watcher.settings import Settings, load_settings
 from watcher.sqs import SqsSource
+from watcher.storage import ObjectRef
 from watcher.workqueue import WorkQueue
 
 REGION = "us-east-1"
@@ -250,6 +252,27 @@ async def test_a_run_to_retry_keeps_its_message_which_comes_back(moto: Moto) -> 
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
     assert moto.counts() == (1, 0)
+
+
+async def test_a_message_for_a_document_the_poll_queued_first_waits_for_it(moto: Moto) -> None:
+    queue = WorkQueue(10)
+    source = SqsSource(moto_settings(moto), queue, lambda: None)
+    reading = asyncio.create_task(source.run())
+    try:
+        await until(lambda: source.snapshot()["deleted"] == 1, 30, "the test event is deleted")
+        body = b"not read here"
+        polled = ObjectRef(moto.bucket, "input/polled.png", hashlib.md5(body).hexdigest(), len(body))
+        assert queue.offer(polled)  # the poll found it before its message came
+        moto.s3.put_object(Bucket=moto.bucket, Key="input/polled.png", Body=body)
+        await until(lambda: source.snapshot()["in_progress"] == 1, 30, "the message is held")
+        assert moto.counts() == (0, 1)  # not deleted: its document has no result yet
+        ref = await asyncio.wait_for(queue.take(), 5)
+        queue.finish(ref)
+        source.settled(ref, Outcome.DONE)
+        await until(lambda: moto.counts() == (0, 0), 10, "the message is deleted")
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
 
 
 class Recorder:

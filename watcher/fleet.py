@@ -8,7 +8,9 @@ when its holder is known dead). The lister runs Discovery and writes what is pen
 a small manifest object (`<lease prefix>_fleet/manifest.json`, oldest first, at most
 MANIFEST_LIMIT entries) only when that changed; the others fetch the manifest each poll
 with a conditional GET (a 304 while unchanged) and only claim and work. Claims still
-decide who does what, so a stale manifest costs a skipped claim, never duplicate work.
+decide who does what, and a version's done-ness is checked again once its lease is held,
+so a stale manifest costs a HEAD, never duplicate work. A follower does not offer again
+what it finished itself since the manifest was written.
 
 Stores without conditional writes (shard mode) and `WATCHER_SHARED_LISTING=false` keep
 one listing per replica.

@@ -188,7 +188,7 @@ class SqsSource:
             log.info("sqs_work_queue_full", message_id=message_id)
             return  # not held: the queue delivers it again after its visibility timeout
         if not waiting:
-            self._delete_later(receipt)  # nothing of ours to do, or already queued
+            self._delete_later(receipt)  # nothing of ours to do
             return
         self._held[message_id] = _Held(receipt, waiting)
         for version in waiting:
@@ -202,7 +202,9 @@ class SqsSource:
             if self.queue.offer(ref):
                 waiting.add(_version(ref))
                 log.info("sqs_document_offered", key=ref.key, etag=ref.etag)
-            elif not self.queue.is_pending(ref):
+            elif self.queue.is_pending(ref):
+                waiting.add(_version(ref))  # the poll queued it first: held until it is settled
+            else:
                 full = True
                 self.intake.forget(ref)  # offered again when its message comes back
         return waiting, full
