@@ -23,6 +23,7 @@ from conftest import CountingEngine, GatedEngine, daemon_running, wait_for_keys
 from docgen import make_image
 
 from watcher import sqs as sqs_module
+from watcher.check import Checker
 from watcher.daemon import Daemon
 from watcher.engines import EngineState
 from watcher.outcome import Outcome
@@ -316,3 +317,13 @@ async def test_a_missing_queue_is_logged_once_read_again_until_it_exists_and_can
         reading.cancel()
         # It was waiting in a 20-second long poll: cancelling must not wait for it.
         await asyncio.wait_for(asyncio.gather(reading, return_exceptions=True), 5)
+
+
+def test_watcher_check_reads_the_queue(moto: Moto, capsys: pytest.CaptureFixture[str]) -> None:
+    assert asyncio.run(Checker(moto_settings(moto)).run()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("ok   SQS queue") and "messages waiting" in line for line in lines), lines
+    missing = moto_settings(moto, sqs_queue_url=f"{moto.endpoint}/{ACCOUNT}/no-such-queue")
+    asyncio.run(Checker(missing).run())
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("FAIL SQS queue") for line in lines), lines

@@ -21,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from watcher.claim import ignored_conditions
 from watcher.engines import vlm_server
 from watcher.settings import EngineName, Settings
+from watcher.sqs import open_sqs
 from watcher.storage import Storage, error_code, http_status, open_storage
 
 MAX_CLOCK_SKEW_SECONDS = 300  # SigV4 refuses requests 15 minutes off; warn well before
@@ -85,6 +86,8 @@ class Checker:
             await self.probe("conditional writes (If-None-Match, If-Match) enforced",
                              lambda: self._conditional(storage), all(writes))
             await self.probe("clock in step with the S3 server", self._clock, reached)
+        if s.sqs_queue_url:
+            await self.probe(f"SQS queue {s.sqs_queue_url} readable", self._queue)
         await self.probe(f"engine {s.engine.value}", self._engine)
         return 0 if all(p.state == "ok" for p in self.probes) else 1
 
@@ -167,6 +170,12 @@ class Checker:
         return f"{skew:+.0f} s"
 
     # --- engine ---
+    async def _queue(self) -> str:
+        async with open_sqs(self.settings) as client:
+            answer = await client.get_queue_attributes(
+                QueueUrl=self.settings.sqs_queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+        return f"{answer['Attributes']['ApproximateNumberOfMessages']} messages waiting"
+
     async def _engine(self) -> str:
         s = self.settings
         if s.engine is EngineName.CPU:

@@ -99,7 +99,7 @@ class SqsSource:
     async def run(self) -> None:
         """Receive until the daemon stops; then stay, to delete the messages of documents
         the drain finishes, until cancelled. Messages still held then are handed back."""
-        async with self._open() as client:
+        async with open_sqs(self.settings) as client:
             self._client = client
             extender = asyncio.create_task(self._extend_forever(), name="sqs-extend")
             try:
@@ -109,18 +109,6 @@ class SqsSource:
                 extender.cancel()
                 await asyncio.gather(extender, return_exceptions=True)
                 await self._close()
-
-    def _open(self) -> AbstractAsyncContextManager[Any]:
-        s = self.settings
-        key = s.sqs_access_key or s.s3_access_key
-        secret = s.sqs_secret_key or s.s3_secret_key
-        config = AioConfig(connect_timeout=s.s3_connect_timeout, read_timeout=WAIT_SECONDS + 10,
-                           retries={"total_max_attempts": 3, "mode": "standard"})
-        context: AbstractAsyncContextManager[Any] = get_session().create_client(
-            "sqs", endpoint_url=s.sqs_endpoint, region_name=s.sqs_region or s.s3_region,
-            aws_access_key_id=key.get_secret_value(), aws_secret_access_key=secret.get_secret_value(),
-            config=config)
-        return context
 
     async def _close(self) -> None:
         """Let deletes under way finish; hand back messages whose documents never ran (or
@@ -277,6 +265,20 @@ class SqsSource:
             log.error("sqs_error", action=action, error=error,
                       exc_info=not isinstance(exc, ClientError | OSError))
         self.reachable, self.last_error = False, error
+
+
+def open_sqs(settings: Settings) -> AbstractAsyncContextManager[Any]:
+    """An SQS client for the queue; region and keys fall back to the S3 ones."""
+    s = settings
+    key = s.sqs_access_key or s.s3_access_key
+    secret = s.sqs_secret_key or s.s3_secret_key
+    config = AioConfig(connect_timeout=s.s3_connect_timeout, read_timeout=WAIT_SECONDS + 10,
+                       retries={"total_max_attempts": 3, "mode": "standard"})
+    context: AbstractAsyncContextManager[Any] = get_session().create_client(
+        "sqs", endpoint_url=s.sqs_endpoint, region_name=s.sqs_region or s.s3_region,
+        aws_access_key_id=key.get_secret_value(), aws_secret_access_key=secret.get_secret_value(),
+        config=config)
+    return context
 
 
 def _version(ref: ObjectRef) -> Version:
