@@ -210,11 +210,20 @@ async def test_a_hanging_server_times_out_and_the_document_is_done_later(
     # the document, which is deferred, then done once the server answers again.
     settings = vlm_settings(weed, bucket, fake, vlm_timeout=2, vlm_max_retries=1)
     engine = fast_engine(settings)
+    # The mark lasts until the next health probe (0.2 s here): record it, not its window.
+    marked = asyncio.Event()
+    mark_unavailable = engine.mark_unavailable
+
+    def mark(reason: str) -> None:
+        marked.set()
+        mark_unavailable(reason)
+
+    engine.mark_unavailable = mark  # type: ignore[method-assign]
     async with daemon_running(settings, engine):
         await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
         fake.hang_next, fake.hang_seconds = 2, 3.0
         s3.put_object(Bucket=bucket, Key="input/d.png", Body=make_image(["Slow server NOVEMBER"], "PNG"))
-        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        await asyncio.wait_for(marked.wait(), 30)
         await wait_for_keys(s3, bucket, ["output/d.png.json"], timeout=60)
     assert fake.hang_next == 0
     assert fake.requests >= 1 + 3
