@@ -119,6 +119,8 @@ class FleetDiscovery:
             return True
         if isinstance(got, Held):
             # Ask again when its lease would run out; a living lister renews it by then.
+            if got.owner != self.lister:
+                log.info("fleet_following", lister=got.owner)
             self._held_until, self.lister = got.expires_at, got.owner
         self.role = Role.FOLLOWER
         return False
