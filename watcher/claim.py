@@ -24,12 +24,19 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from watcher.identity import HOST, INCARNATION, left_by_dead_process
 from watcher.layout import SOURCE_ETAG_META, Layout
@@ -42,7 +49,7 @@ log = get_logger("watcher.claim")
 
 # Reasons kept per document: enough to explain an `engine_failed` record.
 HISTORY_LIMIT = 10
-# Tries at deleting a lease that S3 refused to delete, backing off to a minute: an hour.
+# Tries at deleting a lease that S3 refused to delete, backing off to a minute: about an hour.
 LATER_ATTEMPTS = 65
 LATER_FIRST_SECONDS = 1.0
 
@@ -234,24 +241,28 @@ class Claims:
         task.add_done_callback(self._later.discard)
 
     async def _delete_eventually(self, ref: ObjectRef) -> None:
+        await asyncio.sleep(LATER_FIRST_SECONDS)  # S3 has just failed: give it a moment
+        try:
+            async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(LATER_ATTEMPTS),
+                    wait=wait_random_exponential(multiplier=LATER_FIRST_SECONDS, max=60.0),
+                    retry=retry_if_exception_type(StorageUnavailable)):
+                with attempt:
+                    await self._delete_if_ours(ref)
+        except RetryError:
+            log.warning("lease_left_behind", key=ref.key, hint="the lister sweeps it later")
+
+    async def _delete_if_ours(self, ref: ObjectRef) -> None:
         key = self.layout.lease(ref.key)
-        delay = LATER_FIRST_SECONDS
-        for _attempt in range(LATER_ATTEMPTS):
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 60.0)
-            try:
-                current = await self.storage.get_bytes(key)
-                record = LeaseRecord.parse(current[0]) if current else None
-                # Only our own record of this version: once it expired, another replica may
-                # have taken the key for a newer version.
-                if (record is None or record.owner != self.settings.replica_id
-                        or record.incarnation != INCARNATION or record.source_etag != ref.etag):
-                    return
-                await self.storage.delete(key)
-                log.info("lease_deleted_after_all", key=ref.key)
-                return
-            except StorageUnavailable:
-                continue
+        current = await self.storage.get_bytes(key)
+        record = LeaseRecord.parse(current[0]) if current else None
+        # Only our own record of this version: once it expired, another replica may have
+        # taken the key for a newer version.
+        if (record is None or record.owner != self.settings.replica_id
+                or record.incarnation != INCARNATION or record.source_etag != ref.etag):
+            return
+        await self.storage.delete(key)
+        log.info("lease_deleted_after_all", key=ref.key)
 
     async def close(self) -> None:
         for task in list(self._later):

@@ -30,7 +30,7 @@ from watcher.health import HealthServer
 from watcher.layout import Layout
 from watcher.logs import get_logger, scrubber
 from watcher.metrics import Metrics
-from watcher.outcome import Outcome
+from watcher.outcome import FINISHED, Outcome
 from watcher.settings import ClaimMode, Settings
 from watcher.sqs import SqsSource
 from watcher.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable, open_storage
@@ -40,8 +40,6 @@ from watcher.workqueue import PageBudget, Ticket, WorkQueue
 log = get_logger("watcher.daemon")
 # At shutdown, callbacks still queued get this long to go out.
 CALLBACK_FLUSH_SECONDS = 5.0
-# Outcomes after which a version is not worth offering again from a manifest.
-FINISHED = frozenset({Outcome.DONE, Outcome.ERROR, Outcome.SKIPPED, Outcome.REFUSED})
 # Clocks of replicas differ a little; look again just after a lease's stated expiry.
 LEASE_EXPIRY_SLACK_SECONDS = 1.0
 
@@ -281,8 +279,7 @@ class Daemon:
 
     async def _hand_listing_over(self) -> None:
         if self.fleet is not None:
-            with contextlib.suppress(StorageUnavailable):
-                await self.fleet.close()
+            await self.fleet.close()  # a delete S3 refuses is logged there, never raised
 
     async def _flush_callbacks(self, notices: asyncio.Task[None]) -> None:
         """Give queued callbacks a few seconds to go out; the results are in S3 regardless."""
@@ -410,8 +407,7 @@ class Daemon:
             self.last_poll = {"seconds": round(seconds, 3), "found": len(todo),
                               "list_requests": self._list_requests - lists_before}
             if offered:
-                log.info("discovery_found", new=offered, backlog=self.backlog,
-                         seconds=round(time.perf_counter() - started, 3))
+                log.info("discovery_found", new=offered, backlog=self.backlog, seconds=round(seconds, 3))
         self.refresh_gauges()
         async with self.poll_done:
             self.polls += 1

@@ -30,6 +30,11 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # the store refuses its keys and no error record could be written
 
 
+# The version has a result or an error record, or is not ours to do: nothing to look at
+# again (a notification for it can go; a manifest need not offer it again).
+FINISHED = frozenset({Outcome.DONE, Outcome.ERROR, Outcome.SKIPPED, Outcome.REFUSED})
+
+
 class Fate(StrEnum):
     PERMANENT = "permanent"
     TRANSIENT = "transient"

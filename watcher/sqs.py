@@ -34,7 +34,7 @@ from botocore.exceptions import ClientError
 from watcher.events import BadEvent, EventIntake
 from watcher.layout import Layout
 from watcher.logs import get_logger
-from watcher.outcome import Outcome
+from watcher.outcome import FINISHED, Outcome
 from watcher.settings import Settings
 from watcher.storage import ObjectRef
 
@@ -46,8 +46,6 @@ BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 # At shutdown, deletes still under way and hand-backs of unstarted messages get this long.
 CLOSE_SECONDS = 5.0
-# Outcomes whose document should be looked at again: its message comes back.
-KEEP = frozenset({Outcome.RETRY, Outcome.HELD})
 
 Version = tuple[str, str]  # key, ETag
 
@@ -201,7 +199,7 @@ class SqsSource:
     def settled(self, ref: ObjectRef, outcome: Outcome) -> None:
         """The daemon ran `ref`. A message is deleted once each document it names has a
         record or is not ours to do; a run to look at again lets its messages go."""
-        keep = outcome in KEEP
+        keep = outcome not in FINISHED  # to look at again: its message comes back
         if keep:
             self.intake.forget(ref)
         for message_id in self._messages_of.pop(_version(ref), []):
