@@ -26,9 +26,12 @@ from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
 from watcher.claim import Claims, Held, LeaseRecord
+from watcher.decode import RenderedPage
 from watcher.embedded import SeaweedS3, free_ports
 from watcher.engines.base import EngineState
+from watcher.engines.child import ReaderSpec
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
+from watcher.engines.supervisor import SupervisedEngine, _Worker, describe_exit
 from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
 from watcher.identity import HOST, INCARNATION
 from watcher.layout import Layout
@@ -252,8 +255,6 @@ async def test_only_the_page_that_hangs_is_charged_when_its_batch_fails(
     try:
         assert engine.state is EngineState.READY, engine.error
         pages = [Image.open(io.BytesIO(png(c))).convert("RGB") for c in ("white", "red", "white", "white")]
-        from watcher.decode import RenderedPage
-
         results = await asyncio.gather(
             *(engine.recognize(RenderedPage(i, im, *im.size)) for i, im in enumerate(pages)),
             return_exceptions=True,
@@ -263,6 +264,57 @@ async def test_only_the_page_that_hangs_is_charged_when_its_batch_fails(
     assert isinstance(results[1], EngineCrashed) and results[1].reason == "timeout"
     assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 1), results
     assert set(restarts) == {"timeout"}
+
+
+# --- why a worker died ------------------------------------------------------------------------
+async def test_every_abort_is_recorded_as_sigabrt_not_as_a_silent_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipe breaks before the kernel can report the status; the record must wait for it."""
+    monkeypatch.syspath_prepend(str(FAKES))  # spawn hands sys.path to the worker
+    engine = SupervisedEngine(ReaderSpec("dying_reader:DyingReader"), name="dying", model="fake")
+    page = RenderedPage(0, Image.new("RGB", (8, 8), "white"), 8, 8)
+    details: list[str] = []
+    await engine.warm()
+    try:
+        for _ in range(12):
+            with pytest.raises(EngineCrashed) as crash:
+                await engine.recognize(page)
+            details.append(crash.value.detail)
+    finally:
+        await engine.close()
+    assert details == ["the worker was killed by SIGABRT"] * 12
+
+
+class _ExitingProcess:
+    """A process whose exit status becomes readable a few polls after its sentinel fired."""
+
+    def __init__(self, polls_before_status: int) -> None:
+        self.polls_left = polls_before_status
+
+    @property
+    def exitcode(self) -> int | None:
+        if self.polls_left:
+            self.polls_left -= 1
+            return None
+        return -signal.SIGABRT
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+
+async def test_reaping_waits_for_the_status_after_the_sentinel_fires() -> None:
+    exited = asyncio.get_running_loop().create_future()
+    exited.set_result(None)
+    process = _ExitingProcess(polls_before_status=5)
+    worker = _Worker(0, process=process, exited=exited)  # type: ignore[arg-type]
+    engine = SupervisedEngine(ReaderSpec("unused:Unused"), name="t", model="t")
+    await engine._reap(worker)
+    assert describe_exit(process.exitcode) == "the worker was killed by SIGABRT"
+
+    stuck = _Worker(1, process=_ExitingProcess(polls_before_status=10**9), exited=exited)  # type: ignore[arg-type]
+    await engine._reap(stuck, seconds=0.05)  # bounded: a status that never comes is given up
+    assert describe_exit(stuck.process.exitcode) == "the worker stopped answering"  # type: ignore[union-attr]
 
 
 # --- attempts in the lease ---------------------------------------------------------------------

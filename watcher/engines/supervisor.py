@@ -47,6 +47,7 @@ log = get_logger("watcher.engine")
 # A worker told to stop gets this long to exit before it is killed.
 STOP_GRACE_SECONDS = 5.0
 MAX_WARM_BACKOFF_SECONDS = 60.0
+REAP_POLL_SECONDS = 0.01
 
 
 class WorkerState(StrEnum):
@@ -307,6 +308,7 @@ class SupervisedEngine(Engine):
             batch = await self._wait_for_work(worker)
             if batch is None:
                 assert worker.process is not None
+                await self._reap(worker)
                 return "crash", describe_exit(worker.process.exitcode)
             if not batch:
                 continue
@@ -427,11 +429,23 @@ class SupervisedEngine(Engine):
                 await asyncio.shield(worker.exited)
         return worker.exited.done()
 
-    async def _reap(self, worker: _Worker) -> None:
-        """Wait briefly for a broken worker's exit status, for the log and the record."""
-        await self._wait_exit(worker, 2.0)
-        if worker.process is not None:
-            worker.process.join(timeout=0)
+    async def _reap(self, worker: _Worker, seconds: float = 2.0) -> None:
+        """Wait briefly for a broken worker's exit status, for the log and the record.
+
+        The sentinel fires when the kernel closes the dead worker's descriptors, which is
+        before it has freed the memory and threads and made the status reapable; reading
+        the status at once then says "stopped answering" for what was an abort.
+        """
+        process = worker.process
+        if process is None:
+            return
+        await self._wait_exit(worker, seconds)
+        if not worker.exited or not worker.exited.done():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while process.exitcode is None and loop.time() < deadline:  # exitcode polls waitpid
+            await asyncio.sleep(REAP_POLL_SECONDS)
 
     async def _stop_process(self, worker: _Worker, kill: bool = False) -> None:
         process, conn = worker.process, worker.conn
