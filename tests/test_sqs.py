@@ -21,6 +21,7 @@ import boto3
 import pytest
 from conftest import CountingEngine, GatedEngine, daemon_running, wait_for_keys
 from docgen import make_image
+from tenacity import RetryCallState
 
 from watcher import sqs as sqs_module
 from watcher.check import Checker
@@ -294,12 +295,12 @@ async def test_a_missing_queue_is_logged_once_read_again_until_it_exists_and_can
     logs = Recorder()
     waits: list[int] = []
 
-    def backoff(failures: int) -> float:
-        waits.append(failures)
+    def backoff(state: RetryCallState) -> float:
+        waits.append(state.attempt_number)  # the failures in a row
         return 0.05
 
     monkeypatch.setattr(sqs_module, "log", logs)
-    monkeypatch.setattr(sqs_module, "_backoff", backoff)
+    monkeypatch.setattr(sqs_module, "RECEIVE_BACKOFF", backoff)
     source = SqsSource(moto_settings(moto, sqs_queue_url=url), WorkQueue(10), lambda: None)
     reading = asyncio.create_task(source.run())
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -30,6 +29,13 @@ from typing import Any, Protocol
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    wait_random_exponential,
+)
 
 from watcher.events import BadEvent, EventIntake
 from watcher.layout import Layout
@@ -42,8 +48,8 @@ log = get_logger("watcher.sqs")
 
 WAIT_SECONDS = 20  # long polling: the longest SQS allows
 BATCH = 10  # messages per receive and entries per batch call: the most SQS allows
-BACKOFF_FIRST_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 60.0
+# An unreachable queue is asked again after a jittered wait doubling from 1 s to a minute.
+RECEIVE_BACKOFF = wait_random_exponential(multiplier=1.0, max=60.0)
 # At shutdown, deletes still under way and hand-backs of unstarted messages get this long.
 CLOSE_SECONDS = 5.0
 
@@ -124,23 +130,34 @@ class SqsSource:
 
     # --- receiving ---------------------------------------------------------------------
     async def _receive_forever(self) -> None:
-        failures = 0
         while not self.stopping():
             try:
-                answer = await self._client.receive_message(
-                    QueueUrl=self.url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=WAIT_SECONDS,
-                    VisibilityTimeout=self.visibility)
-            except Exception as exc:  # whatever it is, reading goes on and says why
-                failures += 1
-                self._trouble("receive", exc)
-                await asyncio.sleep(_backoff(failures))
-                continue
-            failures = 0
+                answer = await self._receive()
+            except RetryError:  # the daemon stopped while the queue was away
+                return
             if self.reachable is False:
                 log.info("sqs_reachable_again")
             self.reachable, self.last_error = True, None
             for message in answer.get("Messages", []):
                 self._take_guarded(message)
+
+    async def _receive(self) -> dict[str, Any]:
+        """One long poll. Whatever goes wrong, the queue is asked again with backoff until
+        it answers or the daemon stops, and /health says why."""
+        answer: dict[str, Any] = {}
+        async for attempt in AsyncRetrying(
+                wait=RECEIVE_BACKOFF, retry=retry_if_exception_type(Exception),
+                stop=lambda _state: self.stopping(), after=self._receive_failed):
+            with attempt:
+                answer = await self._client.receive_message(
+                    QueueUrl=self.url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=WAIT_SECONDS,
+                    VisibilityTimeout=self.visibility)
+        return answer
+
+    def _receive_failed(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, Exception):
+            self._trouble("receive", exc)
 
     def _take_guarded(self, message: dict[str, Any]) -> None:
         self.received += 1
@@ -292,11 +309,6 @@ def _unwrap(body: str) -> bytes:
     if isinstance(data, dict) and data.get("Type") == "Notification" and isinstance(data.get("Message"), str):
         return str(data["Message"]).encode()
     return body.encode()
-
-
-def _backoff(failures: int) -> float:
-    ceiling: float = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0 ** min(failures - 1, 16))
-    return ceiling * random.uniform(0.5, 1.0)
 
 
 def _describe(exc: Exception) -> str:
