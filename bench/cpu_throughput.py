@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from docgen import make_pdf
 
-from watcher.daemon import Daemon, running
-from watcher.decode import Limits, RenderedPage, open_document
-from watcher.embedded import SeaweedS3
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.logs import configure_logging
+from watcher.core.pages import RenderedPage
+from watcher.core.settings import load_settings
 from watcher.engines.cpu import CpuEngine
-from watcher.logs import configure_logging
-from watcher.settings import load_settings
+from watcher.pipeline.decode import Limits, open_document
+from watcher.service.daemon import Daemon, running
 
 LINES = [
     "The watcher benchmark page {doc}-{page}",

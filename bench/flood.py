@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from watcher.embedded import SeaweedS3, free_ports
+from watcher.cli.embedded import SeaweedS3, free_ports
 
 
 def small_png(text: str) -> bytes:

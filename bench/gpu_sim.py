@@ -27,8 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
-from watcher.health import serve_app
-from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
+from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
+from watcher.service.http import serve_app
 
 WARMUP_SIZE = (640, 200)
 

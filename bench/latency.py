@@ -34,11 +34,11 @@ import aiohttp
 import boto3
 from botocore.config import Config
 
-from watcher.daemon import Daemon, running
-from watcher.embedded import SeaweedS3, free_ports
+from watcher.bucket.storage import ObjectRef
+from watcher.cli.embedded import SeaweedS3, free_ports
+from watcher.core.settings import Settings, load_settings
 from watcher.engines import EngineState
-from watcher.settings import Settings, load_settings
-from watcher.storage import ObjectRef
+from watcher.service.daemon import Daemon, running
 
 TOKEN = "bench-webhook-token"
 BUCKET = "latency"

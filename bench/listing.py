@@ -25,13 +25,14 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
-from watcher.daemon import Daemon
-from watcher.embedded import SeaweedS3
-from watcher.engines.base import Engine, PageResult
-from watcher.fleet import FleetDiscovery
-from watcher.layout import Layout
-from watcher.settings import Settings, load_settings
-from watcher.storage import Storage, client_config, open_storage
+from watcher.bucket.names import Names
+from watcher.bucket.storage import Storage, client_config, open_storage
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.pages import PageResult
+from watcher.core.settings import Settings, load_settings
+from watcher.engines.base import Engine
+from watcher.intake.fleet import FleetDiscovery
+from watcher.service.daemon import Daemon
 
 BODY = b"%PDF-1.4 finished document"
 
@@ -54,7 +55,7 @@ def settings_for(weed: SeaweedS3, replica: str, **overrides: Any) -> Settings:
 
 async def fill(weed: SeaweedS3, docs: int) -> float:
     settings = settings_for(weed, "filler")
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     etag = hashlib.md5(BODY).hexdigest()
     gate = asyncio.Semaphore(64)
     started = time.perf_counter()
@@ -66,7 +67,7 @@ async def fill(weed: SeaweedS3, docs: int) -> float:
             key = f"input/batch-{n // 1000:03d}/doc-{n:06d}.pdf"
             async with gate:
                 await client.put_object(Bucket="bench", Key=key, Body=BODY)
-                await client.put_object(Bucket="bench", Key=layout.marker(key, etag), Body=b"")
+                await client.put_object(Bucket="bench", Key=names.marker(key, etag), Body=b"")
 
         for start in range(0, docs, 5000):
             await asyncio.gather(*(one(n) for n in range(start, min(docs, start + 5000))))

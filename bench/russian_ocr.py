@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import rudocs  # noqa: E402
 
-from watcher.decode import Document, Limits, open_document  # noqa: E402
 from watcher.engines.cpu import CpuReader  # noqa: E402
+from watcher.pipeline.decode import Document, Limits, open_document  # noqa: E402
 
 
 def cyrillic_share(text: str) -> float:

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from docgen import make_pdf
 from gpu_sim import GpuSimulator
 
-from watcher.daemon import Daemon, running
-from watcher.embedded import SeaweedS3
-from watcher.logs import configure_logging
-from watcher.settings import load_settings
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.logs import configure_logging
+from watcher.core.settings import load_settings
+from watcher.service.daemon import Daemon, running
 
 # Bench option -> Settings field, passed to the daemon only when given explicitly.
 TUNING = {

@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Labelled fakes (fake_paddleocr); spawned engine workers inherit this path.
 sys.path.insert(0, str(Path(__file__).parent / "fakes"))
 
-from watcher.daemon import Daemon, running
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3
-from watcher.engines.base import Engine, PageResult
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.pages import PageResult, RenderedPage
+from watcher.core.settings import Settings, load_settings
+from watcher.engines.base import Engine
 from watcher.engines.cpu import CpuEngine
-from watcher.health import serve_app
-from watcher.settings import Settings, load_settings
+from watcher.service.daemon import Daemon, running
+from watcher.service.http import serve_app
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,10 @@ from typing import Any
 from conftest import CountingEngine, daemon_running, leftovers, make_settings, object_exists, wait_for_keys
 from docgen import make_image
 
-from watcher.claim import LeaseRecord
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3
-from watcher.engines.base import PageResult
-from watcher.layout import Layout, key_fits
+from watcher.bucket.leases import LeaseRecord
+from watcher.bucket.names import Names, key_fits
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.pages import PageResult, RenderedPage
 
 
 def metric(daemon: Any, outcome: str) -> float:
@@ -36,11 +35,11 @@ async def test_names_the_store_refuses_are_reported_once_and_workers_live_on(
                       ("input/ok.png", make_image(["Short name"], "PNG"))):
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     settings = make_settings(weed, bucket, poll_interval=0.2)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     assert not key_fits(f".watcher/leases/{too_long}.lease")
-    assert layout.lease(too_long).startswith(".watcher/leases/_sha256/")
+    assert names.lease(too_long).startswith(".watcher/leases/_sha256/")
     async with daemon_running(settings) as daemon:
-        await wait_for_keys(s3, bucket, ["output/ok.png.json", layout.result_json(long_ok)])
+        await wait_for_keys(s3, bucket, ["output/ok.png.json", names.result_json(long_ok)])
         polls = daemon.polls
         await daemon.wait_polls(polls + 5, timeout=30)  # several more offers of the same keys
         assert metric(daemon, "refused") == 2  # each said once, never a loop
@@ -49,7 +48,7 @@ async def test_names_the_store_refuses_are_reported_once_and_workers_live_on(
         await wait_for_keys(s3, bucket, ["output/later.png.json"])
         assert metric(daemon, "refused") == 2
         assert daemon.workers_down() == 0
-    assert not object_exists(s3, bucket, layout.error_json(long_ok))
+    assert not object_exists(s3, bucket, names.error_json(long_ok))
     assert leftovers(s3, bucket) == []
 
 

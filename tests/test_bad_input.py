@@ -16,9 +16,8 @@ from conftest import CountingEngine, daemon_running, files_under, make_settings,
 from docgen import make_image, make_pdf
 from PIL import Image
 
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3
-from watcher.engines.base import PageResult
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.pages import PageResult, RenderedPage
 
 ERROR_SCHEMA = json.loads((files("watcher") / "schema" / "error-v1.json").read_text())
 

@@ -14,8 +14,8 @@ from aiohttp import web
 from conftest import daemon_running, leftovers, make_settings, wait_for_keys
 from docgen import make_image
 
-from watcher.embedded import SeaweedS3, free_ports
-from watcher.health import serve_app
+from watcher.cli.embedded import SeaweedS3, free_ports
+from watcher.service.http import serve_app
 
 SECRET = "callback-secret-42"
 

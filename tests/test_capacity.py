@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from watcher.engines.capacity import AdaptiveLimit, parse_vllm_gauges, poll_server_gauges
-from watcher.health import serve_app
+from watcher.service.http import serve_app
 
 
 class Clock:

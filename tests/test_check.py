@@ -9,9 +9,9 @@ from typing import Any
 
 from conftest import lenient_store
 
-from watcher.check import Checker
-from watcher.embedded import SeaweedS3
-from watcher.settings import load_settings
+from watcher.cli.check import Checker
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.settings import load_settings
 
 
 def env_for(weed: SeaweedS3, bucket: str, **extra: str) -> dict[str, str]:

@@ -11,14 +11,15 @@ import pytest
 from conftest import CountingEngine, make_settings
 from docgen import make_image
 
-from watcher.claim import Claims, Done, Lease
-from watcher.decode import Decoder
-from watcher.embedded import SeaweedS3
-from watcher.layout import SOURCE_ETAG_META, Layout
-from watcher.metrics import Metrics
-from watcher.outcome import Outcome
-from watcher.storage import ObjectRef, Storage, StorageUnavailable, open_storage
-from watcher.worker import DocumentWorker
+from watcher.bucket.done import Done, DoneMarkers
+from watcher.bucket.leases import Lease, Leases
+from watcher.bucket.names import SOURCE_ETAG_META, Names
+from watcher.bucket.storage import ObjectRef, Storage, StorageUnavailable, open_storage
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.metrics import Metrics
+from watcher.core.outcome import Outcome
+from watcher.pipeline.decode import Decoder
+from watcher.pipeline.document import DocumentWorker
 
 
 def upload(s3: Any, bucket: str, key: str) -> ObjectRef:
@@ -35,29 +36,29 @@ async def test_a_version_published_between_the_check_and_the_lease_is_not_redone
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
     settings = make_settings(weed, bucket)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     ref = upload(s3, bucket, "input/raced.png")
     engine = CountingEngine()
     async with open_storage(settings) as storage:
         worker = DocumentWorker(settings, storage, engine, Metrics(), Decoder())
         first = await worker.process(ref)
         assert first is Outcome.DONE and engine.calls == [0]
-        stamp = s3.head_object(Bucket=bucket, Key=layout.result_json(ref.key))["ETag"]
+        stamp = s3.head_object(Bucket=bucket, Key=names.result_json(ref.key))["ETag"]
         # The race: this replica's quick check ran before the other published.
         late = DocumentWorker(settings, storage, engine, Metrics(), Decoder())
 
-        real_check = late.claims.is_marked
+        real_check = late.done.is_marked
 
         async def not_yet(_ref: ObjectRef) -> bool:
-            late.claims.is_marked = real_check  # type: ignore[method-assign]
+            late.done.is_marked = real_check  # type: ignore[method-assign]
             return False  # the first look only
 
-        late.claims.is_marked = not_yet  # type: ignore[method-assign]
+        late.done.is_marked = not_yet  # type: ignore[method-assign]
         assert await late.process(ref) is Outcome.SKIPPED
         await worker.close()
         await late.close()
     assert engine.calls == [0]  # read once
-    assert s3.head_object(Bucket=bucket, Key=layout.result_json(ref.key))["ETag"] == stamp  # untouched
+    assert s3.head_object(Bucket=bucket, Key=names.result_json(ref.key))["ETag"] == stamp  # untouched
     assert keys(s3, bucket, ".watcher/leases/input/") == []
 
 
@@ -66,10 +67,10 @@ async def test_a_result_whose_publisher_was_cut_off_is_finished_not_redone(
 ) -> None:
     # The other replica wrote the result, then S3 went away before its marker and settle.
     settings = make_settings(weed, bucket, source_action="move")
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     ref = upload(s3, bucket, "input/cut.png")
     result = {"schema_version": "1.1", "source": {"key": ref.key, "etag": ref.etag}, "pages": []}
-    s3.put_object(Bucket=bucket, Key=layout.result_json(ref.key), Body=json.dumps(result).encode(),
+    s3.put_object(Bucket=bucket, Key=names.result_json(ref.key), Body=json.dumps(result).encode(),
                   Metadata={SOURCE_ETAG_META: ref.etag})
     engine = CountingEngine()
     metrics = Metrics()
@@ -78,7 +79,7 @@ async def test_a_result_whose_publisher_was_cut_off_is_finished_not_redone(
         assert await worker.process(ref) is Outcome.DONE
         await worker.close()
     assert engine.calls == []
-    assert keys(s3, bucket, layout.marker(ref.key, ref.etag)) == [layout.marker(ref.key, ref.etag)]
+    assert keys(s3, bucket, names.marker(ref.key, ref.etag)) == [names.marker(ref.key, ref.etag)]
     assert keys(s3, bucket, "input/") == [] and keys(s3, bucket, "done/") == ["done/cut.png"]  # settled
     assert keys(s3, bucket, ".watcher/leases/input/") == []
     assert metrics.documents.labels("done")._value.get() == 1
@@ -88,22 +89,22 @@ async def test_an_error_record_without_a_marker_is_marked_and_skipped(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
     settings = make_settings(weed, bucket)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     ref = upload(s3, bucket, "input/failed.png")
-    s3.put_object(Bucket=bucket, Key=layout.error_json(ref.key), Body=b"{}",
+    s3.put_object(Bucket=bucket, Key=names.error_json(ref.key), Body=b"{}",
                   Metadata={SOURCE_ETAG_META: ref.etag})
     async with open_storage(settings) as storage:
-        claims = Claims(storage, settings, layout)
-        assert await claims.done(ref) is Done.ERROR_RECORD
-        assert await claims.done(ref) is Done.MARKED  # marked now: one HEAD from here on
-        assert await claims.done(ObjectRef(bucket, ref.key, "0" * 32, 1)) is None  # another version
+        done = DoneMarkers(storage, names)
+        assert await done.check(ref) is Done.ERROR_RECORD
+        assert await done.check(ref) is Done.MARKED  # marked now: one HEAD from here on
+        assert await done.check(ObjectRef(bucket, ref.key, "0" * 32, 1)) is None  # another version
 
 
-async def later_deletes_done(claims: Claims) -> None:
+async def later_deletes_done(leases: Leases) -> None:
     async with asyncio.timeout(30):
-        while claims._later:
+        while leases._later:
             await asyncio.sleep(0.05)
-    await claims.close()
+    await leases.close()
 
 
 class FlakyDeletes:
@@ -127,38 +128,38 @@ async def test_a_lease_s3_would_not_delete_is_deleted_once_it_is_back(
     weed: SeaweedS3, bucket: str, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings(weed, bucket)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     ref = upload(s3, bucket, "input/kept.png")
-    monkeypatch.setattr("watcher.claim.LATER_FIRST_SECONDS", 0.01)
+    monkeypatch.setattr("watcher.bucket.leases.LATER_FIRST_SECONDS", 0.01)
     async with open_storage(settings) as real:
-        claims = Claims(FlakyDeletes(real, failures=3), settings, layout)  # type: ignore[arg-type]
-        lease = await claims.acquire(ref)
+        leases = Leases(FlakyDeletes(real, failures=3), settings, names)  # type: ignore[arg-type]
+        lease = await leases.acquire(ref)
         assert isinstance(lease, Lease)
         await lease.finish()  # S3 away: the delete fails and is tried again later
-        await later_deletes_done(claims)
-    assert keys(s3, bucket, layout.lease(ref.key)) == []
+        await later_deletes_done(leases)
+    assert keys(s3, bucket, names.lease(ref.key)) == []
 
 
 async def test_a_delayed_delete_never_removes_another_replicas_lease(
     weed: SeaweedS3, bucket: str, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings(weed, bucket)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     ref = upload(s3, bucket, "input/taken.png")
-    monkeypatch.setattr("watcher.claim.LATER_FIRST_SECONDS", 0.01)
+    monkeypatch.setattr("watcher.bucket.leases.LATER_FIRST_SECONDS", 0.01)
     async with open_storage(settings) as real:
         flaky = FlakyDeletes(real, failures=1)
-        claims = Claims(flaky, settings, layout)  # type: ignore[arg-type]
-        lease = await claims.acquire(ref)
+        leases = Leases(flaky, settings, names)  # type: ignore[arg-type]
+        lease = await leases.acquire(ref)
         assert isinstance(lease, Lease)
         # Meanwhile the key went to another replica (our lease expired, a new version came).
-        other = Claims(real, make_settings(weed, bucket, replica_id="someone-else"), layout)
+        other = Leases(real, make_settings(weed, bucket, replica_id="someone-else"), names)
         theirs = other.record(ObjectRef(bucket, ref.key, "f" * 32, 1), 0, [], False)
-        monkeypatch.setattr(flaky, "delete", _overwrite_then_fail(flaky, real, layout.lease(ref.key),
+        monkeypatch.setattr(flaky, "delete", _overwrite_then_fail(flaky, real, names.lease(ref.key),
                                                                   theirs.encode()))
         await lease.finish()
-        await later_deletes_done(claims)
-    body = s3.get_object(Bucket=bucket, Key=layout.lease(ref.key))["Body"].read()
+        await later_deletes_done(leases)
+    body = s3.get_object(Bucket=bucket, Key=names.lease(ref.key))["Body"].read()
     assert json.loads(body)["owner"] == "someone-else"
 
 

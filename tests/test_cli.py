@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from docgen import make_pdf
 
-from watcher.embedded import SeaweedS3, free_ports
-from watcher.settings import Settings, settings_table
+from watcher.cli.embedded import SeaweedS3, free_ports
+from watcher.core.settings import Settings, settings_table
 
 SECRET = "very-secret-value-9f3a7c"
 
@@ -208,5 +208,5 @@ def test_run_help_lists_every_setting_with_its_default_and_meaning() -> None:
 
 def test_the_readme_settings_tables_are_the_settings_model() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert settings_table() in readme  # regenerate with watcher.settings.settings_table()
+    assert settings_table() in readme  # regenerate with watcher.core.settings.settings_table()
     assert settings_table(vlm=True) in readme

@@ -9,11 +9,11 @@ import pytest
 from conftest import daemon_running, make_settings, object_exists, wait_for_keys
 from docgen import make_image
 
-from watcher.discovery import Discovery
-from watcher.embedded import SeaweedS3
-from watcher.layout import SOURCE_ETAG_META, Layout
-from watcher.settings import SettingsError, load_settings
-from watcher.storage import ObjectRef
+from watcher.bucket.names import SOURCE_ETAG_META, Names
+from watcher.bucket.storage import ObjectRef
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.settings import SettingsError, load_settings
+from watcher.intake.discovery import Discovery
 
 
 class ListedStore:
@@ -84,11 +84,11 @@ def test_removing_results_needs_sources_kept(weed: SeaweedS3, bucket: str) -> No
 async def test_a_source_must_be_missing_from_two_listings_in_a_row() -> None:
     settings = load_settings(s3_endpoint="http://stand-in", s3_bucket="bucket", s3_access_key="a:b",
                              s3_secret_key="s", results_of_deleted_sources="delete")
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     store = ListedStore(["output/a.pdf.json", "output/a.pdf.md", "output/b.pdf.json",
                          "output/x.png.error.json", "output/readme.txt", "input/b.pdf", "input/x.png",
-                         layout.marker("input/a.pdf", "e"), layout.marker("input/b.pdf", "e")])
-    discovery = Discovery(store, settings, Layout.from_settings(settings))  # type: ignore[arg-type]
+                         names.marker("input/a.pdf", "e"), names.marker("input/b.pdf", "e")])
+    discovery = Discovery(store, settings, Names.from_settings(settings))  # type: ignore[arg-type]
     await discovery.scan()
     assert store.deleted == []  # seen missing once: could be an odd listing
     store.keys.add("input/a.pdf")  # back again: nothing to remove
@@ -100,5 +100,5 @@ async def test_a_source_must_be_missing_from_two_listings_in_a_row() -> None:
     removed = sorted(store.deleted)
     assert [k for k in removed if k.startswith("output/")] == ["output/a.pdf.json", "output/a.pdf.md"]
     # Its done-marker goes too: uploaded again, the source is read again.
-    marker = Layout.from_settings(settings).marker("input/a.pdf", "e")
+    marker = Names.from_settings(settings).marker("input/a.pdf", "e")
     assert [k for k in removed if "/_done/" in k] == [marker]

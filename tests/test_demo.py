@@ -17,7 +17,7 @@ import boto3
 from botocore.config import Config
 from docgen import make_image
 
-from watcher.embedded import free_ports
+from watcher.cli.embedded import free_ports
 
 FIELDS = {"endpoint": "S3 endpoint", "bucket": "bucket", "region": "region", "key": "access key",
           "secret": "secret key", "input": "input prefix", "output": "output prefix", "data": "data"}

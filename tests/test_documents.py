@@ -16,14 +16,15 @@ import rudocs
 from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
 from PIL import Image
 
-from watcher.decode import Limits, RenderedPage, open_document
-from watcher.embedded import SeaweedS3
+from watcher.bucket.storage import ObjectRef
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.errors import DocumentError, ErrorCode, scrub
+from watcher.core.pages import RenderedPage
 from watcher.engines.cpu import CpuReader, settle_scripts
-from watcher.errors import DocumentError, ErrorCode, scrub
-from watcher.recognise import unreadable
-from watcher.render import render_error
-from watcher.storage import ObjectRef
-from watcher.textlayer import TextLayer
+from watcher.pipeline.decode import Limits, open_document
+from watcher.pipeline.recognise import unreadable
+from watcher.pipeline.result import render_error
+from watcher.pipeline.textlayer import TextLayer
 
 RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v1.json").read_text())
 LIMITS = Limits(max_pages=100, max_page_pixels=60_000_000, render_dpi=150)
@@ -180,7 +181,7 @@ def test_local_paths_never_reach_a_message() -> None:
 
 
 def test_a_document_is_an_error_only_when_no_page_could_be_read() -> None:
-    from watcher.engines.base import PageResult
+    from watcher.core.pages import PageResult
 
     good = PageResult(index=0, width=10, height=10, blocks=[], markdown="")
     bad = PageResult(index=1, width=0, height=0, blocks=[], markdown="",

@@ -15,11 +15,11 @@ from conftest import CountingEngine, daemon_running, files_under, leftovers, mak
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
 
-from watcher.claim import Claims, Done
-from watcher.discovery import Discovery
-from watcher.embedded import SeaweedS3
-from watcher.layout import Layout
-from watcher.storage import open_storage
+from watcher.bucket.done import Done, DoneMarkers
+from watcher.bucket.names import Names
+from watcher.bucket.storage import open_storage
+from watcher.cli.embedded import SeaweedS3
+from watcher.intake.discovery import Discovery
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
 
@@ -204,29 +204,29 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
     async with daemon_running(settings):
         await wait_for_keys(s3, bucket, [*(f"output/d{n}.png.json" for n in range(6)),
                                          "output/bad.png.error.json"])
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     async with open_storage(settings) as storage:
         requests: list[str] = []
         storage.on_request = requests.append
         # A fresh replica finds nothing to do from listings of one page each (markers,
         # sources, leases): no request per document, and the output prefix is not listed.
-        assert await Discovery(storage, settings, layout).scan() == []
+        assert await Discovery(storage, settings, names).scan() == []
         assert requests == ["list", "list", "list"]
         # A bucket from before markers: its versions look pending to discovery; the claim
         # stage checks each result once (two HEADs at most) and marks it.
-        for item in s3.list_objects_v2(Bucket=bucket, Prefix=layout.markers_prefix)["Contents"]:
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix=names.markers_prefix)["Contents"]:
             s3.delete_object(Bucket=bucket, Key=item["Key"])
-        legacy = await Discovery(storage, settings, layout).scan()
+        legacy = await Discovery(storage, settings, names).scan()
         assert sorted(r.key for r in legacy) == sorted([*(f"input/d{n}.png" for n in range(6)),
                                                         "input/bad.png"])
-        claims = Claims(storage, settings, layout)
+        done = DoneMarkers(storage, names)
         requests.clear()
-        found = {ref.key: await claims.done(ref) for ref in legacy}
+        found = {ref.key: await done.check(ref) for ref in legacy}
         assert found.pop("input/bad.png") is Done.ERROR_RECORD
         assert set(found.values()) == {Done.RESULT}
         # Per version: its marker, its result (and error record), then its marker written.
         assert requests.count("head") <= 3 * len(legacy) and requests.count("put") == len(legacy)
         assert "list" not in requests
         requests.clear()
-        assert await Discovery(storage, settings, layout).scan() == []
+        assert await Discovery(storage, settings, names).scan() == []
         assert requests == ["list", "list", "list"]

@@ -10,7 +10,7 @@ import aiohttp
 from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
 from docgen import make_image
 
-from watcher.embedded import SeaweedS3
+from watcher.cli.embedded import SeaweedS3
 
 TOKEN = "hook-token-7c1e9b"
 

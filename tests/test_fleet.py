@@ -26,7 +26,7 @@ from botocore.config import Config as BotoConfig
 from conftest import leftovers, pid_alive
 from rudocs import normalise, ru_pdf
 
-from watcher.embedded import SeaweedS3, free_ports
+from watcher.cli.embedded import SeaweedS3, free_ports
 
 ROOT = Path(__file__).parent.parent
 BUCKET = "fleet"

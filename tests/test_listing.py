@@ -14,14 +14,14 @@ from conftest import CountingEngine, daemon_running, leftovers, make_settings, w
 from docgen import make_image
 from test_events import TOKEN, aws, post
 
-from watcher import storage as storage_module
-from watcher.daemon import Daemon
-from watcher.discovery import Discovery
-from watcher.embedded import SeaweedS3
-from watcher.fleet import Role, decode_manifest, encode_manifest
-from watcher.layout import Layout
-from watcher.settings import load_settings
-from watcher.storage import UNCHANGED, ListPace, ObjectRef, open_storage
+from watcher.bucket import storage as storage_module
+from watcher.bucket.names import Names
+from watcher.bucket.storage import UNCHANGED, ListPace, ObjectRef, open_storage
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.settings import load_settings
+from watcher.intake.discovery import Discovery
+from watcher.intake.fleet import Role, decode_manifest, encode_manifest
+from watcher.service.daemon import Daemon
 
 LISTER_LEASE = ".watcher/leases/_fleet/lister.lease"
 
@@ -197,17 +197,17 @@ class LeaseStore:
 async def test_leases_left_by_a_dead_replica_on_finished_versions_are_swept() -> None:
     settings = load_settings(s3_endpoint="http://stand-in", s3_bucket="bucket", s3_access_key="a:b",
                              s3_secret_key="s", lease_seconds=60)
-    layout = Layout.from_settings(settings)
+    names = Names.from_settings(settings)
     now = time.time()
     old, fresh = now - 4 * 60, now - 30
     store = LeaseStore({
-        "input/done.pdf": old, layout.marker("input/done.pdf", "e"): old,
-        layout.lease("input/done.pdf"): old,  # its holder published, then was killed
-        "input/busy.pdf": old, layout.marker("input/busy.pdf", "e"): old,
-        layout.lease("input/busy.pdf"): fresh,  # renewed: someone lives
-        "input/failing.pdf": old, layout.lease("input/failing.pdf"): old,  # attempts counted, not done
-        layout.lease("input/deleted.pdf"): old,  # its source is gone
+        "input/done.pdf": old, names.marker("input/done.pdf", "e"): old,
+        names.lease("input/done.pdf"): old,  # its holder published, then was killed
+        "input/busy.pdf": old, names.marker("input/busy.pdf", "e"): old,
+        names.lease("input/busy.pdf"): fresh,  # renewed: someone lives
+        "input/failing.pdf": old, names.lease("input/failing.pdf"): old,  # attempts counted, not done
+        names.lease("input/deleted.pdf"): old,  # its source is gone
     })
-    await Discovery(store, settings, layout).scan()  # type: ignore[arg-type]
-    assert sorted(store.deleted) == sorted([layout.lease("input/done.pdf"),
-                                            layout.lease("input/deleted.pdf")])
+    await Discovery(store, settings, names).scan()  # type: ignore[arg-type]
+    assert sorted(store.deleted) == sorted([names.lease("input/done.pdf"),
+                                            names.lease("input/deleted.pdf")])

@@ -18,11 +18,12 @@ from docgen import make_image, make_pdf
 from rapidfuzz import fuzz
 from vlm_fake import FakeVlmServer
 
-from watcher.embedded import SeaweedS3
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 from watcher.engines import create_engine
 from watcher.engines.base import EngineState
-from watcher.engines.openai_vlm import OpenAIVlmEngine, parse_doctags, text_page
-from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
+from watcher.engines.doctags import parse_doctags, text_page
+from watcher.engines.openai_vlm import OpenAIVlmEngine
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
 MODEL = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]

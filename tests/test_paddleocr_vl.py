@@ -20,8 +20,10 @@ from conftest import make_settings
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.errors import EngineCrashed, EngineUnavailable
+from watcher.core.pages import RenderedPage
+from watcher.core.settings import Settings
 from watcher.engines import create_engine
 from watcher.engines.base import EngineState
 from watcher.engines.paddleocr_vl import (
@@ -30,8 +32,6 @@ from watcher.engines.paddleocr_vl import (
     map_results,
     pipeline_kwargs,
 )
-from watcher.errors import EngineCrashed, EngineUnavailable
-from watcher.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "paddleocr_vl"
 

@@ -11,11 +11,10 @@ from typing import Any
 from conftest import CountingEngine, daemon_running, leftovers, lenient_store, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
-from watcher.daemon import Daemon, running
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3
-from watcher.engines.base import PageResult
-from watcher.health import health_body
+from watcher.cli.embedded import SeaweedS3
+from watcher.core.pages import PageResult, RenderedPage
+from watcher.service.daemon import Daemon, running
+from watcher.service.http import health_body
 
 
 def upload_batch(s3: Any, bucket: str, count: int) -> list[str]:

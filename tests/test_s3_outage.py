@@ -12,7 +12,7 @@ import pytest
 from conftest import GatedEngine, daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 
-from watcher.embedded import SeaweedS3
+from watcher.cli.embedded import SeaweedS3
 
 
 @pytest.fixture

@@ -23,15 +23,15 @@ from conftest import CountingEngine, GatedEngine, daemon_running, wait_for_keys
 from docgen import make_image
 from tenacity import RetryCallState
 
-from watcher import sqs as sqs_module
-from watcher.check import Checker
-from watcher.daemon import Daemon
+from watcher.bucket.storage import ObjectRef
+from watcher.cli.check import Checker
+from watcher.core.outcome import Outcome
+from watcher.core.settings import Settings, load_settings
 from watcher.engines import EngineState
-from watcher.outcome import Outcome
-from watcher.settings import Settings, load_settings
-from watcher.sqs import SqsSource
-from watcher.storage import ObjectRef
-from watcher.workqueue import WorkQueue
+from watcher.intake import sqs as sqs_module
+from watcher.intake.queue import WorkQueue
+from watcher.intake.sqs import SqsSource
+from watcher.service.daemon import Daemon
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account

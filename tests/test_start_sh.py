@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from conftest import pid_alive
 
-from watcher.embedded import free_ports
-from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
+from watcher.cli.embedded import free_ports
+from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 START_SH = REPO / "start.sh"

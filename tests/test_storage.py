@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from conftest import make_settings
 
-from watcher.embedded import SeaweedS3
-from watcher.storage import PreconditionFailed, StorageUnavailable, open_storage
+from watcher.bucket.storage import PreconditionFailed, StorageUnavailable, open_storage
+from watcher.cli.embedded import SeaweedS3
 
 KEYS = ["input/a b.pdf", "input/plus+sign.png", "input/pct%20x.png", "input/Привет мир.png",
         "input/deep/er/x.tif", "input/~tilde&amp.jpg", "input/folder/"]

@@ -25,18 +25,18 @@ from conftest import FAKES, leftovers, make_settings, object_exists, pid_alive
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 
-from watcher.claim import Claims, Held, LeaseRecord
-from watcher.decode import RenderedPage
-from watcher.embedded import SeaweedS3, free_ports
+from watcher.bucket.leases import Held, LeaseRecord, Leases
+from watcher.bucket.names import Names
+from watcher.bucket.storage import ObjectRef, PreconditionFailed, StorageUnavailable, open_storage
+from watcher.cli.embedded import SeaweedS3, free_ports
+from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.core.identity import HOST, INCARNATION
+from watcher.core.pages import RenderedPage
 from watcher.engines.base import EngineState
 from watcher.engines.child import ReaderSpec
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
 from watcher.engines.supervisor import SupervisedEngine, _Worker, describe_exit
-from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
-from watcher.identity import HOST, INCARNATION
-from watcher.layout import Layout
-from watcher.outcome import Fate, classify
-from watcher.storage import ObjectRef, PreconditionFailed, StorageUnavailable, open_storage
+from watcher.pipeline.fate import Fate, classify
 
 
 def png(colour: str = "white", size: tuple[int, int] = (600, 800)) -> bytes:
@@ -324,8 +324,8 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
     ref = ObjectRef(bucket, "input/a.pdf", "etag-1", 10)
     one = make_settings(weed, bucket, replica_id="one")
     two = make_settings(weed, bucket, replica_id="two")
-    layout = Layout.from_settings(one)
-    lease_key = layout.lease(ref.key)
+    names = Names.from_settings(one)
+    lease_key = names.lease(ref.key)
 
     def put_record(**fields: Any) -> None:
         record = LeaseRecord(owner="ghost", source_key=ref.key, source_etag="etag-1",
@@ -340,7 +340,7 @@ async def test_attempts_live_in_the_lease_and_survive_replicas_and_restarts(
         return parsed
 
     async with open_storage(one) as storage:
-        claims_one, claims_two = Claims(storage, one, layout), Claims(storage, two, layout)
+        claims_one, claims_two = Leases(storage, one, names), Leases(storage, two, names)
         lease = await claims_one.acquire(ref)
         assert lease is not None and lease.crashes == 0
         assert isinstance(await claims_two.acquire(ref), Held)  # live and held

@@ -1,4 +1,4 @@
-"""Small pieces on their own: format sniffing, reading order, layout, redaction, settings."""
+"""Small pieces on their own: format sniffing, reading order, names, redaction, settings."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 from docgen import make_image, make_pdf, make_tiff
 from PIL import Image
 
-from watcher.decode import Format, Limits, open_document, sniff
-from watcher.engines.base import Block
+from watcher.bucket.names import Names, shard_of
+from watcher.core.errors import DocumentError, ErrorCode
+from watcher.core.identity import INCARNATION
+from watcher.core.logs import REDACTED, SecretScrubber
+from watcher.core.pages import Block
+from watcher.core.settings import SettingsError, load_settings
 from watcher.engines.cpu import paragraphs_to_markdown
-from watcher.errors import DocumentError, ErrorCode
-from watcher.fetch import prepare_work_dir
-from watcher.identity import INCARNATION
-from watcher.layout import Layout, shard_of
-from watcher.logs import REDACTED, SecretScrubber
-from watcher.settings import SettingsError, load_settings
+from watcher.pipeline.decode import Format, Limits, open_document, sniff
+from watcher.pipeline.fetch import prepare_work_dir
 
 LIMITS = Limits(max_pages=10, max_page_pixels=10_000_000, render_dpi=100)
 REQUIRED = {"s3_endpoint": "http://127.0.0.1:9", "s3_bucket": "docs",
@@ -101,15 +101,15 @@ def test_lines_of_one_paragraph_stay_together() -> None:
 
 
 def test_layout_keys_keep_the_relative_path() -> None:
-    layout = Layout("input/", "output/", ".watcher/leases/", "done/")
+    names = Names("input/", "output/", ".watcher/leases/", "done/")
     key = "input/Папка/a b+c%20.pdf"
-    assert layout.result_json(key) == "output/Папка/a b+c%20.pdf.json"
-    assert layout.error_json(key) == "output/Папка/a b+c%20.pdf.error.json"
+    assert names.result_json(key) == "output/Папка/a b+c%20.pdf.json"
+    assert names.error_json(key) == "output/Папка/a b+c%20.pdf.error.json"
     # Leases carry the full source key: two deployments with other input prefixes never meet.
-    assert layout.lease(key) == ".watcher/leases/input/Папка/a b+c%20.pdf.lease"
-    assert not layout.is_document_key("input/folder/")
-    assert not layout.is_document_key("input/")
-    assert layout.is_document_key(key)
+    assert names.lease(key) == ".watcher/leases/input/Папка/a b+c%20.pdf.lease"
+    assert not names.is_document_key("input/folder/")
+    assert not names.is_document_key("input/")
+    assert names.is_document_key(key)
 
 
 def test_shards_are_stable_and_cover_every_key() -> None:
@@ -160,7 +160,7 @@ def test_credentials_can_come_from_a_mounted_secret_directory(tmp_path: Path) ->
     env = {"PATH": "/usr/bin:/bin", "WATCHER_SECRETS_DIR": str(tmp_path),
            "CLOUDRU_S3_ENDPOINT": "http://127.0.0.1:9", "CLOUDRU_S3_BUCKET": "docs",
            "CLOUDRU_S3_ACCESS_KEY": "tenant:key"}
-    code = "from watcher.settings import load_settings as l; print(l().s3_secret_key.get_secret_value())"
+    code = "from watcher.core.settings import load_settings as l; print(l().s3_secret_key.get_secret_value())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "from-a-mounted-file", out.stderr
 

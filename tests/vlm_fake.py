@@ -24,10 +24,10 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from watcher.decode import RenderedPage
+from watcher.core.pages import RenderedPage
+from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
 from watcher.engines.cpu import CpuEngine
-from watcher.health import serve_app
-from watcher.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS
+from watcher.service.http import serve_app
 
 _ocr: CpuEngine | None = None
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from watcher.engines.base import Block, Engine, EngineState, PageResult
-from watcher.settings import EngineName, Settings
+from watcher.core.settings import EngineName, Settings
+from watcher.engines.base import Engine, EngineState
 
 # Loading models in a fresh worker process is slow on a small CPU box; a worker that has
 # not warmed in this long is broken, not slow.
@@ -39,4 +39,4 @@ def create_engine(settings: Settings) -> Engine:
     raise NotImplementedError(f"WATCHER_ENGINE={settings.engine.value} is not available yet")
 
 
-__all__ = ["Block", "Engine", "EngineState", "PageResult", "create_engine"]
+__all__ = ["Engine", "EngineState", "create_engine"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from PIL import Image, ImageDraw, ImageFont
 
-from watcher.decode import RenderedPage
-from watcher.logs import get_logger
+from watcher.core.logs import get_logger
+from watcher.core.pages import PageResult, RenderedPage
 
 log = get_logger("watcher.engine")
 
@@ -22,47 +21,6 @@ class EngineState(StrEnum):
     WARMING = "warming"
     READY = "ready"
     FAILED = "failed"
-
-
-@dataclass
-class Block:
-    """One layout element on a page, in page pixel coordinates."""
-
-    type: str
-    bbox: list[float]  # [x0, y0, x1, y1]
-    text: str
-    score: float | None = None
-    order: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class TextSource(StrEnum):
-    OCR = "ocr"
-    TEXT_LAYER = "text_layer"
-
-
-@dataclass
-class PageResult:
-    """One page's reading. `width`/`height` are the pixels the block boxes refer to, after
-    `rotation` (degrees counter-clockwise that turned the page upright)."""
-
-    index: int
-    width: int
-    height: int
-    blocks: list[Block]
-    markdown: str
-    raw: dict[str, Any] | None = None
-    text_source: str = TextSource.OCR.value
-    rotation: int = 0
-    # A page that could not be rendered or read: {"code", "message"}; the others keep
-    # their text.
-    error: dict[str, str] | None = None
-    # [{"code", "message"}]: damage the decoder reported, no text found, and so on.
-    warnings: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return " ".join(b.text for b in self.blocks if b.text)
 
 
 WARMUP_TEXT = "WATCHER WARMUP 2026"
@@ -103,7 +61,7 @@ class Engine(abc.ABC):
     name: str = "engine"
     model: str = ""
     # Reads layout, tables and formulas, which a PDF's text layer does not hold: its pages
-    # go to the engine even where the text layer could be trusted (watcher/recognise.py).
+    # go to the engine even where the text layer could be trusted (watcher/pipeline/recognise.py).
     structured: bool = False
 
     def __init__(self) -> None:

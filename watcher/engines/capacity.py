@@ -69,8 +69,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from watcher.core.logs import get_logger
 from watcher.engines.vlm_server import PROBE_TIMEOUT, auth_headers, server_root
-from watcher.logs import get_logger
 
 log = get_logger("watcher.engine")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from watcher.core.errors import DocumentError
 from watcher.engines.base import PageReader
-from watcher.errors import DocumentError
 
 _PR_SET_PDEATHSIG = 1
 WORKER_NICENESS = 10

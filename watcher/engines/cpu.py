@@ -26,8 +26,8 @@ from typing import Any
 
 from PIL import Image
 
-from watcher.decode import RenderedPage
-from watcher.engines.base import Block, Engine, PageResult, check_warm_page, synthetic_page
+from watcher.core.pages import Block, PageResult, RenderedPage
+from watcher.engines.base import Engine, check_warm_page, synthetic_page
 
 DEFAULT_LANGUAGES = "rus+eng"
 TESSDATA_DIRS = (

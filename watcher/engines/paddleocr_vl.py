@@ -31,14 +31,14 @@ from typing import Any
 
 import aiohttp
 
-from watcher.decode import RenderedPage
+from watcher.core.errors import EngineCrashed, EngineUnavailable
+from watcher.core.logs import get_logger
+from watcher.core.pages import Block, PageResult, RenderedPage
+from watcher.core.settings import Settings
 from watcher.engines import vlm_server
-from watcher.engines.base import Block, PageResult, check_warm_page, synthetic_page
+from watcher.engines.base import check_warm_page, synthetic_page
 from watcher.engines.child import ReaderSpec
 from watcher.engines.supervisor import SupervisedEngine
-from watcher.errors import EngineCrashed, EngineUnavailable
-from watcher.logs import get_logger
-from watcher.settings import Settings
 
 log = get_logger("watcher.engine")
 

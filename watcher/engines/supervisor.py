@@ -35,12 +35,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from watcher.decode import RenderedPage
+from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.core.logs import get_logger
+from watcher.core.pages import PageResult, RenderedPage
 from watcher.engines import child
-from watcher.engines.base import Engine, EngineState, PageResult
+from watcher.engines.base import Engine, EngineState
 from watcher.engines.child import ReaderSpec
-from watcher.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
-from watcher.logs import get_logger
 
 log = get_logger("watcher.engine")
 

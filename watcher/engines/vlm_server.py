@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from watcher.core.logs import get_logger
 from watcher.engines.base import Engine
-from watcher.logs import get_logger
 
 log = get_logger("watcher.engine")
 

@@ -1,0 +1,116 @@
+"""Where things live in the bucket: source key -> result, error and lease keys."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from watcher.core.settings import Settings
+
+SOURCE_ETAG_META = "source-etag"  # x-amz-meta-source-etag on every result object
+SOURCE_SHA256_META = "source-sha256"  # the content's SHA-256, for re-pointing identical uploads
+# S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
+# at 255 bytes, answering KeyTooLongError.
+ERROR_SUFFIX = ".error"
+MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+
+
+def key_fits(key: str) -> bool:
+    """True when every S3 store we support accepts `key` as an object name."""
+    return len(key.encode("utf-8")) <= MAX_KEY_BYTES and all(
+        len(segment.encode("utf-8")) <= MAX_SEGMENT_BYTES for segment in key.split("/")
+    )
+
+
+@dataclass(frozen=True)
+class Names:
+    input_prefix: str
+    output_prefix: str
+    lease_prefix: str
+    done_prefix: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Names:
+        return cls(
+            settings.input_prefix, settings.output_prefix, settings.lease_prefix,
+            settings.done_prefix,
+        )
+
+    def relative(self, key: str) -> str:
+        return key[len(self.input_prefix):]
+
+    def is_document_key(self, key: str) -> bool:
+        """Folder markers (keys ending in '/') and the prefix itself are not documents."""
+        return key.startswith(self.input_prefix) and bool(self.relative(key)) and not key.endswith("/")
+
+    def result_json(self, key: str) -> str:
+        return f"{self.output_prefix}{self.relative(key)}.json"
+
+    def result_markdown(self, key: str) -> str:
+        return f"{self.output_prefix}{self.relative(key)}.md"
+
+    def error_json(self, key: str) -> str:
+        return f"{self.output_prefix}{self.relative(key)}{ERROR_SUFFIX}.json"
+
+    def shadowed_by(self, key: str) -> str | None:
+        """The source whose error record would share this source's result name, if any.
+
+        Results are `<rel>.json` and error records `<rel>.error.json`, so the result of
+        `y.png.error` and the error record of `y.png` have one name. The rule: when both
+        sources exist, `y.png` keeps its names and `y.png.error` gets a `name_collision`
+        error record (`y.png.error.error.json`) instead of a result.
+        """
+        return key[: -len(ERROR_SUFFIX)] if key.endswith(ERROR_SUFFIX) else None
+
+    def lease(self, key: str) -> str:
+        """The claim object of a source: named after the full source key, so that
+        deployments watching different prefixes of one bucket never share one; hashed
+        when that name would be too long for the store."""
+        readable = f"{self.lease_prefix}{key}.lease"
+        if key_fits(readable):
+            return readable
+        return f"{self.lease_prefix}_sha256/{hashlib.sha256(key.encode('utf-8')).hexdigest()}.lease"
+
+    @property
+    def source_leases_prefix(self) -> str:
+        """Where the readable leases of sources live (hashed ones are under `_sha256/`)."""
+        return f"{self.lease_prefix}{self.input_prefix}"
+
+    def source_of_lease(self, lease_key: str) -> str | None:
+        """The source key a readable lease key belongs to."""
+        if not (lease_key.startswith(self.source_leases_prefix) and lease_key.endswith(".lease")):
+            return None
+        return lease_key[len(self.lease_prefix):-len(".lease")]
+
+    def sources_of(self, output_key: str) -> list[str]:
+        """The source keys whose result, Markdown or error record `output_key` may be
+        (`y.png.error.json` is y.png's error record or y.png.error's result)."""
+        rel = output_key[len(self.output_prefix):] if output_key.startswith(self.output_prefix) else ""
+        return [f"{self.input_prefix}{rel[: -len(suffix)]}"
+                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md")
+                if rel.endswith(suffix) and len(rel) > len(suffix)]
+
+    @property
+    def markers_prefix(self) -> str:
+        """Where done-markers live: one empty object per finished source version, so that
+        done-ness is read from a listing, not from a HEAD per result."""
+        return f"{self.lease_prefix}_done/"
+
+    def marker_dir(self, key: str) -> str:
+        return f"{self.markers_prefix}{hashlib.sha256(key.encode('utf-8')).hexdigest()}/"
+
+    def marker(self, key: str, etag: str) -> str:
+        return f"{self.marker_dir(key)}{etag}"
+
+    def result_keys_fit(self, key: str) -> bool:
+        return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))
+
+    def done(self, key: str) -> str:
+        return f"{self.done_prefix}{self.relative(key)}"
+
+
+def shard_of(key: str, count: int) -> int:
+    """Stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count

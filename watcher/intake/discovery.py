@@ -1,0 +1,141 @@
+"""Discovery: list the input prefix and yield the source versions that are not done.
+
+With WATCHER_RESULTS_OF_DELETED_SOURCES=delete it also removes the results whose source
+is gone: seen missing on two listings in a row, so that one odd listing removes nothing.
+
+Done-ness lives in S3 and is read from listings: publishing a result or an error record
+writes an empty done-marker `<lease prefix>_done/<sha256 of the source key>/<source etag>`,
+so a restart over a hundred thousand finished documents lists and starts, with no request
+per document, and the output prefix is not listed at all (only with pruning on). A result
+from before markers existed looks undone here; the claim stage finds it (a HEAD of the
+result, which carries the source ETag in metadata), writes its marker and skips it, so an
+old bucket migrates once, on first sight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from watcher.bucket.names import Names, shard_of
+from watcher.bucket.storage import ObjectRef, Storage
+from watcher.core.logs import get_logger
+from watcher.core.settings import ClaimMode, DeletedSourceResults, Settings
+
+log = get_logger("watcher.intake.discovery")
+
+# Items handled between two yields to the event loop.
+BATCH = 500
+# A lease not renewed for this many lease periods has no living holder.
+STALE_LEASE_PERIODS = 3
+
+
+class Discovery:
+    def __init__(self, storage: Storage, settings: Settings, names: Names) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.names = names
+        self._prune = settings.results_of_deleted_sources is DeletedSourceResults.DELETE
+        self._orphans: set[str] = set()  # results whose source the last listing lacked
+
+    def _mine(self, key: str) -> bool:
+        if self.settings.claim_mode is not ClaimMode.SHARD:
+            return True
+        return shard_of(key, self.settings.shard_count) == self.settings.shard_index
+
+    async def scan(self) -> list[ObjectRef]:
+        """Source versions under the input prefix without a done-marker, oldest first.
+
+        Two listings (markers and sources, side by side) and no request per object. A
+        marker names its version's ETag, so listings taken at different moments can only
+        err towards offering a finished version, which the claim stage then skips. The
+        event loop also answers /health: with a backlog of many thousands, the work is
+        done in batches that yield.
+        """
+        started = time.time()
+        markers = asyncio.create_task(self._marked())
+        try:
+            listed = await self._sources()
+            marked = await markers
+        finally:
+            markers.cancel()
+        todo: list[ObjectRef] = []
+        stale: list[str] = []
+        for n, ref in enumerate(listed, 1):
+            if n % BATCH == 0:
+                await asyncio.sleep(0)
+            if not (self.names.is_document_key(ref.key) and self._mine(ref.key)):
+                continue
+            etags = marked.get(self.names.marker_dir(ref.key), ())
+            if ref.etag not in etags:
+                todo.append(ref)
+            else:
+                stale.extend(self.names.marker(ref.key, e) for e in etags if e != ref.etag)
+        await self._remove_stale_markers(stale)
+        await self._sweep_leases(listed, marked, started)
+        if self._prune:
+            await self._remove_orphans({ref.key for ref in listed})
+        todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
+        return todo
+
+    async def _sources(self) -> list[ObjectRef]:
+        listed: list[ObjectRef] = []
+        async for ref in self.storage.list_objects(self.names.input_prefix):
+            listed.append(ref)
+            if len(listed) % BATCH == 0:
+                await asyncio.sleep(0)
+        return listed
+
+    async def _marked(self) -> dict[str, set[str]]:
+        """Marker directory (one per source key) -> the source ETags marked done in it."""
+        marked: dict[str, set[str]] = {}
+        seen = 0
+        async for ref in self.storage.list_objects(self.names.markers_prefix):
+            directory, _, etag = ref.key.rpartition("/")
+            marked.setdefault(f"{directory}/", set()).add(etag)
+            seen += 1
+            if seen % BATCH == 0:
+                await asyncio.sleep(0)
+        return marked
+
+    async def _sweep_leases(self, listed: list[ObjectRef], marked: dict[str, set[str]],
+                            started: float) -> None:
+        """Delete leases that nobody has renewed for several lease periods and whose
+        version is done (or whose source is gone): a replica killed between publishing and
+        letting go leaves one, and nobody else would ever look at it again. Released
+        leases of versions not done yet keep their attempt counts."""
+        # Written before the listing began: their version is the one listed, or older.
+        cutoff = started - STALE_LEASE_PERIODS * self.settings.lease_seconds
+        current = {ref.key: ref.etag for ref in listed}
+        stale = []
+        async for lease in self.storage.list_objects(self.names.source_leases_prefix):
+            key = self.names.source_of_lease(lease.key)
+            if key is None or lease.last_modified is None or lease.last_modified.timestamp() > cutoff:
+                continue
+            etag = current.get(key)
+            if etag is None or etag in marked.get(self.names.marker_dir(key), ()):
+                stale.append(lease.key)
+        for key in stale:
+            await self.storage.delete(key)
+            log.info("stale_lease_removed", lease=key)
+
+    async def _remove_stale_markers(self, stale: list[str]) -> None:
+        """Markers of versions replaced since, once the current version is marked too."""
+        for start in range(0, len(stale), BATCH):
+            await asyncio.gather(*(self.storage.delete(key) for key in stale[start:start + BATCH]))
+
+    async def _remove_orphans(self, sources: set[str]) -> None:
+        orphans = set()
+        async for result in self.storage.list_objects(self.names.output_prefix):
+            key = result.key
+            candidates = self.names.sources_of(key)
+            if (candidates and self._mine(candidates[0])
+                    and not any(source in sources for source in candidates)):
+                orphans.add(key)
+        confirmed, self._orphans = orphans & self._orphans, orphans - self._orphans
+        for key in sorted(confirmed):
+            await self.storage.delete(key)
+            log.info("result_removed_source_deleted", result=key)
+            for source in self.names.sources_of(key):
+                async for marker in self.storage.list_objects(self.names.marker_dir(source)):
+                    await self.storage.delete(marker.key)

@@ -1,0 +1,151 @@
+"""Recognise: one page's text, from the PDF's own text layer or from the engine.
+
+`WATCHER_TEXT_LAYER` chooses:
+
+- `auto` (default): a PDF page whose text layer can be trusted (watcher/pipeline/textlayer.py) is
+  taken from it, exactly and without rendering, when the engine reads plain text (`cpu`).
+  The VLM engines read every page, because their layout, tables and formulas are what they
+  are for; a page where they find nothing although its text layer holds text (a font that
+  is not embedded renders blank) takes the text layer instead.
+- `ocr`: every page goes to the engine.
+- `text`: PDF pages are never sent to the engine; their text layer is all there is.
+  Images have no text layer and are always read by the engine.
+
+A page that cannot be rendered or read gets `error` and the document's other pages keep
+their text; each page says where its text came from (`text_source`) and what went wrong
+short of an error (`warnings`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.core.metrics import Metrics
+from watcher.core.pages import PageResult
+from watcher.core.settings import TextLayerMode
+from watcher.engines.base import Engine
+from watcher.pipeline.decode import Decoder, Document
+from watcher.pipeline.textlayer import TextLayer
+
+T = TypeVar("T")
+
+_REASONS = {
+    "no_text_layer": "it has no text layer",
+    "little_text": "its text layer holds almost nothing",
+    "garbled": "its text layer is garbled (characters its fonts do not map to Unicode)",
+    "mojibake": "its text layer is mis-encoded (Cyrillic read as Latin-1 letters)",
+    "mostly_image": "the page is mostly a picture that its text layer does not cover",
+    "mostly_drawing": "the page draws far more than its text layer holds (text as outlines?)",
+}
+
+
+async def engine_call(call: Awaitable[T]) -> T:
+    """Whatever an engine raises beyond the known kinds is a failure on this page."""
+    try:
+        return await call
+    except (DocumentError, EngineUnavailable, EngineCrashed):
+        raise
+    except Exception as exc:
+        raise EngineCrashed("error", f"{type(exc).__name__}: {exc}") from exc
+
+
+class Recogniser:
+    def __init__(self, decoder: Decoder, engine: Engine, metrics: Metrics, mode: TextLayerMode) -> None:
+        self.decoder = decoder
+        self.engine = engine
+        self.metrics = metrics
+        self.mode = mode
+
+    async def page(self, doc: Document, index: int, timings: dict[str, float]) -> PageResult:
+        """Page `index` read; a fault of the page itself is kept on the page."""
+        try:
+            result = await self._read(doc, index, timings)
+        except DocumentError as exc:
+            return PageResult(index=index, width=0, height=0, blocks=[], markdown="",
+                              error={"code": exc.code.value, "message": exc.message})
+        if not result.text.strip():
+            result.warnings.append({"code": "no_text", "message": _no_text(index, result)})
+        return result
+
+    async def _read(self, doc: Document, index: int, timings: dict[str, float]) -> PageResult:
+        layer: TextLayer | None = None
+        text_first = self.mode is TextLayerMode.TEXT or (
+            self.mode is TextLayerMode.AUTO and not self.engine.structured)
+        if text_first:
+            layer = await self._text_layer(doc, index, timings)
+            if layer is not None and (self.mode is TextLayerMode.TEXT or layer.trusted):
+                return _from_layer(layer)
+        t0 = time.perf_counter()
+        with self.metrics.stage("decode"):
+            rendered = await self.decoder.render(doc, index)
+        t1 = time.perf_counter()
+        call = engine_call(self.engine.recognize(rendered))
+        warnings = rendered.warnings
+        del rendered  # the engine decides how long the bitmap lives
+        with self.metrics.stage("engine"):
+            result = await call
+        timings["decode_seconds_sum"] += t1 - t0
+        timings["engine_seconds_sum"] += time.perf_counter() - t1
+        result.warnings[:0] = warnings
+        if result.text.strip() or self.mode is TextLayerMode.OCR:
+            return result
+        # The engine saw nothing: a structured engine's page reads its text layer only now.
+        if layer is None:
+            layer = await self._text_layer(doc, index, timings)
+        if layer is None or not layer.chars or not _usable(layer):
+            return result
+        fallback = _from_layer(layer)
+        fallback.warnings[:0] = [*warnings, {
+            "code": "engine_read_nothing",
+            "message": f"page {index + 1}: the engine found no text on the rendered page; "
+            "the text is taken from the PDF's text layer (fonts that are not embedded "
+            "can render blank)",
+        }]
+        return fallback
+
+    async def _text_layer(self, doc: Document, index: int, timings: dict[str, float]) -> TextLayer | None:
+        t0 = time.perf_counter()
+        with self.metrics.stage("decode"):
+            layer = await self.decoder.text_layer(doc, index)
+        timings["decode_seconds_sum"] += time.perf_counter() - t0
+        return layer
+
+
+def _usable(layer: TextLayer) -> bool:
+    """Good enough to stand in for an engine that saw nothing: not garbage."""
+    return layer.reason not in ("garbled", "mojibake")
+
+
+def _from_layer(layer: TextLayer) -> PageResult:
+    result = layer.result
+    if not layer.trusted and layer.chars:
+        result.warnings.append({
+            "code": "text_layer_untrusted",
+            "message": f"page {result.index + 1}: {_REASONS.get(layer.reason, layer.reason)}; "
+            "it is used as it is because WATCHER_TEXT_LAYER=text",
+        })
+    return result
+
+
+def _no_text(index: int, result: PageResult) -> str:
+    if result.text_source == "text_layer":
+        return (f"page {index + 1}: its text layer holds no text, and WATCHER_TEXT_LAYER=text "
+                "keeps it from being read from its pixels")
+    return (f"page {index + 1}: no text found; the page is blank, or holds text the engine "
+            "cannot read (handwriting, a script outside WATCHER_OCR_LANGUAGES)")
+
+
+def unreadable(pages: list[PageResult]) -> DocumentError | None:
+    """The document's error when none of its pages could be read, else None."""
+    if not pages or any(page.error is None for page in pages):
+        return None
+    errors = [page.error for page in pages if page.error is not None]
+    first = errors[0]
+    listed = "; ".join(e["message"] for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    code = ErrorCode(first["code"])  # page errors come from DocumentError codes
+    prefix = "" if len(pages) == 1 else f"none of its {len(pages)} pages could be read: "
+    return DocumentError(code, f"{prefix}{listed}{more}")

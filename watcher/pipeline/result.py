@@ -1,0 +1,129 @@
+"""Render: the result JSON (schema `watcher.result/1`), its Markdown, and error records."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from watcher import __version__
+from watcher.bucket.storage import ObjectRef
+from watcher.core.errors import ErrorCode, scrub
+from watcher.core.pages import PageResult
+from watcher.engines.base import Engine
+
+SCHEMA_VERSION = "1.1"
+ERROR_SCHEMA_VERSION = "1.1"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def source_fields(ref: ObjectRef) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "etag": ref.etag,
+        "size": ref.size,
+        "last_modified": ref.last_modified.isoformat() if ref.last_modified else None,
+    }
+    if ref.sha256:
+        fields["sha256"] = ref.sha256
+    return fields
+
+
+def _block(block: Any) -> dict[str, Any]:
+    data = asdict(block)
+    extra = data.pop("extra") or {}
+    data.update(extra)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def engine_of(engine: Engine) -> dict[str, str]:
+    """How a result names the engine that read it."""
+    return {"name": engine.name, "model": engine.model}
+
+
+def render_markdown(pages: list[PageResult]) -> str:
+    """Pages in order, each introduced by an HTML comment that Markdown viewers hide."""
+    parts = [f"<!-- page {p.index + 1}{_not_read(p)} -->\n\n{p.markdown.strip()}".rstrip()
+             for p in pages]
+    return "\n\n".join(parts) + "\n"
+
+
+def _not_read(page: PageResult) -> str:
+    if page.error is None:
+        return ""
+    # `--` may not appear inside an HTML comment.
+    return f": not read ({page.error['code']}: {page.error['message'].replace('--', '-')})"
+
+
+def render_result(
+    ref: ObjectRef,
+    engine: Engine,
+    doc_format: str,
+    pages: list[PageResult],
+    markdown: str,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source_fields(ref),
+        "engine": engine_of(engine),
+        "document": {"format": doc_format, "page_count": len(pages)},
+        "pages": [],
+        "warnings": [{**w, "page": p.index} for p in pages for w in p.warnings],
+        "markdown": markdown,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "created_at": now(),
+        "watcher_version": __version__,
+    }
+    for page in pages:
+        entry: dict[str, Any] = {
+            "index": page.index,
+            "width": page.width,
+            "height": page.height,
+            "blocks": [_block(b) for b in page.blocks],
+            "markdown": page.markdown,
+            "text_source": page.text_source,
+            "rotation": page.rotation,
+        }
+        if page.error is not None:
+            entry["error"] = page.error
+        if page.raw is not None:
+            entry["raw"] = page.raw
+        result["pages"].append(entry)
+    return result
+
+
+def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -> dict[str, Any]:
+    return {
+        "schema_version": ERROR_SCHEMA_VERSION,
+        "source": source_fields(ref),
+        "error": {"code": code.value, "message": scrub(message), "attempts": attempts},
+        "created_at": now(),
+        "watcher_version": __version__,
+    }
+
+
+def to_json_bytes(data: dict[str, Any]) -> bytes:
+    # Documents are often Russian: keep UTF-8 readable, not \u-escaped.
+    return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def render_document(
+    ref: ObjectRef,
+    engine: Engine,
+    doc_format: str,
+    pages: list[PageResult],
+    timings: dict[str, float],
+) -> tuple[bytes, bytes]:
+    """Markdown and result JSON, encoded; CPU-bound for long documents, so run off the loop."""
+    started = time.perf_counter()
+    markdown = render_markdown(pages)
+    timings["render_seconds"] = time.perf_counter() - started
+    result = render_result(ref, engine, doc_format, pages, markdown, timings)
+    return markdown.encode("utf-8"), to_json_bytes(result)
