@@ -2,47 +2,74 @@
 
 Nothing here builds an image or talks to a cluster (neither exists in CI); the point is
 that the numbers operators rely on (probes, grace period, resources, ports) and the
-promises in the docs stay true when someone edits one file and not the other.
+promises in the docs stay true when someone edits one file and not the other. The
+manifests are validated against the Kubernetes API's own JSON schemas (kubernetes-validate
+ships them); the two custom resources (KEDA's ScaledObject, the Prometheus Operator's
+PodMonitor) are checked for what they must agree on. What the image's environments
+resolve to is tests/test_image_resolution.py; start.sh's behaviour is tests/test_start_sh.py.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
-from packaging.requirements import Requirement
+from deployfiles import DOCKERFILE, REPO, Instruction, arg_defaults, env_values, instructions
 
 from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
 
-REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
-DOCKERFILE = REPO / "Dockerfile"
 START_SH = REPO / "start.sh"
+GPU_CHECK = REPO / "deploy" / "gpu-check.sh"
 CLOUDRU_DOC = REPO / "deploy" / "cloudru-ml-inference.md"
+# Custom resources: no schema in kubernetes-validate; checked by the tests below instead.
+CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
+# The oldest Kubernetes the manifests are meant for, and the newest the validator knows.
+KUBERNETES_VERSIONS = ("1.28", kubernetes_validate.utils.latest_version())
 
 
 # --- Kubernetes --------------------------------------------------------------------------
 
-def load_manifests() -> dict[str, dict[str, Any]]:
-    by_kind: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+def all_documents() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is None:
                 continue
             assert isinstance(doc, dict), path
             for key in ("apiVersion", "kind", "metadata"):
                 assert key in doc, f"{path.name}: no {key}"
+            docs.append((path, doc))
+    return docs
+
+
+def load_manifests() -> dict[str, dict[str, Any]]:
+    """The single-replica set in deploy/kubernetes/ itself, by kind."""
+    by_kind: dict[str, dict[str, Any]] = {}
+    for path, doc in all_documents():
+        if path.parent == K8S:
             assert doc["kind"] not in by_kind, f"two {doc['kind']} manifests"
             by_kind[doc["kind"]] = doc
     return by_kind
+
+
+def statefulset_documents() -> dict[str, dict[str, Any]]:
+    docs = list(yaml.safe_load_all((K8S / "statefulset" / "statefulset.yaml").read_text()))
+    return {doc["kind"]: doc for doc in docs}
+
+
+def one(kind: str) -> dict[str, Any]:
+    (doc,) = [doc for _, doc in all_documents() if doc["kind"] == kind]
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +91,54 @@ def config(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def test_the_four_kinds_are_there(manifests: dict[str, dict[str, Any]]) -> None:
-    assert set(manifests) == {"Deployment", "Service", "Secret", "ConfigMap"}
-    assert manifests["Deployment"]["apiVersion"] == "apps/v1"
-    for kind in ("Service", "Secret", "ConfigMap"):
-        assert manifests[kind]["apiVersion"] == "v1"
+def test_the_kinds_are_there(manifests: dict[str, dict[str, Any]]) -> None:
+    assert set(manifests) == {"Deployment", "Service", "Secret", "ConfigMap", "PersistentVolumeClaim"}
+    assert set(statefulset_documents()) == {"Service", "StatefulSet", "PodDisruptionBudget"}
+    kinds = {(doc["apiVersion"], doc["kind"]) for _, doc in all_documents()}
+    assert CUSTOM_KINDS <= kinds
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_are_valid_kubernetes_objects(version: str) -> None:
+    """Every built-in object against the API schema, strictly: an unknown or misspelt field
+    fails, as `kubectl apply --validate=strict` would."""
+    checked = 0
+    for path, doc in all_documents():
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            raise AssertionError(f"{path.relative_to(REPO)} {doc['kind']}: {where}: {exc.message}") from exc
+        checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    ["misspelt field", "number as string", "unknown volume type"],
+)
+def test_the_schema_validation_catches_mistakes(mistake: str) -> None:
+    deployment = copy.deepcopy(load_manifests()["Deployment"])
+    pod = deployment["spec"]["template"]["spec"]
+    if mistake == "misspelt field":
+        pod["containers"][0]["livenessProbes"] = pod["containers"][0].pop("livenessProbe")
+    elif mistake == "number as string":
+        pod["terminationGracePeriodSeconds"] = "150"
+    else:
+        pod["volumes"][0]["persistentVolume"] = pod["volumes"][0].pop("persistentVolumeClaim")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
 
 
 def test_deployment_shape(manifests: dict[str, dict[str, Any]], container: dict[str, Any]) -> None:
     deployment = manifests["Deployment"]
     spec = deployment["spec"]
     assert spec["replicas"] == 1
+    # One ReadWriteOnce claim: a rolling update would start the new pod while the old one
+    # holds the volume (and the GPU).
+    assert spec["strategy"] == {"type": "Recreate"}
     pod_labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -84,7 +148,6 @@ def test_deployment_shape(manifests: dict[str, dict[str, Any]], container: dict[
         ("configMapRef", manifests["ConfigMap"]["metadata"]["name"]),
         ("secretRef", manifests["Secret"]["metadata"]["name"]),
     }
-    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
 def test_probes_are_exactly_the_agreed_ones(container: dict[str, Any]) -> None:
@@ -122,14 +185,73 @@ def test_grace_period_covers_the_drain(
     assert grace >= drain + 10, (grace, drain)
 
 
-def test_models_volume_is_mounted(
+def test_weights_live_on_a_persistent_claim(
     manifests: dict[str, dict[str, Any]], container: dict[str, Any]
 ) -> None:
+    """Rescheduled pods find the weights already there: the Deployment's /models is the
+    claim in pvc.yaml, and every StatefulSet pod gets a claim of its own."""
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in manifests["Deployment"]["spec"]["template"]["spec"]["volumes"]}
-    assert "/models" in mounts and mounts["/models"] in volumes
-    model_volume = volumes[mounts["/models"]]
-    assert "emptyDir" in model_volume or "persistentVolumeClaim" in model_volume
+    claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
+    pvc = manifests["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == claim
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+    sts = statefulset_documents()["StatefulSet"]["spec"]
+    (sts_container,) = sts["template"]["spec"]["containers"]
+    sts_mounts = {m["mountPath"]: m["name"] for m in sts_container["volumeMounts"]}
+    templates = {t["metadata"]["name"]: t for t in sts["volumeClaimTemplates"]}
+    assert sts_mounts["/models"] in templates
+    assert sts_mounts["/models"] not in {v["name"] for v in sts["template"]["spec"]["volumes"]}
+    assert templates[sts_mounts["/models"]]["spec"]["resources"] == pvc["spec"]["resources"]
+
+
+# The restricted Pod Security Standard's rules for what these pods use.
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+
+
+@pytest.mark.parametrize("workload", ["Deployment", "StatefulSet"])
+def test_pods_meet_the_restricted_pod_security_standard(workload: str) -> None:
+    spec = one(workload)["spec"]["template"]["spec"]
+    pod_security = spec.get("securityContext", {})
+    assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        assert kinds <= _RESTRICTED_VOLUMES, volume
+    for container in spec["containers"] + spec.get("initContainers", []):
+        security = container.get("securityContext", {})
+        merged = {**pod_security, **security}
+        assert merged.get("runAsNonRoot") is True
+        assert merged.get("runAsUser", 1) != 0
+        assert merged.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+        assert security.get("allowPrivilegeEscalation") is False
+        assert not security.get("privileged", False)
+        capabilities = security.get("capabilities", {})
+        assert "ALL" in capabilities.get("drop", [])
+        assert set(capabilities.get("add", [])) <= {"NET_BIND_SERVICE"}
+
+
+def test_statefulset_runs_the_deployments_pod_with_a_budget(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    by_kind = statefulset_documents()
+    sts = by_kind["StatefulSet"]["spec"]
+    assert sts["replicas"] >= 2 and sts["serviceName"] == by_kind["Service"]["metadata"]["name"]
+    assert by_kind["Service"]["spec"]["clusterIP"] == "None"
+    # The same pod as the Deployment's (probes, GPU, grace period, the pod name as replica
+    # id), but for where /models comes from.
+    deployment = copy.deepcopy(manifests["Deployment"]["spec"]["template"])
+    deployment["spec"]["volumes"] = [v for v in deployment["spec"]["volumes"] if v["name"] != "models"]
+    assert sts["template"] == deployment
+    (env,) = deployment["spec"]["containers"][0]["env"]
+    assert env == {"name": "WATCHER_REPLICA_ID",
+                   "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    # A drain may take one pod at a time, and always can take one.
+    budget = by_kind["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= sts["template"]["metadata"]["labels"].items()
+    assert "minAvailable" not in budget
+    assert 1 <= budget["maxUnavailable"] < sts["replicas"]
 
 
 def test_service_exposes_the_health_port(manifests: dict[str, dict[str, Any]]) -> None:
@@ -175,13 +297,13 @@ def test_configmap_has_the_settings_and_only_known_ones(config: dict[str, Any]) 
     assert config["WATCHER_VLM_URL"].startswith(
         f"http://{config['WATCHER_VLM_HOST']}:{config['WATCHER_VLM_PORT']}/"
     )
-    # The served name start.sh gives vLLM must be the name the engine asks for.
-    assert config["WATCHER_VLM_MODEL"] == PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
     assert not any(k.startswith(("CLOUDRU_S3_ACCESS", "CLOUDRU_S3_SECRET")) for k in config)
+    # start.sh decides this one from what it started; a value here would be overridden.
+    assert "WATCHER_VLM_MANAGED" not in config
     # A misspelt key would be silently ignored: every key is a daemon or start.sh setting.
     daemon_keys = {f.alias for f in Settings.model_fields.values() if f.alias}
-    script = START_SH.read_text()
-    unknown = {k for k in config if k not in daemon_keys and k not in script}
+    script_settings = set(re.findall(r"\$\{(WATCHER_\w+):-", START_SH.read_text()))
+    unknown = {k for k in config if k not in daemon_keys and k not in script_settings}
     assert not unknown, unknown
 
 
@@ -194,55 +316,78 @@ def test_configmap_values_pass_the_daemons_validation(config: dict[str, Any]) ->
     assert settings.drain_seconds == float(config["WATCHER_DRAIN_SECONDS"])
 
 
+def scraped_labels(pod_monitor: dict[str, Any], pod_template: dict[str, Any]) -> dict[str, str | None]:
+    """The target labels the Prometheus Operator gives series scraped through a PodMonitor
+    (None: present, value depending on the cluster), as its generated relabelling does:
+    namespace, pod, container, endpoint (the port name), job (the pod label named by
+    jobLabel, else "<namespace>/<PodMonitor name>") and each of podTargetLabels, its name
+    sanitised to [a-zA-Z0-9_]."""
+    spec = pod_monitor["spec"]
+    pod_labels = pod_template["metadata"]["labels"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    labels: dict[str, str | None] = {"namespace": None, "pod": None, "container": None,
+                                     "endpoint": endpoint["port"]}
+    labels["job"] = pod_labels.get(spec["jobLabel"]) if "jobLabel" in spec else None
+    for name in spec.get("podTargetLabels", []):
+        if name in pod_labels:
+            labels[re.sub(r"[^a-zA-Z0-9_]", "_", name)] = pod_labels[name]
+    return labels
+
+
+def test_prometheus_scrapes_the_pods_and_keda_selects_labels_that_exist() -> None:
+    pod_monitor = one("PodMonitor")
+    scaled = one("ScaledObject")
+    sts = statefulset_documents()["StatefulSet"]
+    template = sts["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    # The PodMonitor selects the pods, on a named port that serves /metrics (the daemon's).
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[endpoint["port"]] == Settings.model_fields["http_port"].default
+    assert endpoint["path"] == "/metrics"
+
+    # KEDA scales the StatefulSet (a claim per pod) on a query over what is scraped.
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                      "name": sts["metadata"]["name"]}
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] >= 300  # GPU pods are slow to start: no flapping
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert int(trigger["metadata"]["threshold"]) > 0
+    query = trigger["metadata"]["query"]
+    # Every replica reports the whole backlog: the fleet's is the max, not the sum.
+    match = re.fullmatch(r"max\((\w+)\{([^}]*)\}\)", query)
+    assert match, query
+    metric, matchers = match.groups()
+    source = "\n".join(p.read_text() for p in (REPO / "watcher").rglob("*.py"))
+    assert f'"{metric}"' in source, f"the daemon exports no {metric}"
+    labels = scraped_labels(pod_monitor, template)
+    for label, value in re.findall(r'(\w+)="([^"]*)"', matchers):
+        assert label in labels, f"{label} is not on scraped series (they have {sorted(labels)})"
+        assert labels[label] in (None, value), (label, labels[label], value)
+    assert re.findall(r'(\w+)="', matchers), "the query selects no label: any namespace's watcher counts"
+
+
+def test_a_keda_query_on_an_unmapped_pod_label_is_caught() -> None:
+    """The check above is not vacuous: without podTargetLabels the label is missing."""
+    pod_monitor = copy.deepcopy(one("PodMonitor"))
+    del pod_monitor["spec"]["podTargetLabels"]
+    labels = scraped_labels(pod_monitor, statefulset_documents()["StatefulSet"]["spec"]["template"])
+    assert "app_kubernetes_io_name" not in labels
+
+
 # --- Dockerfile --------------------------------------------------------------------------
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    result: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = pending + line
-        pending = ""
-        word, _, rest = full.partition(" ")
-        result.append((word.upper(), rest.strip()))
-    assert not pending, "Dockerfile ends inside a continuation"
-    return result
-
-
-def arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    defaults = {}
-    for word, rest in instructions:
-        if word == "ARG":
-            name, _, value = rest.partition("=")
-            defaults[name] = value.strip('"')
-    return defaults
-
-
 @pytest.fixture(scope="module")
-def docker() -> list[tuple[str, str]]:
-    return dockerfile_instructions()
+def docker() -> list[Instruction]:
+    return instructions()
 
 
-def expand(text: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), text)
-
-
-def test_base_image_is_cuda_runtime(docker: list[tuple[str, str]]) -> None:
-    froms = [rest for word, rest in docker if word == "FROM"]
-    assert len(froms) == 1
-    image = expand(froms[0], arg_defaults(docker))
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu2[24]\.04", image), image
-
-
-def test_runs_as_non_root_before_the_entrypoint(docker: list[tuple[str, str]]) -> None:
-    words = [word for word, _ in docker]
-    users = [(i, rest) for i, (word, rest) in enumerate(docker) if word == "USER"]
+def test_runs_as_non_root_before_the_entrypoint(docker: list[Instruction]) -> None:
+    words = [ins.word for ins in docker]
+    users = [(i, ins.rest) for i, ins in enumerate(docker) if ins.word == "USER"]
     assert users, "no USER: the container would run as root"
     entrypoint_at = words.index("ENTRYPOINT")
     last_user = [rest for i, rest in users if i < entrypoint_at][-1]
@@ -250,59 +395,66 @@ def test_runs_as_non_root_before_the_entrypoint(docker: list[tuple[str, str]]) -
     assert name not in ("root", "0")
     # Numeric, so that Kubernetes' runAsNonRoot can check it without /etc/passwd.
     assert name.isdigit()
-    security = load_manifests()["Deployment"]["spec"]["template"]["spec"]["securityContext"]
-    assert str(security["runAsUser"]) == name
+    for workload in ("Deployment", "StatefulSet"):
+        security = one(workload)["spec"]["template"]["spec"]["securityContext"]
+        assert str(security["runAsUser"]) == name
 
 
-def test_ports_health_check_and_entrypoint(docker: list[tuple[str, str]]) -> None:
-    exposed = {p for word, rest in docker if word == "EXPOSE" for p in rest.split()}
+def test_ports_health_check_and_entrypoint(docker: list[Instruction]) -> None:
+    exposed = {p for ins in docker if ins.word == "EXPOSE" for p in ins.rest.split()}
     assert {"8080", "8081"} <= exposed
-    checks = [rest for word, rest in docker if word == "HEALTHCHECK"]
+    checks = [ins.rest for ins in docker if ins.word == "HEALTHCHECK"]
     assert len(checks) == 1
     assert re.search(r"127\.0\.0\.1:\$\{WATCHER_HTTP_PORT:-8081\}/health", checks[0])
-    entrypoints = [rest for word, rest in docker if word == "ENTRYPOINT"]
+    entrypoints = [ins.rest for ins in docker if ins.word == "ENTRYPOINT"]
     assert len(entrypoints) == 1
     entry = json.loads(entrypoints[0])  # exec form, so that signals reach the daemon
     assert entry[-1] == "/app/start.sh"
-    copies = [rest for word, rest in docker if word == "COPY" and "start.sh" in rest]
-    assert copies and copies[0].endswith("/app/start.sh") and "--chmod=0755" in copies[0]
-
-
-def test_gpu_extra_is_installed_pinned(docker: list[tuple[str, str]]) -> None:
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    gpu = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["gpu"]]
-    args = arg_defaults(docker)
-    runs = expand(" ".join(rest for word, rest in docker if word == "RUN"), args)
-    for req in gpu:
-        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-        match = re.search(rf'"{re.escape(req.name + extras)}==([0-9][^"\s]*)"', runs)
-        assert match, f"{req.name}{extras} is not installed with an exact version"
-        assert req.specifier.contains(match.group(1)), (req, match.group(1))
-    for name in ("PADDLEOCR_VERSION", "PADDLE_VERSION"):
-        assert re.fullmatch(r"\d+\.\d+\.\d+", args[name]), name
-    # vLLM exactly as PaddleOCR pins it for the same release, in its own environment.
-    assert '/opt/vllm/bin/pip install "paddleocr[doc-parser]==' + args["PADDLEOCR_VERSION"] in runs
-    assert "/opt/vllm/bin/paddleocr install_genai_server_deps vllm" in runs
-    assert "/opt/venv/bin/pip install ." in runs
-
-
-def test_model_cache_and_baking(docker: list[tuple[str, str]]) -> None:
-    args = arg_defaults(docker)
-    assert args["BAKE_MODELS"] == "0"
-    env = " ".join(rest for word, rest in docker if word == "ENV")
-    assert "WATCHER_MODEL_CACHE=/models" in env
-    runs = " ".join(rest for word, rest in docker if word == "RUN")
-    assert 'if [ "${BAKE_MODELS}" = "1" ]' in runs and "snapshot_download" in runs
-    assert "chown 10001:10001 /models" in runs
     # A declared VOLUME would make Cloud.ru Container Apps refuse the image and would
     # discard baked weights; /models is a plain directory a volume can be mounted on.
-    assert not [rest for word, rest in docker if word == "VOLUME"]
+    assert not [ins for ins in docker if ins.word == "VOLUME"]
 
 
-def test_no_package_index_is_hard_coded(docker: list[tuple[str, str]]) -> None:
+def _truthy_for_paddlex(value: str) -> bool:
+    return value in ("True", "true", "TRUE", "1")  # paddlex.utils.flags.get_flag_from_env_var
+
+
+def _truthy_for_huggingface_hub(value: str) -> bool:
+    return value.upper() in {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants._is_true
+
+
+@pytest.mark.parametrize("bake", ["0", "1"])
+def test_the_image_environment(docker: list[Instruction], bake: str) -> None:
+    args = arg_defaults(docker) | {"BAKE_MODELS": bake}
+    env = env_values(docker, args)
+    # A layout model told to use the GPU fails when Paddle has none, instead of running
+    # on the CPU unnoticed.
+    assert _truthy_for_paddlex(env["PADDLE_PDX_DISABLE_DEVICE_FALLBACK"])
+    # Baked weights: nothing may reach a model hub; fetched weights need one.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        assert _truthy_for_huggingface_hub(env[name]) is (bake == "1"), (name, env[name])
+    # The image's defaults are settings the daemon accepts, for the release it bakes.
+    assert env["WATCHER_PIPELINE_VERSION"] == args["PIPELINE_VERSION"]
+    values: dict[str, Any] = {k: v for k, v in env.items()
+                              if k.startswith("WATCHER_") and k != "WATCHER_PYTHON"}
+    values |= {"CLOUDRU_S3_ENDPOINT": "http://s3", "CLOUDRU_S3_BUCKET": "bucket",
+               "CLOUDRU_S3_ACCESS_KEY": "t:k", "CLOUDRU_S3_SECRET_KEY": "s"}
+    settings = Settings(**values)
+    assert settings.vlm_model == PADDLEOCR_VL_MODELS[args["PIPELINE_VERSION"]][0]
+
+
+def test_the_hubs_go_offline_only_after_the_bake(docker: list[Instruction]) -> None:
+    """The bake downloads; only what runs after it must not."""
+    offline_at = next(i for i, ins in enumerate(docker) if ins.word == "ENV" and "HF_HUB_OFFLINE" in ins.rest)
+    bake_at = next(i for i, ins in enumerate(docker) if ins.word == "RUN" and "snapshot_download" in ins.rest)
+    assert bake_at < offline_at
+
+
+def test_no_package_index_is_hard_coded(docker: list[Instruction]) -> None:
     assert arg_defaults(docker)["PADDLE_INDEX_URL"] == ""
-    urls = re.findall(r"https?://[^\s\"']+", DOCKERFILE.read_text())
-    assert all(u.startswith("http://127.0.0.1") for u in urls), urls
+    for path in (DOCKERFILE, START_SH, GPU_CHECK):
+        urls = re.findall(r"https?://[^\s\"'$]+", path.read_text())
+        assert all(u.startswith("http://127.0.0.1") for u in urls), (path.name, urls)
 
 
 def tool(name: str) -> str | None:
@@ -322,22 +474,15 @@ def test_linter_is_clean(linter: str, package: str, target: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# --- start.sh ----------------------------------------------------------------------------
-
 def test_start_sh_is_executable_bash_that_parses() -> None:
-    assert START_SH.stat().st_mode & 0o111
-    assert START_SH.read_text().startswith("#!/usr/bin/env bash\n")
-    proc = subprocess.run(["bash", "-n", str(START_SH)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    for script in (START_SH, GPU_CHECK):
+        assert script.stat().st_mode & 0o111, script
+        assert script.read_text().startswith("#!/usr/bin/env bash\n")
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
 
 
-def test_start_sh_execs_the_daemon_last() -> None:
-    lines = [ln.strip() for ln in START_SH.read_text().splitlines() if ln.strip()]
-    assert lines[-1] == 'exec "$PYTHON" -m watcher run "$@"'
-    assert 'PYTHON="${WATCHER_PYTHON:-python}"' in lines
-
-
-# --- the Cloud.ru page -------------------------------------------------------------------
+# --- the Cloud.ru page and the model everywhere ------------------------------------------
 
 # Error-record codes the page quotes; they are values, not log events.
 ERROR_CODES_IN_PAGE = {"too_large"}
@@ -363,50 +508,36 @@ def test_cloudru_page_names_real_log_events() -> None:
         assert f"`{event}`" in page, event
     script = START_SH.read_text()
     for line in ("vlm server exited with code", "vlm server not healthy after",
-                 "no VLM server started", "vlm server healthy on port"):
+                 "no VLM server started", "vlm server healthy on port", "vlm server started (pid"):
         assert line in page and line in script, line
 
 
-def test_image_and_manifests_ship_the_default_model(
-    docker: list[tuple[str, str]], config: dict[str, Any]
-) -> None:
-    """The Dockerfile, the ConfigMap and the settings name one PaddleOCR-VL release."""
-    version = config.get("WATCHER_PIPELINE_VERSION", DEFAULT_PIPELINE_VERSION)
-    served, source = PADDLEOCR_VL_MODELS[version]
-    assert version == DEFAULT_PIPELINE_VERSION
+# Any PaddleOCR-VL weights id, and any served name of the form PaddleOCR-VL[-x.y]-0.9B.
+_SOURCE = re.compile(r"PaddlePaddle/PaddleOCR-VL(?:-\d+(?:\.\d+)*)?(?![\w.-])")
+_SERVED = re.compile(r"(?<![\w/-])PaddleOCR-VL(?:-\d+(?:\.\d+)*)?-0\.9B")
+
+
+def test_guide_manifests_and_image_name_the_settings_model(config: dict[str, Any]) -> None:
+    """The Cloud.ru guide, the ConfigMap and the Dockerfile name one PaddleOCR-VL release:
+    the daemon's default, with its weights and served name."""
+    served, source = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION]
+    assert config["WATCHER_PIPELINE_VERSION"] == DEFAULT_PIPELINE_VERSION
     assert (config["WATCHER_VLM_MODEL"], config["WATCHER_VLM_MODEL_SOURCE"]) == (served, source)
-    args = arg_defaults(docker)
+    args = arg_defaults(instructions())
+    assert args["PIPELINE_VERSION"] == DEFAULT_PIPELINE_VERSION
     assert args["VLM_MODEL_SOURCE"] == source  # what BAKE_MODELS=1 downloads
-    # PaddleOCR 3.7 is the first release whose PaddleOCRVL runs v1.6.
-    assert tuple(int(x) for x in args["PADDLEOCR_VERSION"].split(".")) >= (3, 7, 0)
+    page = CLOUDRU_DOC.read_text()
+    assert set(_SOURCE.findall(page)) == {source}
+    assert set(_SERVED.findall(page)) == {served}
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| `([^`]*)` \|", page, re.M)}
+    assert rows["WATCHER_PIPELINE_VERSION"] == DEFAULT_PIPELINE_VERSION
+    assert rows["WATCHER_VLM_MODEL_SOURCE"] == source
+    assert rows["WATCHER_VLM_MODEL"] == served
 
 
-def test_keda_scales_the_deployment_on_the_backlog(manifests: dict[str, dict[str, Any]]) -> None:
-    scaled = yaml.safe_load((K8S / "keda" / "scaledobject.yaml").read_text())
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
-    spec = scaled["spec"]
-    target = manifests["Deployment"]["metadata"]["name"]
-    assert spec["scaleTargetRef"] == {"kind": "Deployment", "name": target}
-    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
-    assert spec["cooldownPeriod"] >= 300  # GPU pods are slow to start: no flapping
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus"
-    # Every replica reports the whole backlog: the fleet's is the max, not the sum.
-    assert trigger["metadata"]["query"].startswith("max(watcher_backlog_documents")
-    assert int(trigger["metadata"]["threshold"]) > 0
-    assert '"watcher_backlog_documents"' in (REPO / "watcher" / "metrics.py").read_text()
-
-
-def test_statefulset_runs_n_replicas_like_the_deployment(manifests: dict[str, dict[str, Any]]) -> None:
-    docs = list(yaml.safe_load_all((K8S / "statefulset" / "statefulset.yaml").read_text()))
-    by_kind = {doc["kind"]: doc for doc in docs}
-    assert set(by_kind) == {"Service", "StatefulSet"}
-    sts = by_kind["StatefulSet"]["spec"]
-    assert sts["replicas"] >= 2 and sts["serviceName"] == by_kind["Service"]["metadata"]["name"]
-    assert by_kind["Service"]["spec"]["clusterIP"] == "None"
-    deployment = manifests["Deployment"]["spec"]["template"]
-    # The same pod as the Deployment's (probes, GPU, grace period, the pod name as replica id).
-    assert sts["template"] == deployment
-    (env,) = deployment["spec"]["containers"][0]["env"]
-    assert env == {"name": "WATCHER_REPLICA_ID",
-                   "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+def test_the_model_check_would_catch_the_v1_weights() -> None:
+    """The mistake the guide once made (v1 weights beside the 1.6 name) is one these
+    patterns see."""
+    text = "| `WATCHER_VLM_MODEL_SOURCE` | `PaddlePaddle/PaddleOCR-VL` | ... `PaddleOCR-VL-1.6-0.9B`"
+    assert set(_SOURCE.findall(text)) == {"PaddlePaddle/PaddleOCR-VL"}
+    assert set(_SERVED.findall(text)) == {"PaddleOCR-VL-1.6-0.9B"}

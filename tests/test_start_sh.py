@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,24 +43,36 @@ FAKE_VLM_SERVER = '''#!{python}
 """FAKE VLM server (stands in for `vllm serve` / `paddleocr genai_server`).
 
 A protocol-boundary fake: there is no GPU here, so it only records how start.sh called it
-and then behaves as FAKE_VLLM_MODE says: crash (exit 3 at once), hang (never serves) or
-late (serves 200 on /health at --port after FAKE_VLLM_DELAY seconds).
+(one JSON line per start) and then behaves as the next step of FAKE_VLLM_PLAN says, a
+comma-separated list consumed one step per start (the last step repeats):
+  crash     print an out-of-memory line and exit 3 at once
+  hang      never serve
+  late      serve 200 on /health at --port after FAKE_VLLM_DELAY seconds, forever
+  live:S    serve at once, then exit 4 after S seconds
 """
-import http.server, json, os, sys, time
+import http.server, json, os, sys, threading, time
 
-with open(os.environ["FAKE_VLLM_RECORD"], "w") as f:
-    json.dump({{"argv": sys.argv, "pid": os.getpid(),
-               "hf_home": os.environ.get("HF_HOME"),
-               "paddlex_home": os.environ.get("PADDLE_PDX_CACHE_HOME")}}, f)
-print("fake vllm starting", flush=True)
-mode = os.environ["FAKE_VLLM_MODE"]
-if mode == "crash":
+record = os.environ["FAKE_VLLM_RECORD"]
+with open(record, "a+") as f:
+    f.seek(0)
+    starts = sum(1 for _ in f)
+    f.write(json.dumps({{"argv": sys.argv, "pid": os.getpid(),
+                        "hf_home": os.environ.get("HF_HOME"),
+                        "paddlex_home": os.environ.get("PADDLE_PDX_CACHE_HOME")}}) + "\\n")
+plan = os.environ["FAKE_VLLM_PLAN"].split(",")
+step = plan[min(starts, len(plan) - 1)]
+print(f"fake vllm starting ({{step}})", flush=True)
+if step == "crash":
     print("fake vllm: RuntimeError: CUDA out of memory", flush=True)
     sys.exit(3)
-if mode == "hang":
+if step == "hang":
     while True:
         time.sleep(3600)
-time.sleep(float(os.environ.get("FAKE_VLLM_DELAY", "2")))
+lifetime = None
+if step.startswith("live:"):
+    lifetime = float(step.split(":", 1)[1])
+else:
+    time.sleep(float(os.environ.get("FAKE_VLLM_DELAY", "2")))
 port = int(sys.argv[sys.argv.index("--port") + 1])
 
 class Health(http.server.BaseHTTPRequestHandler):
@@ -72,8 +85,19 @@ class Health(http.server.BaseHTTPRequestHandler):
 
 server = http.server.HTTPServer(("127.0.0.1", port), Health)
 print("fake vllm: Application startup complete.", flush=True)
-server.serve_forever()
+if lifetime is None:
+    server.serve_forever()
+threading.Thread(target=server.serve_forever, daemon=True).start()
+time.sleep(lifetime)
+print("fake vllm: engine core died", flush=True)
+os._exit(4)
 '''
+
+# start.sh's restart line: code, how long the run lasted, restart number, delay.
+RESTART_LINE = re.compile(
+    r"start\.sh: WARNING vlm server exited with code (\d+) after ([\d.]+) s; "
+    r"restart (\d+) in ([\d.]+) s"
+)
 
 
 @dataclass
@@ -88,9 +112,34 @@ class Launch:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def records(self) -> list[dict[str, Any]]:
+        """One entry per start of the fake VLM server, oldest first."""
+        if not self.record_path.exists():
+            return []
+        records = []
+        for line in self.record_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line still being written
+                records.append(json.loads(line))
+        return records
+
     def record(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.record_path.read_text())
-        return data
+        return self.records()[0]
+
+    def restarts(self) -> list[tuple[int, float, int, float]]:
+        """(exit code, seconds it ran, restart number, delay) of each logged restart."""
+        return [(int(code), float(ran), int(n), float(delay))
+                for code, ran, n, delay in RESTART_LINE.findall(self.output())]
+
+    def attempts(self) -> list[int]:
+        """The attempt numbers of the VLM server starts start.sh announced."""
+        return [int(n) for n in re.findall(r"vlm server started \(pid \d+, attempt (\d+)",
+                                           self.output())]
+
+    def daemon_env(self) -> dict[str, str]:
+        """The environment the daemon (this PID after start.sh's exec) was given."""
+        raw = Path(f"/proc/{self.proc.pid}/environ").read_bytes()
+        pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+        return {k.decode(): v.decode(errors="replace") for k, v in pairs}
 
     def wait_for(
         self, check: Callable[[], bool], timeout: float, what: str, after_exit: bool = False
@@ -134,7 +183,7 @@ def launch(
     *,
     gpu: bool,
     server: str | None = "vllm",
-    mode: str = "crash",
+    plan: str = "crash",
     **env_overrides: str,
 ) -> Iterator[Launch]:
     fakes = tmp_path / "fakebin"
@@ -164,7 +213,7 @@ def launch(
         "CLOUDRU_S3_SECRET_KEY": "dummy-secret",
         "WATCHER_S3_CONNECT_TIMEOUT": "1",
         "WATCHER_S3_MAX_ATTEMPTS": "1",
-        "FAKE_VLLM_MODE": mode,
+        "FAKE_VLLM_PLAN": plan,
         "FAKE_VLLM_RECORD": str(record),
     })
     env.update(env_overrides)
@@ -219,7 +268,7 @@ def assert_daemon_serves_then_exits_cleanly(run: Launch) -> None:
 
 
 def assert_fake_started_with_expected_flags(run: Launch, model_cache: Path) -> dict[str, Any]:
-    run.wait_for(run.record_path.exists, 15.0, "the fake VLM server to start")
+    run.wait_for(lambda: bool(run.records()), 15.0, "the fake VLM server to start")
     record = run.record()
     argv: list[str] = record["argv"]
     served, source = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION]
@@ -228,6 +277,9 @@ def assert_fake_started_with_expected_flags(run: Launch, model_cache: Path) -> d
     assert argv[argv.index("--served-model-name") + 1] == served
     assert argv[argv.index("--port") + 1] == str(run.vlm_port)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    # A bounded context: vLLM sizes its KV cache for it, and the model's own 131072 does
+    # not fit small cards.
+    assert int(argv[argv.index("--max-model-len") + 1]) > 0
     for flag in ("--no-enable-prefix-caching", "--mm-processor-cache-gb",
                  "--gpu-memory-utilization", "--max-num-batched-tokens", "--max-num-seqs"):
         assert flag in argv, flag
@@ -237,8 +289,16 @@ def assert_fake_started_with_expected_flags(run: Launch, model_cache: Path) -> d
     return record
 
 
+def assert_no_fake_server_runs(run: Launch) -> None:
+    """Every VLM server start.sh started is gone (the daemon has exited)."""
+    pids = [r["pid"] for r in run.records()]
+    assert pids
+    run.wait_for(lambda: not any(pid_alive(p) for p in pids), 15.0,
+                 "the VLM servers to be stopped", after_exit=True)
+
+
 def test_vlm_server_that_crashes_at_once_is_logged_and_the_daemon_runs(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=True, mode="crash") as run:
+    with launch(tmp_path, gpu=True, plan="crash") as run:
         assert_fake_started_with_expected_flags(run, tmp_path / "models")
         run.wait_for_text("start.sh: WARNING vlm server exited with code 3")
         out = run.output()
@@ -247,14 +307,81 @@ def test_vlm_server_that_crashes_at_once_is_logged_and_the_daemon_runs(tmp_path:
         assert_daemon_serves_then_exits_cleanly(run)
 
 
+def test_vlm_server_that_exits_is_restarted_with_backoff(tmp_path: Path) -> None:
+    """Each exit is logged with its code and restart number; the delay doubles to the cap."""
+    with launch(tmp_path, gpu=True, plan="crash", WATCHER_VLM_RESTART_DELAY="0.2",
+                WATCHER_VLM_RESTART_MAX_DELAY="0.8") as run:
+        # Every restart is a new server process, announced with its attempt number.
+        run.wait_for(lambda: len(run.attempts()) >= 6 and len(run.records()) >= 6, 30.0,
+                     "five restarts")
+        restarts = run.restarts()
+        assert [code for code, _, _, _ in restarts] == [3] * len(restarts)
+        assert [n for _, _, n, _ in restarts] == list(range(1, len(restarts) + 1))
+        assert [delay for _, _, _, delay in restarts[:5]] == [0.2, 0.4, 0.8, 0.8, 0.8]
+        assert run.attempts()[:6] == [1, 2, 3, 4, 5, 6]
+        assert len({r["pid"] for r in run.records()}) >= 6
+        # The daemon never stopped for it, and stopping the daemon ends the restarts.
+        assert run.proc.poll() is None
+        assert_daemon_serves_then_exits_cleanly(run)
+        run.wait_for(lambda: "after the daemon exited" in run.output()
+                     or "vlm server not restarted: the daemon exited" in run.output(),
+                     10.0, "the supervisor to notice the daemon's exit", after_exit=True)
+        assert_no_fake_server_runs(run)
+        starts = len(run.records())
+        time.sleep(1.0)  # nothing starts the server again once the daemon is gone
+        assert len(run.records()) == starts
+
+
+def test_a_run_that_stayed_up_resets_the_backoff(tmp_path: Path) -> None:
+    with launch(tmp_path, gpu=True, plan="crash,crash,live:1.5,crash",
+                WATCHER_VLM_RESTART_DELAY="0.2", WATCHER_VLM_RESTART_MAX_DELAY="10",
+                WATCHER_VLM_RESTART_RESET_AFTER="1") as run:
+        run.wait_for(lambda: len(run.restarts()) >= 5, 30.0, "five restarts")
+        restarts = run.restarts()
+        # crash, crash: 0.2, 0.4; the third run served (healthy) for 1.5 s and died with
+        # code 4: back to 0.2; then crashes again double from there.
+        assert [(code, delay) for code, _, _, delay in restarts[:5]] == [
+            (3, 0.2), (3, 0.4), (4, 0.2), (3, 0.4), (3, 0.8)]
+        assert restarts[2][1] >= 1.0
+        assert f"start.sh: vlm server healthy on port {run.vlm_port}" in run.output()
+        assert_daemon_serves_then_exits_cleanly(run)
+        assert_no_fake_server_runs(run)
+
+
+def test_vlm_server_restarted_until_it_serves_then_stopped_with_the_daemon(tmp_path: Path) -> None:
+    with launch(tmp_path, gpu=True, plan="crash,crash,late", FAKE_VLLM_DELAY="0.5",
+                WATCHER_VLM_RESTART_DELAY="0.2") as run:
+        run.wait_for_text(f"start.sh: vlm server healthy on port {run.vlm_port}", timeout=30.0)
+        assert [n for _, _, n, _ in run.restarts()] == [1, 2]
+        serving = run.records()[-1]["pid"]
+        assert pid_alive(serving)
+        assert run.daemon_env()["WATCHER_VLM_MANAGED"] == "1"
+        assert_daemon_serves_then_exits_cleanly(run)
+        run.wait_for_text("vlm server stopped with code", timeout=15.0, after_exit=True)
+        assert_no_fake_server_runs(run)
+        assert len(run.restarts()) == 2
+
+
+def test_restart_off_leaves_a_dead_vlm_server_dead(tmp_path: Path) -> None:
+    with launch(tmp_path, gpu=True, plan="crash", WATCHER_VLM_RESTART="off",
+                WATCHER_VLM_RESTART_DELAY="0.1") as run:
+        run.wait_for_text("not restarted (WATCHER_VLM_RESTART=off)")
+        time.sleep(0.5)
+        assert len(run.records()) == 1
+        assert run.restarts() == []
+        assert_daemon_serves_then_exits_cleanly(run)
+
+
 def test_vlm_server_that_hangs_does_not_block_the_daemon(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=True, mode="hang", WATCHER_VLM_STARTUP_TIMEOUT="2") as run:
+    with launch(tmp_path, gpu=True, plan="hang", WATCHER_VLM_STARTUP_TIMEOUT="2") as run:
         record = assert_fake_started_with_expected_flags(run, tmp_path / "models")
         # The daemon is up while the VLM server has not answered at all.
         run.wait_for(lambda: run.health_status() == 200, 20.0, "GET /health answering 200")
         assert "vlm server healthy" not in run.output()
         run.wait_for_text("start.sh: WARNING vlm server not healthy after 2 s")
         assert "[vlm] fake vllm starting" in run.output()
+        # A server that hangs is not one that exited: nothing restarts it.
+        assert run.restarts() == []
         assert_daemon_serves_then_exits_cleanly(run)
         # Once the daemon is gone, start.sh's supervisor stops the server it started.
         run.wait_for_text("vlm server stopped with code", timeout=10.0, after_exit=True)
@@ -262,19 +389,24 @@ def test_vlm_server_that_hangs_does_not_block_the_daemon(tmp_path: Path) -> None
 
 
 def test_vlm_server_that_becomes_healthy_late_is_reported(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=True, mode="late", FAKE_VLLM_DELAY="2") as run:
+    with launch(tmp_path, gpu=True, plan="late", FAKE_VLLM_DELAY="2") as run:
         record = assert_fake_started_with_expected_flags(run, tmp_path / "models")
         run.wait_for_text(f"start.sh: vlm server healthy on port {run.vlm_port}")
         out = run.output()
         assert "[vlm] fake vllm: Application startup complete." in out
         assert "WARNING" not in out
+        # The daemon is told that the VLM server is this container's to keep.
+        assert run.daemon_env()["WATCHER_VLM_MANAGED"] == "1"
         assert_daemon_serves_then_exits_cleanly(run)
         run.wait_for_text("vlm server stopped with code", timeout=10.0, after_exit=True)
         assert not pid_alive(record["pid"])
 
 
 def test_without_a_gpu_only_the_daemon_starts(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=False, mode="late") as run:
+    with launch(tmp_path, gpu=False, plan="late", WATCHER_VLM_MANAGED="1") as run:
+        run.wait_for(lambda: run.health_status() == 200, 20.0, "GET /health answering 200")
+        # Whatever the environment said, no server here is the daemon's to wait for.
+        assert run.daemon_env()["WATCHER_VLM_MANAGED"] == "0"
         assert_daemon_serves_then_exits_cleanly(run)
         out = run.output()
         assert "start.sh: no VLM server started: no GPU: nvidia-smi not found" in out
@@ -283,7 +415,7 @@ def test_without_a_gpu_only_the_daemon_starts(tmp_path: Path) -> None:
 
 
 def test_vlm_server_off_skips_it_even_with_a_gpu(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=True, mode="late", WATCHER_VLM_SERVER="off") as run:
+    with launch(tmp_path, gpu=True, plan="late", WATCHER_VLM_SERVER="off") as run:
         assert_daemon_serves_then_exits_cleanly(run)
         assert "start.sh: no VLM server started: WATCHER_VLM_SERVER=off" in run.output()
         assert not run.record_path.exists()
@@ -291,15 +423,17 @@ def test_vlm_server_off_skips_it_even_with_a_gpu(tmp_path: Path) -> None:
 
 def test_missing_vllm_command_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     with launch(tmp_path, gpu=True, server=None) as run:
+        run.wait_for(lambda: run.health_status() == 200, 20.0, "GET /health answering 200")
+        assert run.daemon_env()["WATCHER_VLM_MANAGED"] == "0"
         assert_daemon_serves_then_exits_cleanly(run)
         assert "start.sh: WARNING vlm server not started: command 'vllm' not found" in run.output()
 
 
 def test_genai_server_backend_gets_paddlex_arguments(tmp_path: Path) -> None:
-    with launch(tmp_path, gpu=True, server="paddleocr", mode="crash",
+    with launch(tmp_path, gpu=True, server="paddleocr", plan="crash",
                 WATCHER_VLM_BACKEND="genai_server", WATCHER_VLM_EXTRA_ARGS="--extra  one",
                 TMPDIR=str(tmp_path)) as run:
-        run.wait_for(run.record_path.exists, 15.0, "the fake genai server to start")
+        run.wait_for(lambda: bool(run.records()), 15.0, "the fake genai server to start")
         argv = run.record()["argv"]
         assert argv[1] == "genai_server"
         assert argv[argv.index("--model_name") + 1] == PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
@@ -308,6 +442,7 @@ def test_genai_server_backend_gets_paddlex_arguments(tmp_path: Path) -> None:
         assert argv[-2:] == ["--extra", "one"]
         config = Path(argv[argv.index("--backend_config") + 1]).read_text()
         assert "gpu-memory-utilization: 0.5" in config
+        assert "max-model-len: " in config
         run.wait_for_text("start.sh: WARNING vlm server exited with code 3")
         assert_daemon_serves_then_exits_cleanly(run)
 
@@ -318,8 +453,8 @@ def test_each_pipeline_version_serves_the_model_the_daemon_asks_for(
 ) -> None:
     """start.sh and the daemon's settings derive the same served name and weights."""
     served, source = PADDLEOCR_VL_MODELS[version]
-    with launch(tmp_path, gpu=True, mode="crash", WATCHER_PIPELINE_VERSION=version) as run:
-        run.wait_for(run.record_path.exists, 15.0, "the fake VLM server to start")
+    with launch(tmp_path, gpu=True, plan="crash", WATCHER_PIPELINE_VERSION=version) as run:
+        run.wait_for(lambda: bool(run.records()), 15.0, "the fake VLM server to start")
         argv = run.record()["argv"]
     assert argv[1:3] == ["serve", source]
     assert argv[argv.index("--served-model-name") + 1] == served
@@ -327,3 +462,17 @@ def test_each_pipeline_version_serves_the_model_the_daemon_asks_for(
                         CLOUDRU_S3_ACCESS_KEY="t:k", CLOUDRU_S3_SECRET_KEY="secret",
                         WATCHER_ENGINE="paddleocr-vl", WATCHER_PIPELINE_VERSION=version)
     assert settings.vlm_model == served
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("WATCHER_VLM_RESTART_DELAY", "soon"), ("WATCHER_VLM_RESTART", "maybe")],
+)
+def test_a_bad_restart_setting_is_a_warning_and_the_default(
+    tmp_path: Path, setting: str, value: str
+) -> None:
+    with launch(tmp_path, gpu=True, plan="crash", **{setting: value}) as run:
+        run.wait_for_text(f"start.sh: WARNING {setting}")
+        run.wait_for(lambda: len(run.restarts()) >= 1, 15.0, "a restart")
+        assert run.restarts()[0][3] == 5.0  # the documented default first delay
+        assert_daemon_serves_then_exits_cleanly(run)
