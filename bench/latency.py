@@ -34,8 +34,8 @@ import aiohttp
 import boto3
 from botocore.config import Config
 
-from watcher.bucket.storage import ObjectRef
 from watcher.cli.embedded import SeaweedS3, free_ports
+from watcher.core.refs import ObjectRef
 from watcher.core.settings import Settings, load_settings
 from watcher.engines import EngineState
 from watcher.service.daemon import Daemon, running

@@ -1,7 +1,7 @@
 """What a poll costs over a bucket of finished documents: requests and seconds.
 
 Fills an embedded SeaweedFS with N finished documents (a source and its done-marker each,
-as publishing leaves them), then runs the daemon's own discovery (`Daemon._discovery`,
+as publishing leaves them), then runs the daemon's own discovery (`Daemon.build_discovery`,
 the object `watcher run` polls with) for 1 and for 3 replicas and counts every S3
 request by operation, for the first poll of a fresh replica and for a steady poll after
 it. Listings are paced to the budget (`WATCHER_LIST_REQUESTS_PER_SECOND`), so seconds
@@ -93,7 +93,7 @@ async def fleet(weed: SeaweedS3, replicas: int, **overrides: Any) -> list[str]:
         for n in range(replicas):
             settings = settings_for(weed, f"replica-{n}", **overrides)
             storage = await stack.enter_async_context(open_storage(settings))
-            members.append((Daemon(settings, engine=NoEngine())._discovery(storage), storage))
+            members.append((Daemon(settings, engine=NoEngine()).build_discovery(storage), storage))
         for label in ("first", "steady"):
             total: Counter[str] = Counter()
             slowest = 0.0

@@ -140,7 +140,8 @@ def leftovers(s3: Any, bucket: str) -> list[str]:
     manifest are meant to stay."""
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=".watcher/").get("Contents", [])
     return [o["Key"] for o in listing
-            if "/_done/" not in o["Key"] and not o["Key"].endswith("/_fleet/manifest.json")]
+            if "/_done/" not in o["Key"]
+            and not ("/_fleet/" in o["Key"] and o["Key"].endswith("/manifest.json"))]
 
 
 def object_exists(s3: Any, bucket: str, key: str) -> bool:

@@ -55,7 +55,9 @@ async def test_names_the_store_refuses_are_reported_once_and_workers_live_on(
 async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str, s3: Any) -> None:
     settings = make_settings(weed, bucket, max_inflight_documents=1)
     async with daemon_running(settings) as daemon:
-        real_wait = daemon._wait_engine_ready
+        await asyncio.wait_for(daemon.started.wait(), 30)
+        assert daemon.pool is not None
+        real_wait = daemon.pool.ready
         broken = {"left": 1}
 
         async def wait_then_break() -> None:
@@ -64,7 +66,7 @@ async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str
                 broken["left"] -= 1
                 raise RuntimeError("a bug outside any document")
 
-        daemon._wait_engine_ready = wait_then_break  # type: ignore[method-assign]
+        daemon.pool.ready = wait_then_break
         # The only worker finishes this document, then its loop breaks on the next turn.
         s3.put_object(Bucket=bucket, Key="input/first.png", Body=make_image(["First"], "PNG"))
         await wait_for_keys(s3, bucket, ["output/first.png.json"])

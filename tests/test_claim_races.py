@@ -14,12 +14,13 @@ from docgen import make_image
 from watcher.bucket.done import Done, DoneMarkers
 from watcher.bucket.leases import Lease, Leases
 from watcher.bucket.names import SOURCE_ETAG_META, Names
-from watcher.bucket.storage import ObjectRef, Storage, StorageUnavailable, open_storage
+from watcher.bucket.storage import Storage, StorageUnavailable, open_storage
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.metrics import Metrics
 from watcher.core.outcome import Outcome
-from watcher.pipeline.decode import Decoder
-from watcher.pipeline.document import DocumentWorker
+from watcher.core.refs import ObjectRef
+from watcher.pipeline.document import DocumentPipeline
+from watcher.service.hooks import MetricsHook
 
 
 def upload(s3: Any, bucket: str, key: str) -> ObjectRef:
@@ -40,21 +41,21 @@ async def test_a_version_published_between_the_check_and_the_lease_is_not_redone
     ref = upload(s3, bucket, "input/raced.png")
     engine = CountingEngine()
     async with open_storage(settings) as storage:
-        worker = DocumentWorker(settings, storage, engine, Metrics(), Decoder())
+        worker = DocumentPipeline.reading_with(engine, settings, storage, Metrics())
         first = await worker.process(ref)
-        assert first is Outcome.DONE and engine.calls == [0]
+        assert first.outcome is Outcome.DONE and engine.calls == [0]
         stamp = s3.head_object(Bucket=bucket, Key=names.result_json(ref.key))["ETag"]
         # The race: this replica's quick check ran before the other published.
-        late = DocumentWorker(settings, storage, engine, Metrics(), Decoder())
+        late = DocumentPipeline.reading_with(engine, settings, storage, Metrics())
 
-        real_check = late.done.is_marked
+        real_check = late.claimer.done.marked
 
-        async def not_yet(_ref: ObjectRef) -> bool:
-            late.done.is_marked = real_check  # type: ignore[method-assign]
-            return False  # the first look only
+        async def not_yet(_ref: ObjectRef) -> Done | None:
+            late.claimer.done.marked = real_check  # type: ignore[method-assign]
+            return None  # the first look only
 
-        late.done.is_marked = not_yet  # type: ignore[method-assign]
-        assert await late.process(ref) is Outcome.SKIPPED
+        late.claimer.done.marked = not_yet  # type: ignore[method-assign]
+        assert (await late.process(ref)).outcome is Outcome.SKIPPED
         await worker.close()
         await late.close()
     assert engine.calls == [0]  # read once
@@ -75,8 +76,10 @@ async def test_a_result_whose_publisher_was_cut_off_is_finished_not_redone(
     engine = CountingEngine()
     metrics = Metrics()
     async with open_storage(settings) as storage:
-        worker = DocumentWorker(settings, storage, engine, metrics, Decoder())
-        assert await worker.process(ref) is Outcome.DONE
+        worker = DocumentPipeline.reading_with(engine, settings, storage, metrics)
+        report = await worker.process(ref)
+        MetricsHook(metrics, lambda: None).settled(report)
+        assert report.outcome is Outcome.DONE
         await worker.close()
     assert engine.calls == []
     assert keys(s3, bucket, names.marker(ref.key, ref.etag)) == [names.marker(ref.key, ref.etag)]
@@ -96,7 +99,7 @@ async def test_an_error_record_without_a_marker_is_marked_and_skipped(
     async with open_storage(settings) as storage:
         done = DoneMarkers(storage, names)
         assert await done.check(ref) is Done.ERROR_RECORD
-        assert await done.check(ref) is Done.MARKED  # marked now: one HEAD from here on
+        assert await done.check(ref) is Done.ERROR_MARKED  # marked now: no HEAD of the output
         assert await done.check(ObjectRef(bucket, ref.key, "0" * 32, 1)) is None  # another version
 
 
@@ -117,11 +120,11 @@ class FlakyDeletes:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageUnavailable("S3 delete failed: connection refused")
-        await self.storage.delete(key)
+        return await self.storage.delete(key, if_match)
 
 
 async def test_a_lease_s3_would_not_delete_is_deleted_once_it_is_back(
@@ -164,7 +167,7 @@ async def test_a_delayed_delete_never_removes_another_replicas_lease(
 
 
 def _overwrite_then_fail(flaky: FlakyDeletes, real: Storage, key: str, body: bytes) -> Any:
-    async def delete(_key: str) -> None:
+    async def delete(_key: str, if_match: str | None = None) -> bool:
         await real.put(key, body, "application/json")
         flaky.delete = real.delete  # type: ignore[method-assign]
         raise StorageUnavailable("S3 delete failed: connection refused")

@@ -10,8 +10,8 @@ from conftest import daemon_running, make_settings, object_exists, wait_for_keys
 from docgen import make_image
 
 from watcher.bucket.names import SOURCE_ETAG_META, Names
-from watcher.bucket.storage import ObjectRef
 from watcher.cli.embedded import SeaweedS3
+from watcher.core.refs import ObjectRef
 from watcher.core.settings import SettingsError, load_settings
 from watcher.intake.discovery import Discovery
 

@@ -16,14 +16,14 @@ import rudocs
 from conftest import CountingEngine, daemon_running, make_settings, wait_for_keys
 from PIL import Image
 
-from watcher.bucket.storage import ObjectRef
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.errors import DocumentError, ErrorCode, scrub
 from watcher.core.pages import RenderedPage
+from watcher.core.refs import ObjectRef
 from watcher.engines.cpu import CpuReader, settle_scripts
 from watcher.pipeline.decode import Limits, open_document
 from watcher.pipeline.recognise import unreadable
-from watcher.pipeline.result import render_error
+from watcher.pipeline.result import error_record
 from watcher.pipeline.textlayer import TextLayer
 
 RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v1.json").read_text())
@@ -176,7 +176,7 @@ def test_local_paths_never_reach_a_message() -> None:
         "cannot identify image file '<file>'")
     assert scrub("see http://vlm:8080/v1/models, 1/2 done") == "see http://vlm:8080/v1/models, 1/2 done"
     ref = ObjectRef(bucket="b", key="input/x.png", etag="e", size=1)
-    record = render_error(ref, ErrorCode.ENGINE_FAILED, "crash in /opt/venv/lib/python3.11/x.py", 3)
+    record = error_record(ref, ErrorCode.ENGINE_FAILED, "crash in /opt/venv/lib/python3.11/x.py", 3)
     assert "/opt" not in json.dumps(record)
 
 

@@ -26,11 +26,14 @@ from botocore.config import Config as BotoConfig
 from conftest import leftovers, pid_alive
 from rudocs import normalise, ru_pdf
 
+from watcher.bucket.names import Names
 from watcher.cli.embedded import SeaweedS3, free_ports
 
 ROOT = Path(__file__).parent.parent
 BUCKET = "fleet"
-FLEET_LISTER_LEASE = ".watcher/leases/_fleet/lister.lease"
+# The defaults: input/, output/, .watcher/leases/.
+_NAMES = Names("input/", "output/", ".watcher/leases/", "done/")
+FLEET_LISTER_LEASE = _NAMES.lease(_NAMES.lister_key)
 MAX_INFLIGHT = 2
 
 

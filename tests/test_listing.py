@@ -16,14 +16,17 @@ from test_events import TOKEN, aws, post
 
 from watcher.bucket import storage as storage_module
 from watcher.bucket.names import Names
-from watcher.bucket.storage import UNCHANGED, ListPace, ObjectRef, open_storage
+from watcher.bucket.storage import UNCHANGED, ListPace, open_storage
 from watcher.cli.embedded import SeaweedS3
+from watcher.core.refs import ObjectRef
 from watcher.core.settings import load_settings
 from watcher.intake.discovery import Discovery
 from watcher.intake.fleet import Role, decode_manifest, encode_manifest
 from watcher.service.daemon import Daemon
 
-LISTER_LEASE = ".watcher/leases/_fleet/lister.lease"
+# The defaults: input/, output/, .watcher/leases/.
+_NAMES = Names("input/", "output/", ".watcher/leases/", "done/")
+LISTER_LEASE = _NAMES.lease(_NAMES.lister_key)
 
 
 def list_requests(daemon: Daemon) -> float:
@@ -75,7 +78,7 @@ async def test_a_dead_listers_lease_is_taken_over_when_it_expires(
 ) -> None:
     # A lister that was killed (nothing released): its lease names a replica on another host.
     s3.put_object(Bucket=bucket, Key=LISTER_LEASE, Body=json.dumps({
-        "owner": "replica-dead", "source_key": "_fleet/lister", "source_etag": "fleet",
+        "owner": "replica-dead", "source_key": _NAMES.lister_key, "source_etag": "fleet",
         "expires_at": 0, "host": "elsewhere", "pid": 1}).encode())
     s3.put_object(Bucket=bucket, Key="input/x.png", Body=make_image(["Taken over"], "PNG"))
     async with daemon_running(make_settings(weed, bucket)) as daemon:
@@ -86,10 +89,10 @@ async def test_a_dead_listers_lease_is_taken_over_when_it_expires(
 async def test_shard_mode_and_once_list_alone(weed: SeaweedS3, bucket: str) -> None:
     daemon = Daemon(make_settings(weed, bucket, claim_mode="shard"), engine=CountingEngine())
     async with open_storage(daemon.settings) as storage:
-        assert daemon._discovery(storage).role is Role.ALONE
+        assert daemon.build_discovery(storage).role is Role.ALONE
     daemon = Daemon(make_settings(weed, bucket), engine=CountingEngine(), once=True)
     async with open_storage(daemon.settings) as storage:
-        assert daemon._discovery(storage).role is Role.ALONE
+        assert daemon.build_discovery(storage).role is Role.ALONE
 
 
 async def test_the_manifest_is_read_only_when_it_changed(weed: SeaweedS3, bucket: str) -> None:
@@ -150,7 +153,7 @@ async def test_the_budget_paces_a_real_listing(weed: SeaweedS3, bucket: str, s3:
     daemon = Daemon(settings, engine=CountingEngine())
     async with open_storage(settings) as storage:
         storage.list_page_size = 2
-        daemon._discovery(storage)
+        daemon.build_discovery(storage)
         keys = [ref.key async for ref in storage.list_objects("input/")]
     assert len(keys) == 6
     # Three pages, each paced; two shards share the budget: 25 requests/s each.

@@ -26,11 +26,14 @@ from watcher.core.pages import RenderedPage
 from watcher.core.settings import Settings
 from watcher.engines import create_engine
 from watcher.engines.base import EngineState
+from watcher.engines.child import EngineMisconfigured
 from watcher.engines.paddleocr_vl import (
     PaddleOcrVlEngine,
+    layout_device_errors,
     map_page,
     map_results,
     pipeline_kwargs,
+    worker_env,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "paddleocr_vl"
@@ -123,6 +126,35 @@ def test_pipeline_kwargs_are_paddleocr_argument_names(weed: SeaweedS3) -> None:
     split = settings_for(weed, vlm_max_concurrency=24, engine_concurrency=3, vlm_api_key="k-1")
     kwargs = pipeline_kwargs(split)
     assert kwargs["vl_rec_max_concurrency"] == 8 and kwargs["vl_rec_api_key"] == "k-1"
+
+
+def test_only_a_gpu_layout_device_turns_paddlex_device_fallback_off(weed: SeaweedS3) -> None:
+    fallback_off = {"PADDLE_PDX_DISABLE_DEVICE_FALLBACK": "True"}
+    assert worker_env(settings_for(weed)) == fallback_off  # the default device: gpu
+    assert worker_env(settings_for(weed, layout_device="gpu:1")) == fallback_off
+    assert worker_env(settings_for(weed, layout_device="cpu")) == {}
+    assert worker_env(settings_for(weed, layout_device="npu:0")) == {}  # PaddleX checks GPUs only
+
+
+# What PaddleX 3.7.2 raises (PaddlePredictorOption.setdefault_by_model_name,
+# paddlex/inference/models/runners/paddle_static/config/pp_option.py).
+PADDLEX_NO_GPU = ("Device fallback is disabled and the specified device (GPU) is not available. "
+                  "To fall back to CPU instead, unset the PADDLE_PDX_DISABLE_DEVICE_FALLBACK "
+                  "environment variable.")
+
+
+def test_paddlex_device_error_and_only_it_is_a_misconfiguration() -> None:
+    with pytest.raises(EngineMisconfigured) as raised, layout_device_errors("gpu:0"):
+        raise RuntimeError(PADDLEX_NO_GPU)
+    assert "WATCHER_LAYOUT_DEVICE=gpu:0" in str(raised.value)
+    assert "WATCHER_LAYOUT_DEVICE=cpu" in str(raised.value)  # the way out, named
+    with pytest.raises(EngineMisconfigured), layout_device_errors("gpu"):  # wrapped by a pipeline
+        try:
+            raise RuntimeError(PADDLEX_NO_GPU)
+        except RuntimeError as exc:
+            raise ValueError("cannot create the layout model") from exc
+    with pytest.raises(RuntimeError, match="out of memory"), layout_device_errors("gpu"):
+        raise RuntimeError("CUDA error: out of memory")  # anything else: an ordinary error
 
 
 def test_importing_the_engine_does_not_import_paddle() -> None:
@@ -240,3 +272,45 @@ async def test_warm_up_reports_a_wrong_model_name(weed: SeaweedS3, fake: FakeVlm
     assert engine.state is EngineState.FAILED
     assert engine.error is not None and "PaddleOCR-VL-1.6-0.9B" in engine.error
     assert "--served-model-name" in engine.error
+
+
+async def test_a_gpu_paddle_cannot_see_fails_warm_up_once_naming_the_setting(
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon's own environment allows the fallback; the workers must not.
+    monkeypatch.setenv("PADDLE_PDX_DISABLE_DEVICE_FALLBACK", "False")
+    monkeypatch.setenv("FAKE_PADDLE_GPUS", "0")  # the fake Paddle sees no GPU
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url, layout_device="gpu:0"), pipeline_factory=FAKE)
+    try:
+        await asyncio.wait_for(engine.start(), 60)
+        assert engine.state is EngineState.FAILED
+        assert engine.error is not None and engine.error.startswith(
+            "EngineMisconfigured: WATCHER_LAYOUT_DEVICE=gpu:0: Paddle sees no usable GPU"), engine.error
+        worker = engine.snapshot()["workers"][0]
+        assert worker["state"] == "failed" and worker["pid"] is None and worker["restarts"] == 0
+        assert all(slot.done() for slot in engine._slots)  # not retried
+        await engine.start()  # the daemon's periodic retry: answered without a new worker
+        assert engine.state is EngineState.FAILED and "WATCHER_LAYOUT_DEVICE=gpu:0" in (engine.error or "")
+        with pytest.raises(EngineUnavailable):
+            await engine.recognize(page_of(0))
+    finally:
+        await engine.close()
+    inits = [c for c in calls(fake_log) if c["event"] == "init"]
+    assert len(inits) == 1 and inits[0]["pid"] != os.getpid()
+    assert inits[0]["fallback_disabled"] is True and inits[0]["device"] == "gpu:0"
+    assert os.environ["PADDLE_PDX_DISABLE_DEVICE_FALLBACK"] == "False"  # set in the worker only
+
+
+async def test_a_cpu_layout_device_runs_where_paddle_sees_no_gpu(
+    weed: SeaweedS3, fake: FakeVlmServer, fake_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PADDLE_PDX_DISABLE_DEVICE_FALLBACK", raising=False)
+    monkeypatch.setenv("FAKE_PADDLE_GPUS", "0")
+    engine = PaddleOcrVlEngine(settings_for(weed, fake.url, layout_device="cpu"), pipeline_factory=FAKE)
+    await engine.start()
+    try:
+        assert engine.state is EngineState.READY, engine.error
+    finally:
+        await engine.close()
+    (init,) = [c for c in calls(fake_log) if c["event"] == "init"]
+    assert init["device"] == "cpu" and init["fallback_disabled"] is False

@@ -14,7 +14,6 @@ from docgen import make_image, make_pdf
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.pages import PageResult, RenderedPage
 from watcher.service.daemon import Daemon, running
-from watcher.service.http import health_body
 
 
 def upload_batch(s3: Any, bucket: str, count: int) -> list[str]:
@@ -183,8 +182,8 @@ async def test_a_store_that_ignores_conditional_writes_gets_shards(
         settings = make_settings(weed, bucket, s3_endpoint=endpoint)
         async with daemon_running(settings) as daemon:
             await wait_for_keys(s3, bucket, ["output/a.png.json"])
-            claims = health_body(daemon)["claims"]
-            role = health_body(daemon)["discovery"]["role"]
+            claims = daemon.status.health()["claims"]
+            role = daemon.status.health()["discovery"]["role"]
     assert claims["mode"] == "shard" and claims["shard_count"] == 1
     assert role == "alone"  # no lister lease without conditional writes: each shard lists
     assert "ignores If-None-Match and If-Match" in claims["probe"]
@@ -193,5 +192,5 @@ async def test_a_store_that_ignores_conditional_writes_gets_shards(
 async def test_a_store_that_enforces_them_keeps_leases(weed: SeaweedS3, bucket: str) -> None:
     async with daemon_running(make_settings(weed, bucket)) as daemon:
         await daemon.wait_polls(1, timeout=30)
-        claims = health_body(daemon)["claims"]
+        claims = daemon.status.health()["claims"]
     assert claims["mode"] == "lease" and claims["probe"] == "conditional writes enforced"

@@ -27,11 +27,12 @@ from vlm_fake import FakeVlmServer
 
 from watcher.bucket.leases import Held, LeaseRecord, Leases
 from watcher.bucket.names import Names
-from watcher.bucket.storage import ObjectRef, PreconditionFailed, StorageUnavailable, open_storage
+from watcher.bucket.storage import PreconditionFailed, StorageUnavailable, open_storage
 from watcher.cli.embedded import SeaweedS3, free_ports
 from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
 from watcher.core.identity import HOST, INCARNATION
 from watcher.core.pages import RenderedPage
+from watcher.core.refs import ObjectRef
 from watcher.engines.base import EngineState
 from watcher.engines.child import ReaderSpec
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine

@@ -15,6 +15,13 @@ colour of a page's top-left pixel (RGB):
 
 If FAKE_PADDLEOCR_LOG names a file, every call appends a JSON line there (the pipeline
 runs in a worker process, so the test reads what happened from the file).
+
+The device, as PaddleX 3.7 treats it (paddlex/utils/flags.py and PaddlePredictorOption.
+setdefault_by_model_name in paddlex/inference/models/runners/paddle_static/config/
+pp_option.py): FAKE_PADDLE_GPUS is how many GPUs the fake "Paddle" sees (default 1).
+With a `gpu` device and none seen, the pipeline raises PaddleX's RuntimeError when
+PADDLE_PDX_DISABLE_DEVICE_FALLBACK was true at import (read once, at import, as PaddleX
+reads its flags), and otherwise falls back to the CPU quietly, as PaddleX does.
 """
 
 from __future__ import annotations
@@ -29,6 +36,15 @@ import numpy as np
 
 WARMUP_SIZE = (640, 200)
 _leaks: list[bytearray] = []
+
+
+def _flag(value: object) -> bool:
+    # paddlex.utils.flags.get_flag_from_env_var, for a boolean flag.
+    return value in (True, "True", "true", "TRUE", "1")
+
+
+# Read at import, as PaddleX reads its flags: setting it later changes nothing.
+DISABLE_DEVICE_FALLBACK = _flag(os.environ.get("PADDLE_PDX_DISABLE_DEVICE_FALLBACK", False))
 
 
 def _log(event: str, **fields: Any) -> None:
@@ -77,7 +93,19 @@ def _misbehave(rgb: tuple[int, int, int]) -> None:
 class PaddleOCRVL:
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
-        _log("init", kwargs=sorted(kwargs))
+        device = str(kwargs.get("device") or "")
+        gpus = int(os.environ.get("FAKE_PADDLE_GPUS", "1"))
+        _log("init", kwargs=sorted(kwargs), device=device, fallback_disabled=DISABLE_DEVICE_FALLBACK,
+             gpus=gpus)
+        if device.split(":")[0].lower() == "gpu" and gpus == 0:
+            if DISABLE_DEVICE_FALLBACK:
+                # PaddleX 3.7's exact error.
+                raise RuntimeError(
+                    "Device fallback is disabled and the specified device (GPU) is not available. "
+                    "To fall back to CPU instead, unset the PADDLE_PDX_DISABLE_DEVICE_FALLBACK "
+                    "environment variable."
+                )
+            _log("device_fallback", device="cpu")  # PaddleX only logs a warning
 
     def predict(self, input: list[np.ndarray]) -> list[FakeResult]:
         _log("predict", pages=len(input))

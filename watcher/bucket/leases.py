@@ -1,10 +1,17 @@
-"""Claim: skip finished versions and take a lease so that replicas never share work.
+"""Leases: claim objects in S3 that keep replicas from working on the same document.
 
 A lease is a small JSON object written with `If-None-Match: *`; taking over an expired
 one uses `If-Match` on the lease's ETag, so exactly one replica wins any race. A holder
-renews it while it works, and deletes it when done. In `shard` mode (for stores without
-conditional writes) discovery already filtered keys by hash and the same object is
-written without conditions.
+renews it while it works and deletes it when done, both conditional on the ETag of its
+own last write, so that it never removes or overwrites a lease another replica took
+over. In `shard` mode (stores without conditional writes) discovery already filtered
+keys by hash and the same object is written without conditions.
+
+A lease is a fence, not a promise: its holder treats it as lost once the expiry it last
+wrote has passed without a renewal (S3 away, the process stalled), and renews it with
+`If-Match` right before anything it publishes, so a holder that was cut off finds out
+before it writes, not after. One process holds at most one live lease per source key:
+a second version of a key waits for the first to finish instead of taking its lease.
 
 The lease is also where a document's failed attempts are counted, so that every replica
 and every restart sees them: an engine crash rewrites it as released with `crashes` one
@@ -14,8 +21,8 @@ WATCHER_MAX_ATTEMPTS is given up, even when every attempt took the whole pod dow
 
 A holder is known dead before its lease expires when it ran on this host under this
 replica id and its process is gone (a restarted container), so a restarted daemon takes
-its own documents back at once; a lease this very process wrote (a release that failed
-while S3 was away) is simply taken back.
+its own documents back at once; a lease this very process wrote and no longer holds (a
+release that failed while S3 was away) is simply taken back.
 """
 
 from __future__ import annotations
@@ -23,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import time
-import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +43,10 @@ from tenacity import (
 )
 
 from watcher.bucket.names import Names
-from watcher.bucket.storage import ObjectRef, PreconditionFailed, Storage, StorageUnavailable
-from watcher.core.identity import HOST, INCARNATION, left_by_dead_process
+from watcher.bucket.storage import PreconditionFailed, Storage, StorageUnavailable
+from watcher.core.identity import Identity
 from watcher.core.logs import get_logger
+from watcher.core.refs import ObjectRef
 from watcher.core.settings import ClaimMode, Settings
 
 log = get_logger("watcher.bucket.leases")
@@ -50,18 +56,21 @@ HISTORY_LIMIT = 10
 # Tries at deleting a lease that S3 refused to delete, backing off to a minute: about an hour.
 LATER_ATTEMPTS = 65
 LATER_FIRST_SECONDS = 1.0
+# A holder counts its lease lost this share of a lease period before the expiry it wrote,
+# so that clocks a little apart never see two holders at once.
+EXPIRY_MARGIN = 0.2
 
 
 @dataclass(frozen=True)
 class Held:
-    """Another live replica holds the claim until `expires_at` (epoch seconds)."""
+    """Another holder has the claim until `expires_at` (epoch seconds)."""
 
     owner: str
     expires_at: float
 
 
 class LeaseLost(Exception):
-    """Another replica took the claim over; our result must not be published."""
+    """The claim expired or another replica took it over; nothing may be published."""
 
 
 @dataclass
@@ -95,121 +104,224 @@ class LeaseRecord:
                 pid=int(data.get("pid", 0)),
                 incarnation=str(data.get("incarnation", "")),
             )
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             return None
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
 
 
-def holder_is_dead(record: LeaseRecord, replica_id: str) -> bool:
-    """The holder ran here, as this replica, in a process that no longer exists."""
-    if record.owner != replica_id or record.host != HOST:
-        return False
-    return left_by_dead_process(record.pid, record.incarnation)
-
-
 class Lease:
-    """A held claim on one source version; `lost` turns true if another replica took it."""
+    """A held claim on one source version.
 
-    def __init__(
-        self, leases: Leases, ref: ObjectRef, etag: str | None, crashes: int, history: list[str]
-    ) -> None:
+    `valid()` turns false when another replica took the claim, or when the expiry of our
+    last successful write has (nearly) passed; `fence()` renews it on the spot, which is
+    what a holder does right before it publishes.
+    """
+
+    def __init__(self, leases: Leases, ref: ObjectRef, etag: str, expires_at: float,
+                 crashes: int, history: list[str]) -> None:
         self.leases = leases
         self.ref = ref
         self.etag = etag
+        self.expires_at = expires_at
         self.crashes = crashes
         self.history = history
         self.lost = False
-        self._done = False
+        self._ended = False
+        # One write of the lease at a time: a fence and a renewal sent together would race
+        # each other's If-Match, and the loser would read as a lease taken over.
+        self._writing = asyncio.Lock()
         self._renewer: asyncio.Task[None] | None = asyncio.create_task(
             self._renew_forever(), name=f"lease:{ref.key}"
         )
 
-    async def _renew_forever(self) -> None:
-        interval = self.leases.settings.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
+    def valid(self) -> bool:
+        if self.lost:
+            return False
+        margin = EXPIRY_MARGIN * self.leases.settings.lease_seconds
+        return self.leases.identity.clock() < self.expires_at - margin
+
+    async def fence(self) -> None:
+        """Renew now, conditionally on our last write; LeaseLost if the claim is gone.
+
+        Raises StorageUnavailable when S3 cannot be asked: nothing may be published then
+        either, and the document is tried again later."""
+        if not self.valid():
+            self.lost = True
+            raise LeaseLost(f"{self.ref.key}: the lease expired before it could be renewed")
+        await self._renew()
+        if self.lost:
+            raise LeaseLost(f"{self.ref.key}: another replica took the lease over")
+
+    async def _renew(self) -> None:
+        async with self._writing:
+            if self.lost or self._ended:
+                return
             try:
-                self.etag = await self.leases.write(self.ref, self._record(), if_match=self.etag)
+                self.etag, self.expires_at = await self.leases.write(
+                    self.ref, self._record(), if_match=self.etag)
             except PreconditionFailed:
                 self.lost = True
                 log.warning("lease_lost", key=self.ref.key)
-                return
+
+    async def _renew_forever(self) -> None:
+        interval = self.leases.settings.lease_seconds / 3
+        while not self.lost:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
             except StorageUnavailable as exc:
-                # Keep trying; the lease only expires after lease_seconds.
+                # Keep trying; `valid()` turns false once the lease runs out.
                 log.warning("lease_renew_failed", key=self.ref.key, error=str(exc))
+            except Exception as exc:
+                # Whatever it was, the renewing goes on; publishing checks `valid()`.
+                log.error("lease_renew_error", key=self.ref.key,
+                          error=f"{type(exc).__name__}: {exc}", exc_info=True)
 
     def _record(self, released: bool = False) -> LeaseRecord:
         return self.leases.record(self.ref, self.crashes, self.history, released)
 
     async def _stop_renewing(self) -> None:
         if self._renewer is not None:
-            self._renewer.cancel()
+            # Under the lock: the renewer is asleep or waiting, never half-way through a
+            # write whose outcome we would not know.
+            async with self._writing:
+                self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
+
+    def _end(self) -> bool:
+        """Mark the lease ended; False when it already was (or was lost)."""
+        self.leases.forget(self)
+        if self._ended or self.lost:
+            return False
+        self._ended = True
+        return True
+
+    async def _on_ours(self, write: Callable[[str], Awaitable[Any]]) -> None:
+        """`write(etag)` conditional on our last write; when S3 says the lease changed, it
+        is read back: still ours (a write whose answer was cut off, or cancelled under
+        way, went through after all), `write` goes again on its current ETag."""
+        try:
+            await write(self.etag)
+        except PreconditionFailed:
+            current = await self.leases.ours(self.ref)
+            if current is None:
+                raise
+            await write(current)
 
     async def record_crash(self, reason: str) -> int:
         """Count a failed attempt in S3 and free the claim for the retry; returns the count."""
         self.crashes += 1
         self.history = [*self.history, reason][-HISTORY_LIMIT:]
         await self._stop_renewing()
-        if not self.lost:
-            try:
-                self.etag = await self.leases.write(self.ref, self._record(released=True),
-                                                    if_match=self.etag)
-            except PreconditionFailed:
-                self.lost = True
-            else:
-                self._done = True
+        async with self._writing:
+            if self._end():
+                try:
+                    await self._on_ours(self._write_released)
+                except PreconditionFailed:
+                    self.lost = True
         return self.crashes
+
+    async def _write_released(self, etag: str) -> None:
+        await self.leases.write(self.ref, self._record(released=True), if_match=etag)
+
+    async def _delete(self, etag: str) -> None:
+        await self.leases.delete(self.ref, etag)
 
     async def release(self) -> None:
         """Give the claim up; a document with crashes on record keeps them for the retry."""
         await self._stop_renewing()
-        if self._done or self.lost:
-            return
-        self._done = True
-        try:
-            if self.crashes:
-                await self.leases.write(self.ref, self._record(released=True), if_match=self.etag)
-            else:
-                await self.leases.storage.delete(self.leases.names.lease(self.ref.key))
-        except (StorageUnavailable, PreconditionFailed) as exc:
-            log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
-            if not self.crashes and isinstance(exc, StorageUnavailable):
-                self.leases.delete_later(self.ref)
+        async with self._writing:
+            if not self._end():
+                return
+            try:
+                await self._on_ours(self._write_released if self.crashes else self._delete)
+            except PreconditionFailed:
+                pass  # taken over since: the lease is another holder's now
+            except StorageUnavailable as exc:
+                log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+                if not self.crashes:
+                    self.leases.delete_later(self.ref, self.etag)
 
     async def finish(self) -> None:
         """The version has its result or error record: nothing about it needs keeping."""
         await self._stop_renewing()
-        if self.lost:
-            return
-        self._done = True
-        try:
-            await self.leases.storage.delete(self.leases.names.lease(self.ref.key))
-        except StorageUnavailable as exc:
-            log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
-            self.leases.delete_later(self.ref)
+        async with self._writing:
+            if not self._end():
+                return
+            try:
+                await self._on_ours(self._delete)
+            except PreconditionFailed:
+                pass  # taken over since: the lease is another holder's now
+            except StorageUnavailable as exc:
+                log.warning("lease_release_failed", key=self.ref.key, error=str(exc))
+                self.leases.delete_later(self.ref, self.etag)
 
 
 class Leases:
-    def __init__(self, storage: Storage, settings: Settings, names: Names) -> None:
+    def __init__(self, storage: Storage, settings: Settings, names: Names,
+                 identity: Identity | None = None) -> None:
         self.storage = storage
         self.settings = settings
         self.names = names
+        self.identity = identity or Identity(settings.replica_id)
         # Stores without conditional writes get the same objects, written unconditionally.
         self.conditional = settings.claim_mode is ClaimMode.LEASE
+        self._live: dict[str, Lease] = {}  # source key -> the lease this process holds on it
         self._later: set[asyncio.Task[None]] = set()
 
-    def delete_later(self, ref: ObjectRef) -> None:
+    def holding(self, key: str) -> bool:
+        return key in self._live
+
+    def forget(self, lease: Lease) -> None:
+        if self._live.get(lease.ref.key) is lease:
+            del self._live[lease.ref.key]
+
+    def record(self, ref: ObjectRef, crashes: int, history: list[str], released: bool) -> LeaseRecord:
+        me = self.identity
+        return LeaseRecord(
+            owner=me.replica, source_key=ref.key, source_etag=ref.etag,
+            expires_at=0.0 if released else me.clock() + self.settings.lease_seconds,
+            crashes=crashes, history=history, released=released,
+            host=me.host, pid=me.pid, incarnation=me.incarnation,
+        )
+
+    async def write(self, ref: ObjectRef, record: LeaseRecord, if_match: str | None = None,
+                    create: bool = False) -> tuple[str, float]:
+        """Write `record`; its ETag and the expiry it gives the holder."""
+        etag = await self.storage.put(
+            self.names.lease(ref.key), record.encode(), "application/json",
+            if_none_match=create and self.conditional,
+            if_match=if_match if self.conditional else None,
+        )
+        return etag, record.expires_at
+
+    async def ours(self, ref: ObjectRef) -> str | None:
+        """The lease's current ETag when it is still this process's claim on `ref`."""
+        current = await self.storage.get_bytes(self.names.lease(ref.key))
+        if current is None:
+            return None
+        record = LeaseRecord.parse(current[0])
+        me = self.identity
+        if (record is None or record.owner != me.replica or record.incarnation != me.incarnation
+                or record.source_etag != ref.etag):
+            return None
+        return current[1]
+
+    async def delete(self, ref: ObjectRef, etag: str) -> None:
+        """Delete the lease while it is still our write `etag` (PreconditionFailed if not)."""
+        await self.storage.delete(self.names.lease(ref.key), if_match=etag if self.conditional else None)
+
+    def delete_later(self, ref: ObjectRef, etag: str) -> None:
         """A lease we could not delete (S3 away) is deleted once S3 is back."""
-        task = asyncio.create_task(self._delete_eventually(ref), name=f"lease-delete:{ref.key}")
+        task = asyncio.create_task(self._delete_eventually(ref, etag), name=f"lease-delete:{ref.key}")
         self._later.add(task)
         task.add_done_callback(self._later.discard)
 
-    async def _delete_eventually(self, ref: ObjectRef) -> None:
+    async def _delete_eventually(self, ref: ObjectRef, etag: str) -> None:
         await asyncio.sleep(LATER_FIRST_SECONDS)  # S3 has just failed: give it a moment
         try:
             async for attempt in AsyncRetrying(
@@ -217,59 +329,36 @@ class Leases:
                     wait=wait_random_exponential(multiplier=LATER_FIRST_SECONDS, max=60.0),
                     retry=retry_if_exception_type(StorageUnavailable)):
                 with attempt:
-                    await self._delete_if_ours(ref)
+                    try:
+                        await self.delete(ref, etag)
+                    except PreconditionFailed:
+                        return  # another holder's lease by now: not ours to delete
+                    log.info("lease_deleted_after_all", key=ref.key)
         except RetryError:
             log.warning("lease_left_behind", key=ref.key, hint="the lister sweeps it later")
-
-    async def _delete_if_ours(self, ref: ObjectRef) -> None:
-        key = self.names.lease(ref.key)
-        current = await self.storage.get_bytes(key)
-        record = LeaseRecord.parse(current[0]) if current else None
-        # Only our own record of this version: once it expired, another replica may have
-        # taken the key for a newer version.
-        if (record is None or record.owner != self.settings.replica_id
-                or record.incarnation != INCARNATION or record.source_etag != ref.etag):
-            return
-        await self.storage.delete(key)
-        log.info("lease_deleted_after_all", key=ref.key)
 
     async def close(self) -> None:
         for task in list(self._later):
             task.cancel()
         await asyncio.gather(*self._later, return_exceptions=True)
 
-    def record(self, ref: ObjectRef, crashes: int, history: list[str], released: bool) -> LeaseRecord:
-        return LeaseRecord(
-            owner=self.settings.replica_id, source_key=ref.key, source_etag=ref.etag,
-            expires_at=0.0 if released else time.time() + self.settings.lease_seconds,
-            crashes=crashes, history=history, released=released,
-            host=HOST, pid=os.getpid(), incarnation=INCARNATION,
-        )
-
-    async def write(
-        self, ref: ObjectRef, record: LeaseRecord, if_match: str | None = None, create: bool = False
-    ) -> str:
-        return await self.storage.put(
-            self.names.lease(ref.key), record.encode(), "application/json",
-            if_none_match=create and self.conditional,
-            if_match=if_match if self.conditional else None,
-        )
-
     async def acquire(self, ref: ObjectRef) -> Lease | Held | None:
-        """A lease on `ref`; Held when another live replica has it; None when a race with
-        another replica was lost (the next poll tries again)."""
-        key = self.names.lease(ref.key)
+        """A lease on `ref`; Held when another holder has it; None when a race with another
+        replica was lost (the next poll tries again)."""
+        mine = self._live.get(ref.key)
+        if mine is not None:
+            # One live claim per key per process: another version waits for this one.
+            return Held(self.identity.replica, mine.expires_at)
         if self.conditional:
             try:
-                etag = await self.write(ref, self.record(ref, 0, [], False), create=True)
-                return Lease(self, ref, etag, 0, [])
+                return self._hold(ref, *await self.write(ref, self.record(ref, 0, [], False),
+                                                         create=True), 0, [])
             except PreconditionFailed:
                 pass
-        current = await self.storage.get_bytes(key)
+        current = await self.storage.get_bytes(self.names.lease(ref.key))
         if current is None:
             if not self.conditional:
-                etag = await self.write(ref, self.record(ref, 0, [], False))
-                return Lease(self, ref, etag, 0, [])
+                return self._hold(ref, *await self.write(ref, self.record(ref, 0, [], False)), 0, [])
             return None  # released between our two calls; the next poll tries again
         body, etag = current
         previous = LeaseRecord.parse(body)
@@ -277,16 +366,29 @@ class Leases:
         if crashes is None:
             assert previous is not None
             log.info("claim_held_elsewhere", key=ref.key, owner=previous.owner,
-                     expires_in=round(previous.expires_at - time.time(), 1))
+                     expires_in=round(previous.expires_at - self.identity.clock(), 1))
             return Held(previous.owner, previous.expires_at)
         try:
-            new_etag = await self.write(ref, self.record(ref, crashes, history, False), if_match=etag)
+            written = await self.write(ref, self.record(ref, crashes, history, False), if_match=etag)
         except PreconditionFailed:
             return None
-        if (previous is not None and previous.owner != self.settings.replica_id) or crashes:
+        if (previous is not None and previous.owner != self.identity.replica) or crashes:
             log.info("claim_taken_over", key=ref.key, previous_owner=previous and previous.owner,
                      crashes=crashes)
-        return Lease(self, ref, new_etag, crashes, history)
+        return self._hold(ref, *written, crashes, history)
+
+    def _hold(self, ref: ObjectRef, etag: str, expires_at: float, crashes: int,
+              history: list[str]) -> Lease:
+        lease = Lease(self, ref, etag, expires_at, crashes, history)
+        self._live[ref.key] = lease
+        return lease
+
+    def _holder_is_dead(self, record: LeaseRecord) -> bool:
+        """The holder ran here, as this replica, in a process that no longer exists."""
+        me = self.identity
+        if record.owner != me.replica or record.host != me.host:
+            return False
+        return me.left_by_dead_process(record.pid, record.incarnation)
 
     def _carried_over(
         self, ref: ObjectRef, previous: LeaseRecord | None
@@ -299,34 +401,15 @@ class Leases:
         history = previous.history if same_version else []
         if previous.released:
             return crashes, history
-        if previous.incarnation == INCARNATION and previous.owner == self.settings.replica_id:
-            return crashes, history  # ours: a release that failed while S3 was away
-        dead = holder_is_dead(previous, self.settings.replica_id)
-        if not dead and previous.expires_at > time.time():
+        me = self.identity
+        if previous.incarnation == me.incarnation and previous.owner == me.replica:
+            # Ours and no longer held (`acquire` checked): a release that failed while
+            # S3 was away.
+            return crashes, history
+        dead = self._holder_is_dead(previous)
+        if not dead and previous.expires_at > me.clock():
             return None, history
         if not same_version:
             return 0, []
         why = "died" if dead else "stopped renewing its lease (killed or cut off)"
         return crashes + 1, [*history, f"replica {previous.owner} {why} while processing"][-HISTORY_LIMIT:]
-
-
-async def ignored_conditions(storage: Storage, prefix: str) -> list[str]:
-    """Which of `If-None-Match: *` and `If-Match` the store ignores (some S3 services
-    accept both and overwrite): leases rely on them; without them only shards are safe."""
-    key = f"{prefix}.watcher-probe-{uuid.uuid4().hex}"
-    ignored = []
-    try:
-        etag = await storage.put(key, b"first", "text/plain", if_none_match=True)
-        try:
-            await storage.put(key, b"second", "text/plain", if_none_match=True)
-            ignored.append("If-None-Match")
-        except PreconditionFailed:
-            pass
-        try:
-            await storage.put(key, b"third", "text/plain", if_match=f"not-{etag}")
-            ignored.append("If-Match")
-        except PreconditionFailed:
-            pass
-    finally:
-        await storage.delete(key)
-    return ignored

@@ -12,6 +12,7 @@ SOURCE_SHA256_META = "source-sha256"  # the content's SHA-256, for re-pointing i
 # S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
 # at 255 bytes, answering KeyTooLongError.
 ERROR_SUFFIX = ".error"
+ERROR_MARKER = ".error"  # the suffix of a done-marker that stands for an error record
 MAX_KEY_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 
@@ -92,6 +93,23 @@ class Names:
                 if rel.endswith(suffix) and len(rel) > len(suffix)]
 
     @property
+    def fleet_prefix(self) -> str:
+        """Where one deployment's fleet objects (the lister's lease, the manifest) live:
+        named after its input and output prefixes, so that deployments watching different
+        prefixes of one bucket never follow each other's lister."""
+        digest = hashlib.sha256(f"{self.input_prefix}\n{self.output_prefix}".encode()).hexdigest()
+        return f"{self.lease_prefix}_fleet/{digest[:16]}/"
+
+    @property
+    def lister_key(self) -> str:
+        """The pseudo source key whose lease (`lease()`) the fleet's lister holds."""
+        return f"{self.fleet_prefix[len(self.lease_prefix):]}lister"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.fleet_prefix}manifest.json"
+
+    @property
     def markers_prefix(self) -> str:
         """Where done-markers live: one empty object per finished source version, so that
         done-ness is read from a listing, not from a HEAD per result."""
@@ -100,8 +118,10 @@ class Names:
     def marker_dir(self, key: str) -> str:
         return f"{self.markers_prefix}{hashlib.sha256(key.encode('utf-8')).hexdigest()}/"
 
-    def marker(self, key: str, etag: str) -> str:
-        return f"{self.marker_dir(key)}{etag}"
+    def marker(self, key: str, etag: str, error: bool = False) -> str:
+        """The done-marker of a version: `<etag>` for a result, `<etag>.error` for an error
+        record (a failed source stays in the input prefix, whatever WATCHER_SOURCE_ACTION)."""
+        return f"{self.marker_dir(key)}{etag}{ERROR_MARKER if error else ''}"
 
     def result_keys_fit(self, key: str) -> bool:
         return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -37,6 +37,7 @@ from tenacity import (
 )
 
 from watcher.core.logs import get_logger
+from watcher.core.refs import ObjectRef, clean_etag
 from watcher.core.settings import Settings
 
 log = get_logger("watcher.bucket.storage")
@@ -44,19 +45,6 @@ T = TypeVar("T")
 
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"}
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectRef:
-    """One version of one source object, as discovery saw it."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-    last_modified: datetime | None = None
-    # SHA-256 of the content, once downloaded (pipeline/fetch.py); not part of the version's identity.
-    sha256: str | None = field(default=None, compare=False)
 
 
 class StorageUnavailable(Exception):
@@ -98,10 +86,6 @@ class ListPace:
         self._next = start + self.gap
         if start > now:
             await asyncio.sleep(start - now)
-
-
-def clean_etag(etag: str) -> str:
-    return etag.strip().strip('"')
 
 
 def error_code(exc: ClientError) -> str:
@@ -163,6 +147,52 @@ def client_config(settings: Settings) -> AioConfig:
     )
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """Which conditional requests the store enforces (`Storage.probe_conditions`).
+
+    Leases need `put` (If-None-Match / If-Match on PUT); without it only key-hash shards
+    keep replicas apart. `delete` (If-Match on DELETE) and `copy` (CopySourceIfMatch)
+    make removing a lease or settling a source touch only the version meant; without
+    them the same is done by a HEAD and a compare first, which leaves a moment between
+    the two in which a new upload could slip in.
+    """
+
+    put: bool = True
+    delete: bool = True
+    copy: bool = True
+
+    def ignored(self) -> list[str]:
+        names = {"put": "If-None-Match/If-Match on PUT", "delete": "If-Match on DELETE",
+                 "copy": "CopySourceIfMatch on copy"}
+        return [names[name] for name in ("put", "delete", "copy") if not getattr(self, name)]
+
+
+class ObjectTooLarge(Exception):
+    """The object is larger than the caller accepts; its body was not read (or not all)."""
+
+    def __init__(self, size: int, limit: int, exact: bool) -> None:
+        super().__init__(f"{'' if exact else 'more than '}{size} bytes, over the limit of {limit}")
+        self.size = size  # the announced size, or what had arrived when reading stopped
+        self.limit = limit
+        self.exact = exact
+
+
+class DownloadSink(Protocol):
+    """Where a download's bytes go; `restart` before each attempt, so that a retried GET
+    never appends to what an attempt cut off half-way wrote."""
+
+    def restart(self) -> None: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    size: int
+    etag: str
+
+
 class Storage:
     """Thin, retrying wrapper over one aiobotocore S3 client for one bucket."""
 
@@ -173,6 +203,8 @@ class Storage:
         self.bucket = bucket
         self.max_attempts = max_attempts
         self.list_page_size = list_page_size
+        # What the store enforces; the daemon probes it at start (probe_conditions).
+        self.conditions = Conditions()
         # Every request sent, by operation (retries included): the daemon counts them.
         self.on_request: Callable[[str], None] = lambda op: None
         self._list_pace = ListPace(None)
@@ -181,7 +213,8 @@ class Storage:
         """Send list requests at most `per_second` (the listing budget); None: unpaced."""
         self._list_pace = ListPace(per_second)
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, op: str, fn: Callable[[int], Awaitable[T]]) -> T:
+        """`fn(attempt)` with retries of transient failures; `attempt` counts from 1."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
@@ -194,7 +227,7 @@ class Storage:
                     if op == "list":
                         await self._list_pace.wait()
                     self.on_request(op)
-                    return await fn()
+                    return await fn(attempt.retry_state.attempt_number)
         except ClientError as exc:
             if error_code(exc) in _KEY_REFUSED_CODES:
                 raise KeyRefused(f"S3 {op} refused the object name ({error_code(exc)})") from exc
@@ -219,7 +252,8 @@ class Storage:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page_size}
             if token:
                 kwargs["ContinuationToken"] = token
-            page: dict[str, Any] = await self._call("list", partial(self.client.list_objects_v2, **kwargs))
+            page: dict[str, Any] = await self._call(
+                "list", partial(_ignore_attempt, self.client.list_objects_v2, kwargs))
             for item in page.get("Contents", []):
                 yield ObjectRef(
                     bucket=self.bucket,
@@ -234,9 +268,9 @@ class Storage:
             if not token:
                 return
 
-    # --- single objects --------------------------------------------------------------
+    # --- reading -----------------------------------------------------------------------
     async def head(self, key: str) -> dict[str, Any] | None:
-        async def op() -> dict[str, Any] | None:
+        async def op(_attempt: int) -> dict[str, Any] | None:
             try:
                 return dict(await self.client.head_object(Bucket=self.bucket, Key=key))
             except ClientError as exc:
@@ -245,6 +279,11 @@ class Storage:
                 raise
 
         return await self._call("head", op)
+
+    async def etag_of(self, key: str) -> str | None:
+        """The current ETag of `key`, or None when there is no such object."""
+        head = await self.head(key)
+        return clean_etag(head.get("ETag", "")) if head else None
 
     async def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         """Body and ETag of a small object, or None when it does not exist."""
@@ -255,7 +294,7 @@ class Storage:
     async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | Unchanged | None:
         """Like get_bytes, but `UNCHANGED` (a 304, no body sent) while the ETag is `etag`."""
 
-        async def op() -> tuple[bytes, str] | Unchanged | None:
+        async def op(_attempt: int) -> tuple[bytes, str] | Unchanged | None:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
             if etag:
                 kwargs["IfNoneMatch"] = f'"{etag}"'
@@ -273,14 +312,19 @@ class Storage:
 
         return await self._call("get", op)
 
-    async def download(self, ref: ObjectRef, sink: Callable[[bytes], object]) -> int:
-        """Stream one exact version (If-Match) into `sink`; returns bytes written.
+    async def download(self, ref: ObjectRef, sink: DownloadSink, max_bytes: int) -> Downloaded:
+        """Stream exactly the version `ref` names (If-Match on its ETag) into `sink`.
 
-        Raises PreconditionFailed if the object changed since discovery and
-        FileNotFoundError if it is gone: both mean "drop it, discovery will see the truth".
+        Every attempt starts the sink over, so bytes and hashes are those of one whole
+        response. A body over `max_bytes` is refused from the response's Content-Length
+        before it is read, or as soon as more than that arrived (ObjectTooLarge). Raises
+        PreconditionFailed when the object changed since `ref` was seen and
+        FileNotFoundError when it is gone: both mean "drop it, discovery will see the
+        truth". The listing's or event's `ref.size` is not consulted.
         """
 
-        async def op() -> int:
+        async def op(_attempt: int) -> Downloaded:
+            sink.restart()
             try:
                 resp = await self.client.get_object(
                     Bucket=self.bucket, Key=ref.key, IfMatch=f'"{ref.etag}"'
@@ -291,15 +335,25 @@ class Storage:
                 if is_precondition_failed(exc):
                     raise PreconditionFailed(ref.key) from exc
                 raise
+            announced = resp.get("ContentLength")
+            if isinstance(announced, int) and announced > max_bytes:
+                resp["Body"].close()
+                raise ObjectTooLarge(announced, max_bytes, exact=True)
             written = 0
             async with resp["Body"] as body:
                 async for chunk in body.iter_chunks(1024 * 1024):
-                    sink(chunk)
                     written += len(chunk)
-            return written
+                    if written > max_bytes:
+                        raise ObjectTooLarge(max_bytes, max_bytes, exact=False)
+                    sink.write(chunk)
+            if isinstance(announced, int) and written != announced:
+                # A body that ended early without an error from the HTTP layer.
+                raise ConnectionError(f"got {written} of {announced} bytes of {ref.key}")
+            return Downloaded(written, clean_etag(resp.get("ETag", "")) or ref.etag)
 
         return await self._call("get", op)
 
+    # --- writing -----------------------------------------------------------------------
     async def put(
         self,
         key: str,
@@ -309,7 +363,13 @@ class Storage:
         if_none_match: bool = False,
         if_match: str | None = None,
     ) -> str:
-        """PUT an object; returns its ETag. Conditional variants raise PreconditionFailed."""
+        """PUT an object; returns its ETag. Conditional variants raise PreconditionFailed.
+
+        A conditional PUT retried after an attempt whose answer was lost (a timeout: the
+        store may have applied it) and then refused is read back: when the object holds
+        exactly our bytes, the write was ours, not a lost race.
+        """
+        conditional = self.conditions.put and (if_none_match or if_match is not None)
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
@@ -317,44 +377,132 @@ class Storage:
             "ContentType": content_type,
             "Metadata": metadata or {},
         }
-        if if_none_match:
+        if conditional and if_none_match:
             kwargs["IfNoneMatch"] = "*"
-        if if_match:
+        if conditional and if_match is not None:
             kwargs["IfMatch"] = f'"{if_match}"'
 
-        async def op() -> str:
+        async def op(attempt: int) -> str:
             try:
                 resp = await self.client.put_object(**kwargs)
             except ClientError as exc:
-                if (if_none_match or if_match) and is_precondition_failed(exc):
-                    raise PreconditionFailed(key) from exc
-                raise
+                refused = is_precondition_failed(exc) or (if_match is not None and is_not_found(exc))
+                if not (conditional and refused):
+                    raise
+                if attempt > 1:
+                    ours = await self._holds(key, body)
+                    if ours is not None:
+                        log.info("conditional_write_was_ours", key=key)
+                        return ours
+                raise PreconditionFailed(key) from exc
             return clean_etag(resp.get("ETag", ""))
 
         return await self._call("put", op)
 
-    async def delete(self, key: str) -> None:
-        async def op() -> None:
+    async def _holds(self, key: str, body: bytes) -> str | None:
+        """The ETag of `key` when it holds exactly `body` (our own earlier write)."""
+        try:
+            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        async with resp["Body"] as stream:
+            data = await stream.read()
+        return clean_etag(resp.get("ETag", "")) if data == body else None
+
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
+        """Delete `key`; with `if_match`, only while it is that version (PreconditionFailed
+        otherwise). True when it was there, False when it was already gone."""
+        if if_match is not None and not self.conditions.delete:
+            # The store would ignore the condition: compare first (see Conditions).
+            current = await self.etag_of(key)
+            if current is None:
+                return False
+            if current != if_match:
+                raise PreconditionFailed(key)
+            if_match = None
+
+        async def op(attempt: int) -> bool:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+            if if_match is not None:
+                kwargs["IfMatch"] = f'"{if_match}"'
             try:
-                await self.client.delete_object(Bucket=self.bucket, Key=key)
+                await self.client.delete_object(**kwargs)
             except ClientError as exc:
-                if not is_not_found(exc):
-                    raise
+                if is_not_found(exc):
+                    return False
+                if if_match is not None and is_precondition_failed(exc):
+                    # Some stores answer 412 for a missing object too; and a retry after
+                    # a lost answer finds the object gone: neither is someone else's.
+                    if await self.etag_of(key) is None:
+                        return False
+                    raise PreconditionFailed(key) from exc
+                raise
+            return True
 
-        await self._call("delete", op)
+        return await self._call("delete", op)
 
-    async def copy(self, source_key: str, dest_key: str) -> None:
-        async def op() -> None:
-            await self.client.copy_object(
-                Bucket=self.bucket,
-                Key=dest_key,
-                CopySource={"Bucket": self.bucket, "Key": source_key},
-            )
+    async def copy(self, source_key: str, dest_key: str, if_match: str | None = None) -> None:
+        """Copy `source_key` to `dest_key`; with `if_match`, only while the source is that
+        version (PreconditionFailed otherwise; FileNotFoundError when it is gone)."""
+        if if_match is not None and not self.conditions.copy:
+            current = await self.etag_of(source_key)
+            if current is None:
+                raise FileNotFoundError(source_key)
+            if current != if_match:
+                raise PreconditionFailed(source_key)
+            if_match = None
+
+        async def op(_attempt: int) -> None:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": dest_key,
+                                      "CopySource": {"Bucket": self.bucket, "Key": source_key}}
+            if if_match is not None:
+                kwargs["CopySourceIfMatch"] = f'"{if_match}"'
+            try:
+                await self.client.copy_object(**kwargs)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise FileNotFoundError(source_key) from exc
+                if if_match is not None and is_precondition_failed(exc):
+                    raise PreconditionFailed(source_key) from exc
+                raise
 
         await self._call("copy", op)
 
     async def bucket_reachable(self) -> None:
-        await self._call("head_bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
+        await self._call("head_bucket", lambda _attempt: self.client.head_bucket(Bucket=self.bucket))
+
+    async def probe_conditions(self, prefix: str) -> Conditions:
+        """Which conditional requests the store enforces, tried on a scratch object under
+        `prefix` (some S3 services accept the headers and ignore them)."""
+        key = f"{prefix}.watcher-probe-{uuid.uuid4().hex}"
+        copy_key = f"{key}-copy"
+        enforced = {"put": True, "delete": True, "copy": True}
+        self.conditions = Conditions(put=True, delete=True, copy=True)  # send them all
+        try:
+            etag = await self.put(key, b"first", "text/plain", if_none_match=True)
+            for name, attempt in (
+                ("put", lambda: self.put(key, b"second", "text/plain", if_none_match=True)),
+                ("put", lambda: self.put(key, b"third", "text/plain", if_match=f"not-{etag}")),
+                ("copy", lambda: self.copy(key, copy_key, if_match=f"not-{etag}")),
+                ("delete", lambda: self.delete(key, if_match=f"not-{etag}")),
+            ):
+                try:
+                    await attempt()
+                    enforced[name] = False
+                except PreconditionFailed:
+                    pass
+        finally:
+            self.conditions = Conditions()
+            await self.delete(key)
+            await self.delete(copy_key)
+        self.conditions = Conditions(**enforced)
+        return self.conditions
+
+
+async def _ignore_attempt(call: Callable[..., Awaitable[T]], kwargs: dict[str, Any], _attempt: int) -> T:
+    return await call(**kwargs)
 
 
 @contextlib.asynccontextmanager
@@ -373,7 +521,6 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
 
 __all__ = [
     "BotoCoreError",
-    "ObjectRef",
     "PreconditionFailed",
     "Storage",
     "StorageUnavailable",

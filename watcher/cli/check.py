@@ -2,6 +2,9 @@
 
 Operators run it before deploying (and a Kubernetes init container may): it says, with
 the variable to change, what `watcher run` would otherwise only log after start-up.
+A line starts with `ok`, `warn` (works, with a caveat worth acting on), `FAIL`, or `skip`
+(not checked: an earlier check failed, or there is nothing to check here, such as a GPU
+on a machine without one); only a `FAIL` makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
-from watcher.bucket.leases import ignored_conditions
 from watcher.bucket.storage import Storage, error_code, http_status, open_storage
+from watcher.cli import gpu
 from watcher.core.settings import EngineName, Settings
 from watcher.engines import vlm_server
 from watcher.intake.sqs import open_sqs
@@ -33,10 +36,18 @@ class ProbeFailed(Exception):
     pass
 
 
+class ProbeWarning(Exception):
+    """It works, with a caveat worth acting on: a `warn` line, not a failure."""
+
+
+class ProbeSkipped(Exception):
+    """Nothing to check on this machine: a `skip` line that says why, not a failure."""
+
+
 @dataclass
 class Probe:
     what: str
-    state: str  # ok, FAIL, skip
+    state: str  # ok, warn, FAIL, skip
     detail: str = ""
 
     def line(self) -> str:
@@ -64,6 +75,10 @@ class Checker:
                 result = Probe(what, "ok", await run())
             except ProbeFailed as exc:
                 result = Probe(what, "FAIL", self._scrub(str(exc)))
+            except ProbeWarning as exc:
+                result = Probe(what, "warn", self._scrub(str(exc)))
+            except ProbeSkipped as exc:
+                result = Probe(what, "skip", self._scrub(str(exc)))
             except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 result = Probe(what, "FAIL", self._scrub(f"{type(exc).__name__}: {exc}"))
         self.probes.append(result)
@@ -83,13 +98,17 @@ class Checker:
             writes = [await self.probe(f"write, read and delete under {prefix!r}",
                                        functools.partial(self._write_read_delete, storage, prefix), listed)
                       for prefix in (s.output_prefix, s.lease_prefix)]
-            await self.probe("conditional writes (If-None-Match, If-Match) enforced",
+            await self.probe("conditional requests (If-None-Match, If-Match) enforced",
                              lambda: self._conditional(storage), all(writes))
             await self.probe("clock in step with the S3 server", self._clock, reached)
         if s.sqs_queue_url:
             await self.probe(f"SQS queue {s.sqs_queue_url} readable", self._queue)
         await self.probe(f"engine {s.engine.value}", self._engine)
-        return 0 if all(p.state == "ok" for p in self.probes) else 1
+        if s.engine is EngineName.PADDLEOCR_VL:
+            await self.probe("GPU (nvidia-smi) for the image", self._gpu)
+            await self.probe(f"Paddle sees the layout model's GPU (WATCHER_LAYOUT_DEVICE={s.layout_device})",
+                             self._paddle)
+        return 1 if any(p.state == "FAIL" for p in self.probes) else 0
 
     # --- S3 ---
     async def _list_call(self, client: Any) -> dict[str, Any]:
@@ -147,13 +166,18 @@ class Checker:
         return ""
 
     async def _conditional(self, storage: Storage) -> str:
-        ignored = await ignored_conditions(storage, self.settings.lease_prefix)
-        if ignored:
-            raise ProbeFailed(f"the store ignores {' and '.join(ignored)}: two replicas could read "
-                              "one document; set WATCHER_CLAIM_MODE=shard (with WATCHER_SHARD_INDEX "
-                              "and WATCHER_SHARD_COUNT), or run one replica (the daemon switches "
-                              "to shards by itself when it finds this)")
-        return ""
+        conditions = await storage.probe_conditions(self.settings.lease_prefix)
+        if not conditions.put:
+            raise ProbeFailed("the store ignores If-None-Match and If-Match on PUT: two replicas "
+                              "could read one document; set WATCHER_CLAIM_MODE=shard (with "
+                              "WATCHER_SHARD_INDEX and WATCHER_SHARD_COUNT), or run one replica "
+                              "(the daemon switches to shards by itself when it finds this)")
+        return "; ".join([
+            "on PUT",
+            "on DELETE" if conditions.delete else
+            "not on DELETE (leases and settled sources are compared with a HEAD first)",
+            "on copy" if conditions.copy else "not on copy (a moved source is compared with a HEAD first)",
+        ])
 
     def _remember_date(self, response: dict[str, Any]) -> None:
         date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
@@ -196,6 +220,24 @@ class Checker:
             except RuntimeError as exc:
                 raise ProbeFailed(str(exc)) from None
         return f"VLM server healthy, serving {s.vlm_model}"
+
+
+    # --- the GPU (paddleocr-vl) ---
+    @staticmethod
+    def _verdict(finding: gpu.Finding) -> str:
+        if finding.state == "FAIL":
+            raise ProbeFailed(finding.detail)
+        if finding.state == "warn":
+            raise ProbeWarning(finding.detail)
+        if finding.state == "skip":
+            raise ProbeSkipped(finding.detail)
+        return finding.detail
+
+    async def _gpu(self) -> str:
+        return self._verdict(await gpu.nvidia_smi_finding())
+
+    async def _paddle(self) -> str:
+        return self._verdict(await gpu.paddle_finding(self.settings.layout_device))
 
 
 def run_check(settings: Settings) -> int:

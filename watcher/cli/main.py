@@ -85,8 +85,8 @@ def _start_error(exc: OSError, host: str, port: int) -> str:
 
 def _once_report(daemon: Daemon) -> int:
     unfinished = daemon.unfinished()
-    for key in unfinished:
-        print(f"watcher: not finished: {key} ({daemon.last_outcomes[key].value})", file=sys.stderr)
+    for report in unfinished:
+        print(f"watcher: not finished: {report.ref.key} ({report.outcome.value})", file=sys.stderr)
     if daemon.unfinished_reason:
         print(f"watcher: {daemon.unfinished_reason}", file=sys.stderr)
     return EXIT_UNFINISHED if unfinished or daemon.unfinished_reason else 0

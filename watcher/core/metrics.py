@@ -69,13 +69,30 @@ class Metrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 
+    def timer(self) -> StageTimer:
+        """A stopwatch for one document's run."""
+        return StageTimer(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StageTimer:
+    """One document's time per stage: each stage timed once, observed into
+    watcher_stage_seconds and summed here for the result's `timings`. Pages of one
+    document overlap, so a stage's sum can exceed the document's wall time."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self.seconds: dict[str, float] = {}
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.stage_seconds.labels(name).observe(time.perf_counter() - started)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+            elapsed = time.perf_counter() - started
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if self.metrics is not None and name in STAGES:
+                self.metrics.stage_seconds.labels(name).observe(elapsed)

@@ -283,6 +283,19 @@ class Settings(BaseSettings):
     """seconds warm-up waits for the VLM server's `/health`"""
     vlm_api_key: SecretStr | None = Field(default=None, alias="WATCHER_VLM_API_KEY")
     """sent as a Bearer token; treated as a secret"""
+    # start.sh exports it (1 or 0) after deciding whether to start a VLM server beside the
+    # daemon; read only by /health.
+    vlm_managed: bool = Field(default=False, alias="WATCHER_VLM_MANAGED")
+    """set by start.sh: `1` when it started the VLM server beside the daemon and restarts it
+    when it exits, so that the server is this container's to keep alive and `/health` fails
+    once it stays unreachable past `WATCHER_VLM_UNREACHABLE_LIMIT`; `0`: the server is someone
+    else's (another container or host) and only `/ready` reports it"""
+    vlm_unreachable_limit: PositiveFloat = Field(default=1200.0, alias="WATCHER_VLM_UNREACHABLE_LIMIT")
+    """with `WATCHER_VLM_MANAGED=1`: seconds the VLM server may stay unreachable before `/health`
+    fails, so that the liveness probe restarts the container; the default is start.sh's longest
+    wait between restarts (`WATCHER_VLM_RESTART_MAX_DELAY`, 300 s) plus the longest vLLM start
+    with its model load (`WATCHER_VLM_STARTUP_TIMEOUT`, 900 s), so that only a server that
+    cannot come back by itself costs the pod a restart"""
     pipeline_version: str = Field(default=DEFAULT_PIPELINE_VERSION, alias="WATCHER_PIPELINE_VERSION")
     """the PaddleOCR-VL release: `PaddleOCRVL(pipeline_version=...)`, `v1`, `v1.5`, `v1.6`; picks the
     default served name and weights (daemon and start.sh alike)"""
@@ -449,6 +462,7 @@ _SHOWN_DEFAULTS = {
     "vlm_model": f"`{PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]}` (the served name of "
     "`WATCHER_PIPELINE_VERSION`'s model)",
     "vlm_prompt": "preset's",
+    "vlm_managed": "`0` (start.sh: `1` when it started the server)",
 }
 # Read by the VLM engines only: the README lists them in a table of their own.
 _VLM_ONLY = ("pipeline_version", "layout_device")

@@ -9,7 +9,13 @@ and talks to it over one duplex pipe, one request at a time:
     ("stop",)                      -> the process exits
 
 and answers a failure as ("document_error", code, message) for a page that is itself
-bad, or ("error", type, message, connection_error) for anything else the engine raised.
+bad, ("misconfigured", type, message, False) when the reader cannot work with the
+settings it was given (`EngineMisconfigured`: no new worker would do better), or
+("error", type, message, connection_error) for anything else the engine raised.
+
+Environment variables the reader needs (`ReaderSpec.env`) are set here, before the reader
+is built and so before its libraries are imported: they hold in this process whatever
+the daemon's environment says, in the image or outside it.
 
 The process must never outlive the daemon, even one killed with SIGKILL: the kernel
 kills it when its parent dies (Linux `PR_SET_PDEATHSIG`), and a watchdog thread checks
@@ -39,12 +45,20 @@ _PR_SET_PDEATHSIG = 1
 WORKER_NICENESS = 10
 
 
+class EngineMisconfigured(Exception):
+    """The reader cannot work with its settings (a device that is not there), which no
+    restart of its worker can change: the supervisor stops retrying that worker and the
+    engine turns `failed` with this message, which names the setting to change."""
+
+
 @dataclass(frozen=True)
 class ReaderSpec:
-    """What the worker builds: `target` is "module:callable", called with `kwargs`."""
+    """What the worker builds: `target` is "module:callable", called with `kwargs`, in a
+    process whose environment has `env` set (overriding the daemon's) before the import."""
 
     target: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     def build(self) -> PageReader:
         module, _, attr = self.target.partition(":")
@@ -99,6 +113,8 @@ def _answer(reader: PageReader, message: tuple[Any, ...]) -> tuple[Any, ...]:
         return ("error", "ValueError", f"unknown request {op!r}", False)
     except DocumentError as exc:
         return ("document_error", exc.code.value, exc.message)
+    except EngineMisconfigured as exc:
+        return ("misconfigured", type(exc).__name__, str(exc)[:2000], False)
     except Exception as exc:
         return ("error", type(exc).__name__, str(exc)[:2000], looks_like_connection_error(exc))
 
@@ -111,10 +127,13 @@ def main(conn: Connection, spec: ReaderSpec, parent_pid: int) -> None:
     # still get the CPU at once when it wakes.
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    os.environ.update(spec.env)
     reader: PageReader | None = None
     failure: tuple[Any, ...] = ()
     try:
         reader = spec.build()
+    except EngineMisconfigured as exc:
+        failure = ("misconfigured", type(exc).__name__, str(exc)[:2000], False)
     except Exception as exc:
         # Reported on the first request (the warm-up), so /ready can say why.
         failure = ("error", type(exc).__name__, f"cannot load the engine: {exc}"[:2000], False)

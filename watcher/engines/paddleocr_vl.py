@@ -13,6 +13,12 @@ Paddle is heavy, native and absent from the base install: `paddleocr` is importe
 inside the supervised worker processes (watcher/engines/supervisor.py), one pipeline
 per process, WATCHER_ENGINE_CONCURRENCY processes.
 
+A layout model told to use a GPU must use it, never fall back to the CPU quietly (PaddleX's
+default, with only a log warning): with a GPU layout device the workers run with PaddleX's
+PADDLE_PDX_DISABLE_DEVICE_FALLBACK=True, set in their own environment (so outside the
+image too), and PaddleX's error for a GPU that Paddle cannot see turns the engine
+`failed` with a message naming WATCHER_LAYOUT_DEVICE, instead of a warm-up retried forever.
+
 Mapping: every entry of the page's `parsing_res_list` becomes one block (type =
 `block_label`, bbox = `block_bbox`, text = `block_content`, order = `block_order`);
 tables keep their HTML (`html`), formulas their LaTeX (`latex`); the page's own JSON is
@@ -22,11 +28,13 @@ kept whole as `PageResult.raw`, which the result file carries as `pages[].raw`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import importlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -37,7 +45,7 @@ from watcher.core.pages import Block, PageResult, RenderedPage
 from watcher.core.settings import Settings
 from watcher.engines import vlm_server
 from watcher.engines.base import check_warm_page, synthetic_page
-from watcher.engines.child import ReaderSpec
+from watcher.engines.child import EngineMisconfigured, ReaderSpec
 from watcher.engines.supervisor import SupervisedEngine
 
 log = get_logger("watcher.engine")
@@ -47,6 +55,55 @@ FORMULA_LABELS = {"formula", "display_formula", "inline_formula"}
 _TITLE_LEVELS = {"doc_title": 1, "paragraph_title": 2}
 # Images carry no text; their crops are referenced by the pipeline's own Markdown only.
 _NO_MARKDOWN = {"image", "chart", "seal", "header_image", "footer_image", "number"}
+
+
+# PaddleX (paddlex/utils/flags.py, read when paddlex is imported): with it true, a model
+# whose device is a GPU that Paddle cannot see raises instead of falling back to the CPU.
+DEVICE_FALLBACK_FLAG = "PADDLE_PDX_DISABLE_DEVICE_FALLBACK"
+# The start of what PaddleX 3.7 raises then (a RuntimeError, from
+# PaddlePredictorOption.setdefault_by_model_name in
+# paddlex/inference/models/runners/paddle_static/config/pp_option.py).
+DEVICE_FALLBACK_ERROR = "Device fallback is disabled and the specified device (GPU) is not available"
+
+
+def is_gpu_device(device: str) -> bool:
+    """A device string PaddleX would check against Paddle's CUDA devices (`gpu`, `gpu:0`)."""
+    return device.split(":", 1)[0].lower() == "gpu"
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Environment of the engine's worker processes."""
+    return {DEVICE_FALLBACK_FLAG: "True"} if is_gpu_device(settings.layout_device) else {}
+
+
+def is_device_unavailable(exc: BaseException) -> bool:
+    """PaddleX's error for a GPU device Paddle cannot see, anywhere in the cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RuntimeError) and DEVICE_FALLBACK_ERROR in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextlib.contextmanager
+def layout_device_errors(device: str) -> Iterator[None]:
+    """Turn PaddleX's "device not available" into EngineMisconfigured naming the setting."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_device_unavailable(exc):
+            raise
+        raise EngineMisconfigured(
+            f"WATCHER_LAYOUT_DEVICE={device}: Paddle sees no usable GPU in the engine worker, "
+            "so the layout model cannot run there (PaddleX: device fallback is disabled and "
+            "the GPU is not available). Give the container the GPU (--gpus, nvidia.com/gpu) "
+            "with a driver the image supports and paddlepaddle-gpu installed (`watcher check` "
+            "reports both), or set WATCHER_LAYOUT_DEVICE=cpu to run the layout model on the "
+            "CPU. Not retried: restart after the fix."
+        ) from exc
 
 
 def pipeline_kwargs(settings: Settings) -> dict[str, Any]:
@@ -201,8 +258,11 @@ class PaddleVlReader:
 
     def __init__(self, pipeline_kwargs: dict[str, Any], factory: str = "paddleocr:PaddleOCRVL") -> None:
         module, _, attr = factory.partition(":")
+        self.device = str(pipeline_kwargs.get("device") or "")
         pipeline_class = getattr(importlib.import_module(module), attr)  # heavy: paddle
-        self.pipeline = pipeline_class(**pipeline_kwargs)
+        # PaddleX creates the layout model's predictor, and checks its device, here.
+        with layout_device_errors(self.device):
+            self.pipeline = pipeline_class(**pipeline_kwargs)
 
     def warm(self) -> None:
         check_warm_page(self.recognize_pages([synthetic_page()])[0])
@@ -213,7 +273,8 @@ class PaddleVlReader:
         # PaddleX treats arrays as BGR, the order its own image reader produces.
         images = [np.ascontiguousarray(np.asarray(page.image.convert("RGB"))[:, :, ::-1])
                   for page in pages]
-        results = list(self.pipeline.predict(images))
+        with layout_device_errors(self.device):  # in case a model is built lazily
+            results = list(self.pipeline.predict(images))
         if len(results) != len(pages):
             raise RuntimeError(f"PaddleOCR-VL returned {len(results)} results for {len(pages)} pages")
         return [_onto(page, result) for page, result in zip(pages, results, strict=True)]
@@ -248,7 +309,8 @@ class PaddleOcrVlEngine(SupervisedEngine):
     ) -> None:
         super().__init__(
             ReaderSpec("watcher.engines.paddleocr_vl:PaddleVlReader",
-                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory}),
+                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory},
+                       env=worker_env(settings)),
             name="paddleocr-vl",
             model=f"PaddleOCR-VL {settings.pipeline_version} ({settings.vlm_model} via vLLM)",
             workers=settings.engine_concurrency,

@@ -13,7 +13,12 @@ module owns them:
 * every new worker is warmed (the synthetic page) before it takes a page, and the
   engine is READY while at least one worker is;
 * a failed batch of several pages is retried page by page, so that only the page that
-  hangs or kills its worker is charged with the failure.
+  hangs or kills its worker is charged with the failure;
+* a worker whose reader says its settings cannot work (`EngineMisconfigured`: a layout
+  device that is not there) is not started again: its slot fails for good with the
+  reader's message, and when no worker is left the engine is `failed` with it and the
+  pages waiting are handed back as unavailable, uncharged. A warm-up that fails for any
+  other reason (the VLM server late, a crash) is retried with backoff.
 
 Pages reach the workers through one queue; a worker takes up to `batch_pages` of them
 per call (PaddleOCR-VL predicts better in small batches). Nothing unbounded crosses the
@@ -40,7 +45,7 @@ from watcher.core.logs import get_logger
 from watcher.core.pages import PageResult, RenderedPage
 from watcher.engines import child
 from watcher.engines.base import Engine, EngineState
-from watcher.engines.child import ReaderSpec
+from watcher.engines.child import EngineMisconfigured, ReaderSpec
 
 log = get_logger("watcher.engine")
 
@@ -89,6 +94,7 @@ class _Worker:
     error: str | None = None
     calls: int = 0
     carry: list[_Job] = field(default_factory=list)
+    misconfigured: bool = False  # its reader cannot work with these settings: not restarted
 
     @property
     def pid(self) -> int | None:
@@ -163,8 +169,10 @@ class SupervisedEngine(Engine):
             if states & {WorkerState.READY, WorkerState.BUSY}:
                 return
             if states == {WorkerState.FAILED}:
-                errors = sorted({w.error or "unknown" for w in self.workers})
-                raise RuntimeError("; ".join(errors))
+                errors = "; ".join(sorted({w.error or "unknown" for w in self.workers}))
+                if self._none_can_serve():
+                    raise EngineMisconfigured(errors)
+                raise RuntimeError(errors)
             self._changed.clear()
             await self._changed.wait()
 
@@ -218,6 +226,8 @@ class SupervisedEngine(Engine):
     async def _submit(self, op: str, payload: Any) -> Any:
         if self._jobs is None or self._closing:
             raise EngineUnavailable("the engine is not running")
+        if self._none_can_serve():
+            raise EngineUnavailable(self.error or "the engine is misconfigured")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait(_Job(op, payload, future))
         return await future
@@ -275,6 +285,9 @@ class SupervisedEngine(Engine):
             try:
                 await self._start_process(worker)
                 await self._call(worker, ("warm",), self.warm_timeout)
+            except _Misconfigured as exc:
+                await self._give_up(worker, str(exc))
+                return
             except (_WorkerGone, _CallTimeout, _EngineRaised, _DocumentRejected) as exc:
                 worker.error = f"warm-up failed: {exc}"
                 log.error("engine_worker_warm_failed", engine=self.name, worker=worker.index,
@@ -293,6 +306,30 @@ class SupervisedEngine(Engine):
             # Only a worker recycled for memory is healthy enough to be asked to stop.
             await self._stop_process(worker, kill=reason != "memory")
             self._record_restart(worker, reason, detail)
+
+    async def _give_up(self, worker: _Worker, message: str) -> None:
+        """The worker's reader cannot work with these settings: stop, and never restart."""
+        worker.error, worker.misconfigured = message, True
+        log.error("engine_worker_misconfigured", engine=self.name, worker=worker.index,
+                  error=message, retried=False)
+        await self._stop_process(worker)
+        self._set_state(worker, WorkerState.FAILED)
+        if self._none_can_serve():
+            self._hand_back_waiting(message)
+
+    def _none_can_serve(self) -> bool:
+        return all(w.misconfigured for w in self.workers)
+
+    def _hand_back_waiting(self, reason: str) -> None:
+        """No worker will ever take them: pages waiting go back as unavailable, uncharged."""
+        waiting = [job for w in self.workers for job in w.carry]
+        for w in self.workers:
+            w.carry.clear()
+        while self._jobs is not None and not self._jobs.empty():
+            waiting.append(self._jobs.get_nowait())
+        for job in waiting:
+            if not job.future.done():
+                job.future.set_exception(EngineUnavailable(reason))
 
     def _record_restart(self, worker: _Worker, reason: str, detail: str) -> None:
         worker.restarts += 1
@@ -331,6 +368,11 @@ class SupervisedEngine(Engine):
                     self._requeue_alone(batch)
                 else:
                     batch[0].future.set_exception(DocumentError(exc.code, exc.message))
+            except _Misconfigured as exc:
+                # Not the pages' fault: they wait for a worker, and this one is warmed
+                # again, which ends its slot if the settings still cannot work.
+                self._requeue(batch)
+                return "misconfigured", str(exc)
             else:
                 self._deliver(batch, op, reply)
             worker.calls += 1
@@ -356,6 +398,12 @@ class SupervisedEngine(Engine):
         job = batch[0]
         if not job.future.done():
             job.future.set_exception(EngineCrashed(reason, detail, connection_error))
+
+    def _requeue(self, batch: list[_Job]) -> None:
+        assert self._jobs is not None
+        for job in batch:
+            if not job.future.done():
+                self._jobs.put_nowait(job)
 
     def _requeue_alone(self, batch: list[_Job]) -> None:
         assert self._jobs is not None
@@ -417,6 +465,8 @@ class SupervisedEngine(Engine):
             return reply[1]
         if kind == "document_error":
             raise _DocumentRejected(ErrorCode(reply[1]), reply[2])
+        if kind == "misconfigured":
+            raise _Misconfigured(reply[2])
         raise _EngineRaised(f"{reply[1]}: {reply[2]}", connection_error=bool(reply[3]))
 
     @staticmethod
@@ -491,6 +541,10 @@ class _EngineRaised(Exception):
     def __init__(self, message: str, connection_error: bool) -> None:
         super().__init__(message)
         self.connection_error = connection_error
+
+
+class _Misconfigured(Exception):
+    """The reader raised EngineMisconfigured; the message names the setting to change."""
 
 
 class _DocumentRejected(Exception):

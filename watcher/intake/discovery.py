@@ -10,17 +10,24 @@ per document, and the output prefix is not listed at all (only with pruning on).
 from before markers existed looks undone here; the claim stage finds it (a HEAD of the
 result, which carries the source ETag in metadata), writes its marker and skips it, so an
 old bucket migrates once, on first sight.
+
+Under WATCHER_SOURCE_ACTION=move or delete a source still in the input prefix is offered
+even when marked: its settling was cut off, and the claim stage finishes it. Markers
+whose source is gone (settled, or deleted by its owner) are removed, so the markers
+listed each poll stay as many as the sources.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from watcher.bucket.names import Names, shard_of
-from watcher.bucket.storage import ObjectRef, Storage
+from watcher.bucket.storage import Storage
 from watcher.core.logs import get_logger
-from watcher.core.settings import ClaimMode, DeletedSourceResults, Settings
+from watcher.core.refs import ObjectRef
+from watcher.core.settings import ClaimMode, DeletedSourceResults, Settings, SourceAction
 
 log = get_logger("watcher.intake.discovery")
 
@@ -28,13 +35,22 @@ log = get_logger("watcher.intake.discovery")
 BATCH = 500
 # A lease not renewed for this many lease periods has no living holder.
 STALE_LEASE_PERIODS = 3
+# A marker is removed with its source only when written this long before the listing
+# that missed the source: S3's clock and ours may differ a little.
+ORPHAN_MARKER_SLACK_SECONDS = 300.0
 
 
 class Discovery:
-    def __init__(self, storage: Storage, settings: Settings, names: Names) -> None:
+    def __init__(self, storage: Storage, settings: Settings, names: Names,
+                 clock: Callable[[], float] = time.time) -> None:
         self.storage = storage
         self.settings = settings
         self.names = names
+        self.clock = clock
+        # Under `move` and `delete` a source still in the input prefix is not settled yet,
+        # marked or not: it is offered, and the claim stage settles a marked one.
+        self._settles = settings.source_action is not SourceAction.KEEP
+        self._marker_times: dict[str, float] = {}  # marker key -> when it was written
         self._prune = settings.results_of_deleted_sources is DeletedSourceResults.DELETE
         self._orphans: set[str] = set()  # results whose source the last listing lacked
 
@@ -52,7 +68,7 @@ class Discovery:
         event loop also answers /health: with a backlog of many thousands, the work is
         done in batches that yield.
         """
-        started = time.time()
+        started = self.clock()
         markers = asyncio.create_task(self._marked())
         try:
             listed = await self._sources()
@@ -66,17 +82,27 @@ class Discovery:
                 await asyncio.sleep(0)
             if not (self.names.is_document_key(ref.key) and self._mine(ref.key)):
                 continue
-            etags = marked.get(self.names.marker_dir(ref.key), ())
-            if ref.etag not in etags:
+            here = marked.get(self.names.marker_dir(ref.key), set())
+            mine = self._markers_of(ref.key, ref.etag)
+            has_result = self.names.marker(ref.key, ref.etag) in here
+            if not here & mine or (self._settles and has_result):
                 todo.append(ref)
-            else:
-                stale.extend(self.names.marker(ref.key, e) for e in etags if e != ref.etag)
+            if here & mine:
+                stale.extend(here - mine)
+        stale.extend(self._orphan_markers(listed, marked, started))
         await self._remove_stale_markers(stale)
         await self._sweep_leases(listed, marked, started)
         if self._prune:
             await self._remove_orphans({ref.key for ref in listed})
         todo.sort(key=lambda r: (r.last_modified is None, r.last_modified, r.key))
         return todo
+
+    def _markers_of(self, key: str, etag: str) -> set[str]:
+        """The keys a marker of this version may have (result, error record)."""
+        return {self.names.marker(key, etag), self.names.marker(key, etag, error=True)}
+
+    def _done(self, key: str, etag: str, marked: dict[str, set[str]]) -> bool:
+        return bool(self._markers_of(key, etag) & marked.get(self.names.marker_dir(key), set()))
 
     async def _sources(self) -> list[ObjectRef]:
         listed: list[ObjectRef] = []
@@ -87,16 +113,34 @@ class Discovery:
         return listed
 
     async def _marked(self) -> dict[str, set[str]]:
-        """Marker directory (one per source key) -> the source ETags marked done in it."""
+        """Marker directory (one per source key) -> the markers in it (their full keys)."""
         marked: dict[str, set[str]] = {}
+        self._marker_times = {}
         seen = 0
         async for ref in self.storage.list_objects(self.names.markers_prefix):
-            directory, _, etag = ref.key.rpartition("/")
-            marked.setdefault(f"{directory}/", set()).add(etag)
+            directory, _, _name = ref.key.rpartition("/")
+            marked.setdefault(f"{directory}/", set()).add(ref.key)
+            if ref.last_modified is not None:
+                self._marker_times[ref.key] = ref.last_modified.timestamp()
             seen += 1
             if seen % BATCH == 0:
                 await asyncio.sleep(0)
         return marked
+
+    def _orphan_markers(self, listed: list[ObjectRef], marked: dict[str, set[str]],
+                        started: float) -> list[str]:
+        """Markers of sources that are gone (moved or deleted after their result): written
+        well before this listing began, which did not find their source. A source back
+        again after that is not marked, so it is read again (or re-pointed, when its
+        content was read before)."""
+        present = {self.names.marker_dir(ref.key) for ref in listed}
+        cutoff = started - ORPHAN_MARKER_SLACK_SECONDS
+        orphans: list[str] = []
+        for directory, markers in marked.items():
+            if directory in present:
+                continue
+            orphans.extend(key for key in markers if self._marker_times.get(key, started) < cutoff)
+        return orphans
 
     async def _sweep_leases(self, listed: list[ObjectRef], marked: dict[str, set[str]],
                             started: float) -> None:
@@ -113,7 +157,7 @@ class Discovery:
             if key is None or lease.last_modified is None or lease.last_modified.timestamp() > cutoff:
                 continue
             etag = current.get(key)
-            if etag is None or etag in marked.get(self.names.marker_dir(key), ()):
+            if etag is None or self._done(key, etag, marked):
                 stale.append(lease.key)
         for key in stale:
             await self.storage.delete(key)

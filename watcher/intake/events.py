@@ -21,30 +21,36 @@ import hmac
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
 from watcher.bucket.names import Names
-from watcher.bucket.storage import ObjectRef, clean_etag
 from watcher.core.logs import get_logger
+from watcher.core.refs import ObjectRef, clean_etag
 
 log = get_logger("watcher.intake.events")
 
 # Senders that URL-encode object keys in their records (eventSource).
 ENCODING_SOURCES = {"aws:s3", "minio:s3"}
 _REMEMBERED = 10_000  # keys whose last sequencer and ETag are kept, most recent first
+MAX_REFUSALS_LISTED = 20  # reasons returned in one answer
 
 
 class BadEvent(ValueError):
     pass
 
 
+class Refused(ValueError):
+    """A record for our bucket names a key no S3 object can have (not UTF-8, a NUL)."""
+
+
 @dataclass(frozen=True)
 class Intake:
     accepted: int
     ignored: int
+    refused: list[str] = field(default_factory=list)  # why, one line per refused record
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Found:
     refs: list[ObjectRef]  # new versions of our documents, to offer
     polled: int  # records without an ETag, for which a poll was asked
     ignored: int  # anything else: other buckets or prefixes, removals, repeats, stale
+    refused: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
@@ -81,16 +88,23 @@ class EventIntake:
         for ref in found.refs:
             offered = self.offer(ref)
             log.info("event_received", key=ref.key, etag=ref.etag, offered=offered)
-        return Intake(found.accepted, found.ignored)
+        for reason in found.refused:
+            log.warning("event_refused", reason=reason)
+        return Intake(found.accepted, found.ignored, found.refused)
 
     def refs(self, body: bytes) -> Found:
         """The new versions of our documents that a notification body names (no offers made);
         records without an ETag ask for a poll instead. Raises BadEvent for a body that is
         not a notification."""
         refs: list[ObjectRef] = []
+        refused: list[str] = []
         polled = ignored = 0
         for record in _records(body):
-            ref = self._version(record)
+            try:
+                ref = self._version(record)
+            except Refused as exc:
+                refused.append(str(exc))
+                continue
             if ref is None:
                 ignored += 1
             elif not ref.etag:
@@ -98,7 +112,7 @@ class EventIntake:
                 polled += 1
             else:
                 refs.append(ref)
-        return Found(refs, polled, ignored)
+        return Found(refs, polled, ignored, refused[:MAX_REFUSALS_LISTED])
 
     def forget(self, ref: ObjectRef) -> None:
         """Take `ref` as new when it is named again (its run is to be retried)."""
@@ -108,27 +122,34 @@ class EventIntake:
 
     def _version(self, record: Any) -> ObjectRef | None:
         """The version a record names when it is a new one of our documents (its etag is
-        empty when the sender gave none); None for anything else."""
+        empty when the sender gave none); None for anything else. Everything but the key
+        and the ETag is a hint: the size and time only order and display work, and what
+        the document is is decided from the bytes fetched with If-Match on that ETag."""
         try:
             s3 = record["s3"]
             name = str(record.get("eventName", ""))
             bucket = str(s3["bucket"]["name"])
             obj = s3["object"]
-            raw_key = str(obj["key"])
+            raw_key = obj["key"]
         except (KeyError, TypeError, AttributeError):
             return None
-        if "ObjectCreated" not in name or bucket != self.bucket:
+        if "ObjectCreated" not in name or bucket != self.bucket or not isinstance(raw_key, str):
             return None  # removals, test events, other buckets: the poll's business
         source = str(record.get("eventSource", ""))
-        key = unquote_plus(raw_key) if source in ENCODING_SOURCES else raw_key
+        key = _decoded(raw_key) if source in ENCODING_SOURCES else raw_key
+        if "\x00" in key or any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+            raise Refused(f"a record names a key that is not valid UTF-8 or holds NUL: {key[:80]!r}")
         if not self.names.is_document_key(key):
             return None
         etag = clean_etag(str(obj.get("eTag") or obj.get("etag") or ""))
         sequencer = str(obj.get("sequencer") or "")
+        ref = ObjectRef(bucket=bucket, key=key, etag=etag, size=_size(obj.get("size")),
+                        last_modified=_time(record.get("eventTime")))
+        # Remembered only once the whole record was understood: a malformed copy must not
+        # make a valid one look like a repeat.
         if not self._newer(key, sequencer, etag):
             return None
-        return ObjectRef(bucket=bucket, key=key, etag=etag, size=_size(obj.get("size")),
-                         last_modified=_time(record.get("eventTime")))
+        return ref
 
     def _newer(self, key: str, sequencer: str, etag: str) -> bool:
         """False for a delivery seen before, or older than one seen for the key."""
@@ -149,8 +170,10 @@ class EventIntake:
 def _records(body: bytes) -> list[Any]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadEvent(f"the body is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, 4,300-digit numbers
+        raise BadEvent(f"the body is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BadEvent("the body is not a notification: JSON nested too deeply") from None
     if isinstance(data, dict) and data.get("Event") == "s3:TestEvent":
         return []  # AWS checks the destination with this when it is set up
     records = data.get("Records") if isinstance(data, dict) else None
@@ -160,10 +183,21 @@ def _records(body: bytes) -> list[Any]:
 
 
 def _size(value: Any) -> int:
+    """A sender's size, as a hint: anything that is not a plain byte count reads as 0."""
     try:
-        return int(value or 0)
-    except (TypeError, ValueError):
+        size = int(value or 0)
+    except (TypeError, ValueError, OverflowError):  # junk, NaN, 1e400
         return 0
+    return size if 0 <= size < 1 << 63 else 0
+
+
+def _decoded(raw_key: str) -> str:
+    """A URL-encoded key (AWS, MinIO) as the object's name; Refused when the bytes it
+    encodes are not UTF-8."""
+    try:
+        return unquote_plus(raw_key, errors="strict")
+    except UnicodeDecodeError:
+        raise Refused(f"a record names a key that is not valid UTF-8: {raw_key[:80]!r}") from None
 
 
 def _order(sequencer: str) -> tuple[int, str]:
@@ -174,5 +208,5 @@ def _order(sequencer: str) -> tuple[int, str]:
 def _time(value: Any) -> datetime | None:
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None

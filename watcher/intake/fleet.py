@@ -3,9 +3,10 @@
 Listing is what costs at scale (Cloud.ru counts list requests per bucket), and N replicas
 listing the same prefixes every poll multiply it by N. So the replicas agree on one
 lister with a lease object, the same conditional-write mechanism as document claims
-(`<lease prefix>_fleet/lister.lease`, renewed while held, taken over when it expires or
+(`<lease prefix>_fleet/<deployment>/lister.lease`, where `<deployment>` names the input
+and output prefixes; renewed while held, taken over when it expires or
 when its holder is known dead). The lister runs Discovery and writes what is pending into
-a small manifest object (`<lease prefix>_fleet/manifest.json`, oldest first, at most
+a small manifest object (`manifest.json` beside it, oldest first, at most
 MANIFEST_LIMIT entries) only when that changed; the others fetch the manifest each poll
 with a conditional GET (a 304 while unchanged) and only claim and work. Claims still
 decide who does what, and a version's done-ness is checked again once its lease is held,
@@ -26,24 +27,24 @@ from typing import Any
 
 from watcher.bucket.leases import Held, Lease, Leases
 from watcher.bucket.names import Names
-from watcher.bucket.storage import UNCHANGED, ObjectRef, Storage, StorageUnavailable
+from watcher.bucket.storage import UNCHANGED, Storage, StorageUnavailable
+from watcher.core.bounded import BoundedSet
 from watcher.core.logs import get_logger
+from watcher.core.outcome import FINISHED, Report
+from watcher.core.refs import ObjectRef
 from watcher.intake.discovery import Discovery
 
 log = get_logger("watcher.intake.fleet")
 
 MANIFEST_LIMIT = 10_000  # more than any replica queues between two polls
-_LISTER = "_fleet/lister"  # pseudo source key of the lister's lease
+# Versions a follower finished since the manifest it read was written; more are forgotten.
+FINISHED_REMEMBERED = 10_000
 
 
 class Role(StrEnum):
     ALONE = "alone"  # lists for itself (shard mode, shared listing off, --once)
     LISTER = "lister"  # lists for the fleet
     FOLLOWER = "follower"  # reads the lister's manifest
-
-
-def manifest_key(names: Names) -> str:
-    return f"{names.lease_prefix}_fleet/manifest.json"
 
 
 def encode_manifest(lister: str, pending: list[ObjectRef]) -> bytes:
@@ -84,8 +85,8 @@ class FleetDiscovery:
         self._seen_etag: str | None = None
         self._seen: list[ObjectRef] = []
         # Versions this replica finished since the manifest was written: not offered again.
-        self._finished: set[tuple[str, str]] = set()
-        self._ref = ObjectRef(bucket=storage.bucket, key=_LISTER, etag="fleet", size=0)
+        self._finished: BoundedSet[tuple[str, str]] = BoundedSet(FINISHED_REMEMBERED)
+        self._ref = ObjectRef(bucket=storage.bucket, key=names.lister_key, etag="fleet", size=0)
 
     async def scan(self) -> list[ObjectRef]:
         if self.role is Role.ALONE:
@@ -130,27 +131,27 @@ class FleetDiscovery:
         if body == self._written:
             return
         try:
-            await self.storage.put(manifest_key(self.names), body, "application/json")
+            await self.storage.put(self.names.manifest, body, "application/json")
         except StorageUnavailable as exc:
             log.warning("fleet_manifest_not_written", error=str(exc))
             return
         self._written = body
 
-    def finished(self, ref: ObjectRef) -> None:
-        """`ref` has its result or error record (or is not for us): a follower does not offer
-        it again from a manifest written before that."""
-        if self.role is Role.FOLLOWER:
-            self._finished.add((ref.key, ref.etag))
+    def settled(self, report: Report) -> None:
+        """An outcome hook: a version with its result or error record (or not for us) is
+        not offered again by a follower from a manifest written before that."""
+        if self.role is Role.FOLLOWER and report.outcome in FINISHED:
+            self._finished.add((report.ref.key, report.ref.etag))
 
     async def _follow(self) -> list[ObjectRef]:
-        got = await self.storage.get_if_changed(manifest_key(self.names), self._seen_etag)
+        got = await self.storage.get_if_changed(self.names.manifest, self._seen_etag)
         if got is None:  # no lister has written one yet
             self._seen_etag, self._seen = None, []
         elif got is not UNCHANGED:
             body, etag = got
             self._seen_etag, self._seen = etag, decode_manifest(self.storage.bucket, body)
             listed = {(r.key, r.etag) for r in self._seen}
-            self._finished &= listed  # the rest the lister's listing knows about itself
+            self._finished.keep_only(listed)  # the rest the lister's listing knows about itself
         return [r for r in self._seen if (r.key, r.etag) not in self._finished]
 
     def snapshot(self) -> dict[str, Any]:

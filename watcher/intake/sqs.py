@@ -38,9 +38,9 @@ from tenacity import (
 )
 
 from watcher.bucket.names import Names
-from watcher.bucket.storage import ObjectRef
 from watcher.core.logs import get_logger
-from watcher.core.outcome import FINISHED, Outcome
+from watcher.core.outcome import FINISHED, Report
+from watcher.core.refs import ObjectRef
 from watcher.core.settings import Settings
 from watcher.intake.events import BadEvent, EventIntake
 
@@ -213,10 +213,12 @@ class SqsSource:
         return waiting, full
 
     # --- settling ----------------------------------------------------------------------
-    def settled(self, ref: ObjectRef, outcome: Outcome) -> None:
-        """The daemon ran `ref`. A message is deleted once each document it names has a
-        record or is not ours to do; a run to look at again lets its messages go."""
-        keep = outcome not in FINISHED  # to look at again: its message comes back
+    def settled(self, report: Report) -> None:
+        """The daemon ran a document (an outcome hook). A message is deleted once each
+        document it names has a record or is not ours to do; a run to look at again lets
+        its messages go."""
+        ref = report.ref
+        keep = report.outcome not in FINISHED  # to look at again: its message comes back
         if keep:
             self.intake.forget(ref)
         for message_id in self._messages_of.pop(_version(ref), []):

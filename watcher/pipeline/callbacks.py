@@ -1,8 +1,13 @@
 """Callbacks: tell a consumer's endpoint when a document's result or error record is out.
 
-With WATCHER_CALLBACK_URL set, each finished document is POSTed there as JSON, signed
-with HMAC-SHA256 over the exact body (`X-Watcher-Signature: sha256=<hex>`, key
-WATCHER_CALLBACK_SECRET) beside `X-Watcher-Timestamp`. Posting runs on a task of its own
+With WATCHER_CALLBACK_URL set, each finished document is POSTed there as JSON with an
+`id` of its own (also in `X-Watcher-Event-Id`: a receiver drops repeats by it). Each
+attempt carries the time it was sent (`X-Watcher-Timestamp`, Unix seconds) and an
+HMAC-SHA256 over `<timestamp>.<body>` (`X-Watcher-Signature: sha256=<hex>`, key
+WATCHER_CALLBACK_SECRET), so a receiver can refuse an old or replayed request by its
+timestamp and know the timestamp was ours. Redirects are not followed (a 3xx is a
+failed attempt): the body and its signature go only where they were configured to go.
+Posting runs on a task of its own
 behind a bounded queue: a slow or absent endpoint never holds a document back or fails
 it. Each notification is retried with exponential backoff for about ten minutes; one that
 still fails, or finds the queue full, is dropped with a log line (the result itself is in
@@ -16,14 +21,16 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_exponential
 
 from watcher.bucket.names import Names
-from watcher.bucket.storage import ObjectRef
 from watcher.core.logs import get_logger
+from watcher.core.outcome import Outcome, Report
+from watcher.core.refs import ObjectRef
 from watcher.pipeline.result import now
 
 log = get_logger("watcher.pipeline.callbacks")
@@ -33,8 +40,9 @@ ATTEMPTS = 12
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    signed = timestamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 class CallbackFailed(Exception):
@@ -53,15 +61,17 @@ class Notifier:
         self.sent = 0
         self.dropped = 0
 
-    def done(self, ref: ObjectRef) -> None:
-        self._put(ref, "done", {"json": self.names.result_json(ref.key),
-                                "markdown": self.names.result_markdown(ref.key)})
-
-    def failed(self, ref: ObjectRef, code: str) -> None:
-        self._put(ref, "error", {"error": self.names.error_json(ref.key), "code": code})
+    def settled(self, report: Report) -> None:
+        """An outcome hook: results and error records are told; other outcomes are not."""
+        ref = report.ref
+        if report.outcome is Outcome.DONE:
+            self._put(ref, "done", {"json": self.names.result_json(ref.key),
+                                    "markdown": self.names.result_markdown(ref.key)})
+        elif report.outcome is Outcome.ERROR:
+            self._put(ref, "error", {"error": self.names.error_json(ref.key), "code": report.code or ""})
 
     def _put(self, ref: ObjectRef, outcome: str, result: dict[str, str]) -> None:
-        event = {"event": f"document.{outcome}", "bucket": self.bucket,
+        event = {"id": uuid.uuid4().hex, "event": f"document.{outcome}", "bucket": self.bucket,
                  "source": {"key": ref.key, "etag": ref.etag}, "result": result, "at": now()}
         try:
             self.queue.put_nowait(event)
@@ -81,15 +91,12 @@ class Notifier:
 
     async def _deliver(self, http: aiohttp.ClientSession, event: dict[str, Any]) -> None:
         body = json.dumps(event, ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", "X-Watcher-Timestamp": str(int(time.time()))}
-        if self.secret:
-            headers["X-Watcher-Signature"] = sign(self.secret, body)
         try:
             async for attempt in AsyncRetrying(stop=stop_after_attempt(ATTEMPTS),
                                                wait=wait_random_exponential(multiplier=0.5,
                                                                             max=self.max_wait)):
                 with attempt:
-                    await self._post(http, body, headers)
+                    await self._post(http, body, self._headers(event["id"], body))
         except RetryError as exc:
             self.dropped += 1
             log.warning("callback_failed", key=event["source"]["key"], attempts=ATTEMPTS,
@@ -97,9 +104,18 @@ class Notifier:
             return
         self.sent += 1
 
+    def _headers(self, event_id: str, body: bytes) -> dict[str, str]:
+        """Fresh for each attempt: its own timestamp, signed with the body."""
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "X-Watcher-Timestamp": timestamp,
+                   "X-Watcher-Event-Id": event_id}
+        if self.secret:
+            headers["X-Watcher-Signature"] = sign(self.secret, timestamp, body)
+        return headers
+
     async def _post(self, http: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> None:
         try:
-            async with http.post(self.url, data=body, headers=headers) as resp:
+            async with http.post(self.url, data=body, headers=headers, allow_redirects=False) as resp:
                 if resp.status >= 300:
                     raise CallbackFailed(f"HTTP {resp.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -21,9 +21,10 @@ from dataclasses import asdict
 from typing import Any
 
 from watcher.bucket.names import Names
-from watcher.bucket.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable
+from watcher.bucket.storage import KeyRefused, Storage, StorageUnavailable
 from watcher.core.logs import get_logger
 from watcher.core.pages import Block, PageResult
+from watcher.core.refs import ObjectRef
 
 log = get_logger("watcher.pipeline.checkpoint")
 

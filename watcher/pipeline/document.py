@@ -1,145 +1,167 @@
-"""One document through the flow: claim, fetch, decode, engine, render, publish, settle.
+"""One document through the flow: claim, fetch, read (decode and recognise), result,
+publish, settle.
 
-Each stage lives in its own module; this one only strings them together and measures
-them. What a failure means is decided in watcher/pipeline/fate.py; what follows from it
-(error record, release, attempt counted in the lease) happens in `_failed`, once.
+Each stage lives in its own module; this one only strings them together and times them.
+What a failure means is decided in pipeline/fate.py; what follows from it (error record,
+release, attempt counted in the lease) happens in `_failed`, once. A run ends in a
+`Report`, which the service hands to its outcome hooks (metrics, callbacks, SQS, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
-from watcher.bucket.done import Done, DoneMarkers
-from watcher.bucket.leases import Held, Lease, LeaseLost, Leases
+from watcher.bucket.done import HAS_RESULT, Done, DoneMarkers
+from watcher.bucket.leases import Lease, LeaseLost, Leases
 from watcher.bucket.names import Names, key_fits
-from watcher.bucket.storage import KeyRefused, ObjectRef, Storage, StorageUnavailable
+from watcher.bucket.storage import KeyRefused, PreconditionFailed, Storage, StorageUnavailable
+from watcher.core.bounded import BoundedSet
 from watcher.core.errors import DocumentError, ErrorCode
+from watcher.core.identity import Identity
 from watcher.core.logs import get_logger
-from watcher.core.metrics import Metrics
-from watcher.core.outcome import Outcome
-from watcher.core.pages import PageResult
-from watcher.core.settings import Settings
+from watcher.core.metrics import Metrics, StageTimer
+from watcher.core.outcome import Outcome, Report
+from watcher.core.refs import ObjectRef
+from watcher.core.settings import Settings, SourceAction
 from watcher.engines.base import Engine
 from watcher.pipeline.budget import PageBudget, Ticket
-from watcher.pipeline.callbacks import Notifier
 from watcher.pipeline.checkpoint import Checkpoints
-from watcher.pipeline.decode import Decoder, Document, Limits
+from watcher.pipeline.claim import Claimer
+from watcher.pipeline.decode import Decoder
 from watcher.pipeline.fate import Fate, classify
 from watcher.pipeline.fetch import fetch, prepare_work_dir
-from watcher.pipeline.publish import publish_error, publish_result, repoint_result
-from watcher.pipeline.recognise import Recogniser, engine_call, unreadable
-from watcher.pipeline.result import engine_of, render_document, render_error
-from watcher.pipeline.settle import settle
+from watcher.pipeline.publish import Publisher, Superseded
+from watcher.pipeline.recognise import DocumentReader, Reader
+from watcher.pipeline.result import build_result, error_record, timings_of
+from watcher.pipeline.settle import Settled, settle
 
 log = get_logger("watcher.pipeline.document")
 
+# Versions whose names the store refuses and that could not get an error record.
+REFUSED_REMEMBERED = 10_000
 
-class DocumentWorker:
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        engine: Engine,
-        metrics: Metrics,
-        decoder: Decoder,
-        budget: PageBudget | None = None,
-        work_dir: Path | None = None,
-        retry_at: Callable[[ObjectRef, float], None] = lambda ref, when: None,
-        notifier: Notifier | None = None,
-    ) -> None:
-        self.notifier = notifier
-        self.retry_at = retry_at
-        self.work_dir = work_dir or prepare_work_dir(settings.temp_dir)
-        self.budget = budget or PageBudget(lambda: None)
+
+@dataclass(frozen=True)
+class Parts:
+    """What the pipeline works with: the bucket's pieces for one replica."""
+
+    storage: Storage
+    names: Names
+    leases: Leases
+    done: DoneMarkers
+    checkpoints: Checkpoints
+
+    @classmethod
+    def of(cls, storage: Storage, settings: Settings, identity: Identity | None = None) -> Parts:
+        names = Names.from_settings(settings)
+        return cls(storage, names, Leases(storage, settings, names, identity),
+                   DoneMarkers(storage, names), Checkpoints(storage, names))
+
+
+class DocumentPipeline:
+    def __init__(self, settings: Settings, parts: Parts, reader: Reader, metrics: Metrics,
+                 budget: PageBudget, work_dir: Path) -> None:
         self.settings = settings
-        self.storage = storage
-        self.engine = engine
+        self.storage = parts.storage
+        self.names = parts.names
+        self.leases = parts.leases
+        self.done = parts.done
+        self.checkpoints = parts.checkpoints
+        self.reader = reader
         self.metrics = metrics
-        self.decoder = decoder
-        self.names = Names.from_settings(settings)
-        self.leases = Leases(storage, settings, self.names)
-        self.done = DoneMarkers(storage, self.names)
-        self.checkpoints = Checkpoints(storage, self.names)
-        self.recogniser = Recogniser(decoder, engine, metrics, settings.text_layer)
-        self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
-        # Versions whose names the store refuses and that could not get an error record.
-        self._refused: set[tuple[str, str]] = set()
+        self.budget = budget
+        self.work_dir = work_dir
+        self.claimer = Claimer(parts.leases, parts.done)
+        self.publisher = Publisher(parts.storage, parts.names, parts.done)
+        self._refused: BoundedSet[tuple[str, str]] = BoundedSet(REFUSED_REMEMBERED)
 
-    async def process(self, ref: ObjectRef, ticket: Ticket | None = None) -> Outcome:
+    @classmethod
+    def reading_with(cls, engine: Engine, settings: Settings, storage: Storage, metrics: Metrics,
+                     budget: PageBudget | None = None, work_dir: Path | None = None,
+                     identity: Identity | None = None) -> DocumentPipeline:
+        """The pipeline as the daemon builds it: decoder, text layer and `engine` reading."""
+        parts = Parts.of(storage, settings, identity)
+        budget = budget or PageBudget(lambda: None)
+        reader = DocumentReader(Decoder(), engine, settings, parts.checkpoints, budget, metrics)
+        return cls(settings, parts, reader, metrics, budget,
+                   work_dir or prepare_work_dir(settings.temp_dir))
+
+    async def process(self, ref: ObjectRef, ticket: Ticket | None = None) -> Report:
         """Run `ref` through every stage and say how it ended."""
         structlog.contextvars.bind_contextvars(key=ref.key, etag=ref.etag, size=ref.size)
         started = time.perf_counter()
+        timer = self.metrics.timer()
         try:
-            outcome = await self._claimed(ref, ticket or Ticket(self.budget, reservation=False))
+            report = await self._process(ref, ticket or Ticket(self.budget, reservation=False), timer)
         finally:
             structlog.contextvars.unbind_contextvars("key", "etag", "size")
-        self.metrics.documents.labels(outcome.value).inc()
-        self.metrics.stage_seconds.labels("document").observe(time.perf_counter() - started)
-        return outcome
+        return replace(report, seconds=time.perf_counter() - started)
 
-    async def _claimed(self, ref: ObjectRef, ticket: Ticket) -> Outcome:
+    async def close(self) -> None:
+        await self.leases.close()
+
+    async def _process(self, ref: ObjectRef, ticket: Ticket, timer: StageTimer) -> Report:
         if (ref.key, ref.etag) in self._refused:
-            return Outcome.SKIPPED  # said and counted once; the owner must rename it
+            return Report(ref, Outcome.SKIPPED, message="its names are refused by the store")
         if not self.names.result_keys_fit(ref.key):
             return await self._refuse(ref, None, (
                 "the source's name is too long for its result's name "
                 f"({self.names.result_json(ref.key)!r} exceeds the store's limits); rename it"))
         try:
-            with self.metrics.stage("claim"):
-                if await self.done.is_marked(ref):
-                    log.info("document_already_done")
-                    return Outcome.SKIPPED
-                lease = await self.leases.acquire(ref)
+            with timer.stage("claim"):
+                claim = await self.claimer.claim(ref)
         except Exception as exc:
             return await self._failed(ref, None, exc)
-        if lease is None:
-            return Outcome.HELD  # a race with another replica, lost: the winner has it
-        if isinstance(lease, Held):
+        if claim.done is not None:
+            return await self._already_done(ref, claim.done, timer)
+        if claim.held is not None:
             # Its holder may have died: look again the moment the lease runs out.
-            self.retry_at(ref, lease.expires_at)
-            return Outcome.HELD
-        try:
-            # Another replica may have published it between our check and our lease (it
-            # publishes before it lets its lease go): look again, now that nobody else can.
-            done = await self.done.check(ref)
-        except Exception as exc:
-            return await self._failed(ref, lease, exc)
-        if done is not None:
-            return await self._already_done(ref, lease, done)
+            return Report(ref, Outcome.HELD, message=f"held by {claim.held.owner}",
+                          retry_at=claim.held.expires_at)
+        if claim.lease is None:
+            return Report(ref, Outcome.HELD, message="another replica claimed it first")
+        lease = claim.lease
         log.info("document_claimed", crashes=lease.crashes)
         if lease.crashes >= self.settings.max_attempts:
             # Every earlier attempt ended with its process: do not offer it another.
             return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
         try:
             await self._check_name_collision(ref)
-            await self._run(ref, lease, ticket)
+            report = await self._run(ref, lease, ticket, timer)
         except asyncio.CancelledError:
             await lease.release()  # drained: the next holder starts at once
             raise
         except Exception as exc:
             return await self._failed(ref, lease, exc)
         await lease.finish()
-        return Outcome.DONE
+        return report
 
-    async def _already_done(self, ref: ObjectRef, lease: Lease, done: Done) -> Outcome:
-        await lease.finish()
-        if done is not Done.RESULT:
-            log.info("document_already_done", known_by=done.value)
-            return Outcome.SKIPPED
-        # Its result is out but its publisher stopped before the rest (S3 went away, the
-        # pod died): do what it did not, so the document counts, is told and is settled.
-        log.info("document_done", outcome="done", hint="published earlier; finished now")
-        await self._finished(ref)
-        return Outcome.DONE
-
-    async def close(self) -> None:
-        await self.leases.close()
+    async def _already_done(self, ref: ObjectRef, done: Done, timer: StageTimer) -> Report:
+        """Done before we looked. A source with its result still in the input prefix under
+        `move` or `delete` was not settled (its settler was cut off): settle it now. A
+        failed source stays, for its owner to inspect or replace."""
+        settled = Settled.KEPT
+        if done in HAS_RESULT and self.settings.source_action is not SourceAction.KEEP:
+            try:
+                if done is Done.RESULT or await self.done.has_result(ref):
+                    settled = await self._settle(ref, timer)
+                else:
+                    await self.done.remark_as_error(ref)  # an old marker of an error record
+            except (StorageUnavailable, KeyRefused) as exc:
+                log.warning("source_not_settled", error=str(exc))
+        if done is Done.RESULT:
+            # Its result was out but its publisher stopped before the marker (S3 went
+            # away, the pod died): it counts, is told and is settled now.
+            log.info("document_done", outcome="done", hint="published earlier; finished now")
+            return Report(ref, Outcome.DONE, output=self.names.result_json(ref.key))
+        log.info("document_already_done", known_by=done.value,
+                 settled=settled.value if settled is not Settled.KEPT else None)
+        return Report(ref, Outcome.SKIPPED, message=f"already done ({done.value})")
 
     async def _check_name_collision(self, ref: ObjectRef) -> None:
         """Raise when this source's result would take another source's error-record name."""
@@ -149,21 +171,77 @@ class DocumentWorker:
                 f"its result would be named {self.names.result_json(ref.key)!r}, the name of "
                 f"the error record of {shadowing!r}; rename one of the two sources"))
 
-    async def _failed(self, ref: ObjectRef, lease: Lease | None, exc: Exception) -> Outcome:
+    # --- the run --------------------------------------------------------------------
+    async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket, timer: StageTimer) -> Report:
+        with timer.stage("fetch"):
+            fetched = await fetch(self.storage, ref, self.work_dir, self.settings.max_object_bytes)
+        if fetched.size != ref.size:
+            log.info("document_size_differs", listed=ref.size, fetched=fetched.size,
+                     hint="a notification's or listing's size is a hint; the bytes decide")
+        ref = replace(ref, size=fetched.size, sha256=fetched.sha256)
+        try:
+            log.info("document_fetched", seconds=round(timer.seconds["fetch"], 3),
+                     sha256=fetched.sha256, bytes=fetched.size)
+            reused_from = await self._repointed(ref, lease, timer)
+            if reused_from is not None:
+                log.info("document_done", outcome="done", reused_from_etag=reused_from,
+                         hint="same content as the version already read: result re-pointed")
+                await self._settle(ref, timer)
+                return Report(ref, Outcome.DONE, output=self.names.result_json(ref.key))
+            reading = await self.reader.read(ref, fetched.path, fetched.size, timer, ticket)
+        finally:
+            fetched.path.unlink(missing_ok=True)
+        if not lease.valid():
+            raise LeaseLost(ref.key)
+        with timer.stage("render"):
+            markdown, result = await asyncio.to_thread(
+                build_result, ref, self.reader.engine_id(), reading.format, reading.pages, timer.seconds)
+        with timer.stage("publish"):
+            await self.publisher.result(ref, lease, result, markdown)
+        if self.checkpoints.wanted(len(reading.pages)):
+            await self.checkpoints.clear(ref)
+        log.info("document_done", pages=len(reading.pages), outcome="done",
+                 publish_seconds=round(timer.seconds["publish"], 3),
+                 render_seconds=round(timer.seconds["render"], 3),
+                 **{k: round(v, 3) for k, v in timings_of(timer.seconds).items()})
+        await self._settle(ref, timer)
+        return Report(ref, Outcome.DONE, output=self.names.result_json(ref.key),
+                      pages=len(reading.pages))
+
+    async def _repointed(self, ref: ObjectRef, lease: Lease, timer: StageTimer) -> str | None:
+        """The ETag whose result now serves this version (same content read before), or None."""
+        if not lease.valid():
+            raise LeaseLost(ref.key)
+        with timer.stage("publish"):
+            return await self.publisher.repoint(ref, lease, self.reader.engine_id())
+
+    async def _settle(self, ref: ObjectRef, timer: StageTimer) -> Settled:
+        """Keep, move or delete the source once its result is out. A failure leaves it in
+        the input prefix, marked done: whoever sees it next settles it (claim stage)."""
+        try:
+            with timer.stage("settle"):
+                return await settle(self.storage, self.names, ref, self.settings.source_action)
+        except (StorageUnavailable, KeyRefused) as exc:
+            log.warning("source_not_settled", error=str(exc),
+                        hint="it stays in the input prefix until the next poll settles it")
+            return Settled.KEPT
+
+    # --- failures -------------------------------------------------------------------
+    async def _failed(self, ref: ObjectRef, lease: Lease | None, exc: Exception) -> Report:
         """The one place where a failed run turns into an error record, a retry or nothing.
 
         `lease` is None when the claim itself failed."""
         failure = classify(exc)
         if failure.fate is Fate.GONE:
-            log.info("document_changed_or_gone")
+            log.info("document_changed_or_gone", reason=failure.message)
             if lease is not None:
                 await lease.release()
-            return Outcome.SKIPPED
+            return Report(ref, Outcome.SKIPPED, message=failure.message)
         if failure.fate is Fate.TRANSIENT:
             log.warning("document_deferred", reason=failure.message)
             if lease is not None:
                 await lease.release()
-            return Outcome.RETRY
+            return Report(ref, Outcome.RETRY, message=failure.message)
         if failure.fate is Fate.PERMANENT:
             assert failure.code is not None
             return await self._record_error(ref, lease, failure.code, failure.message)
@@ -173,170 +251,60 @@ class DocumentWorker:
                   attempt=lease.crashes + 1 if lease is not None else None,
                   exc_info=failure.code is ErrorCode.INTERNAL)
         if lease is None:
-            return Outcome.RETRY  # nothing claimed, nothing to count: the next poll retries
+            # Nothing claimed, nothing to count: the next poll retries.
+            return Report(ref, Outcome.RETRY, message=failure.message)
         try:
             crashes = await lease.record_crash(failure.message)
         except StorageUnavailable:
             await lease.release()
-            return Outcome.RETRY
+            return Report(ref, Outcome.RETRY, message=failure.message)
         if crashes < self.settings.max_attempts:
-            return Outcome.RETRY
+            return Report(ref, Outcome.RETRY, message=failure.message)
         assert failure.code is not None
         return await self._give_up(ref, lease, failure.code)
 
-    async def _give_up(self, ref: ObjectRef, lease: Lease, code: ErrorCode) -> Outcome:
+    async def _give_up(self, ref: ObjectRef, lease: Lease, code: ErrorCode) -> Report:
         what = "the OCR engine failed on" if code is ErrorCode.ENGINE_FAILED else "processing failed for"
         message = (f"{what} this document {lease.crashes} times; giving up "
                    f"(WATCHER_MAX_ATTEMPTS={self.settings.max_attempts}). "
                    f"Attempts: {'; '.join(lease.history) or 'no details recorded'}")
         return await self._record_error(ref, lease, code, message)
 
-    async def _refuse(self, ref: ObjectRef, lease: Lease | None, message: str) -> Outcome:
+    async def _refuse(self, ref: ObjectRef, lease: Lease | None, message: str) -> Report:
         """The store refuses a name this document needs: say so once, never loop on it."""
         if key_fits(self.names.error_json(ref.key)):
             return await self._record_error(ref, lease, ErrorCode.KEY_REFUSED, message)
         return await self._skip_refused(ref, lease, message)
 
-    async def _skip_refused(self, ref: ObjectRef, lease: Lease | None, message: str) -> Outcome:
+    async def _skip_refused(self, ref: ObjectRef, lease: Lease | None, message: str) -> Report:
         self._refused.add((ref.key, ref.etag))
         if lease is not None:
             await lease.finish()
         log.error("document_key_refused", message=message, outcome="refused",
                   hint="no error record can be written under this name either; rename the source")
-        return Outcome.REFUSED
+        return Report(ref, Outcome.REFUSED, message=message)
 
     async def _record_error(
         self, ref: ObjectRef, lease: Lease | None, code: ErrorCode, message: str
-    ) -> Outcome:
+    ) -> Report:
         crashes = lease.crashes if lease is not None else 0
         try:
-            with self.metrics.stage("publish"):
-                await publish_error(self.storage, self.names, ref,
-                                    render_error(ref, code, message, max(1, crashes)))
-        except StorageUnavailable as exc:
+            await self.publisher.error(ref, lease, error_record(ref, code, message, max(1, crashes)))
+        except (StorageUnavailable, LeaseLost) as exc:
             log.warning("document_deferred", reason=f"error record not written: {exc}")
             if lease is not None:
                 await lease.release()
-            return Outcome.RETRY
+            return Report(ref, Outcome.RETRY, message=str(exc))
+        except (Superseded, PreconditionFailed, FileNotFoundError):
+            log.info("document_changed_or_gone", reason="replaced before its error record was written")
+            if lease is not None:
+                await lease.release()
+            return Report(ref, Outcome.SKIPPED, message="the source changed or was deleted")
         except KeyRefused as exc:
             return await self._skip_refused(ref, lease, f"{message}; the error record too: {exc}")
         await self.checkpoints.clear(ref)
         if lease is not None:
             await lease.finish()
         log.warning("document_failed", code=code.value, message=message, outcome="error")
-        if self.notifier is not None:
-            self.notifier.failed(ref, code.value)
-        return Outcome.ERROR
-
-    async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket) -> None:
-        timings: dict[str, float] = {}
-        path: Path | None = None
-        try:
-            t0 = time.perf_counter()
-            with self.metrics.stage("fetch"):
-                path, digest = await fetch(self.storage, ref, self.work_dir,
-                                           self.settings.max_object_bytes)
-            ref = replace(ref, sha256=digest)
-            timings["fetch_seconds"] = time.perf_counter() - t0
-            log.info("document_fetched", seconds=round(timings["fetch_seconds"], 3), sha256=digest)
-            if await self._repointed(ref, lease):
-                return
-            fmt, pages = await self._recognise(ref, path, timings, ticket)
-        finally:
-            if path is not None:
-                path.unlink(missing_ok=True)
-        if lease.lost:
-            raise LeaseLost(ref.key)
-        with self.metrics.stage("render"):
-            markdown, result = await asyncio.to_thread(
-                render_document, ref, self.engine, fmt, pages, timings
-            )
-        t0 = time.perf_counter()
-        with self.metrics.stage("publish"):
-            await publish_result(self.storage, self.names, ref, result, markdown)
-        if self.checkpoints.wanted(len(pages)):
-            await self.checkpoints.clear(ref)
-        log.info(
-            "document_done", pages=len(pages), outcome="done",
-            publish_seconds=round(time.perf_counter() - t0, 3),
-            **{k: round(v, 3) for k, v in timings.items()},
-        )
-        await self._finished(ref)
-
-    async def _repointed(self, ref: ObjectRef, lease: Lease) -> bool:
-        """True when this version's content was read before: its result now points here."""
-        if lease.lost:
-            raise LeaseLost(ref.key)
-        with self.metrics.stage("publish"):
-            reused_from = await repoint_result(self.storage, self.names, ref, engine_of(self.engine))
-        if reused_from is None:
-            return False
-        log.info("document_done", outcome="done", reused_from_etag=reused_from,
-                 hint="same content as the version already read: result re-pointed")
-        await self._finished(ref)
-        return True
-
-    async def _finished(self, ref: ObjectRef) -> None:
-        """The result is out: tell whoever asked, then settle the source."""
-        if self.notifier is not None:
-            self.notifier.done(ref)
-        # A failed source stays where it is, for its owner to inspect or replace.
-        with self.metrics.stage("settle"):
-            await settle(self.storage, self.names, ref, self.settings.source_action)
-
-    async def _recognise(
-        self, ref: ObjectRef, path: Path, timings: dict[str, float], ticket: Ticket
-    ) -> tuple[str, list[PageResult]]:
-        t0 = time.perf_counter()
-        with self.metrics.stage("decode"):
-            doc = await self.decoder.open(path, ref.size, self.limits, ref.key)
-        timings["decode_seconds_sum"] = time.perf_counter() - t0
-        log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
-        try:
-            kept = await self.checkpoints.load(ref, doc.page_count)
-            pages = await self._pages(ref, doc, timings, kept, ticket)
-        finally:
-            await self.decoder.close(doc)
-        failure = unreadable(pages)
-        if failure is not None:
-            raise failure
-        t1 = time.perf_counter()
-        with self.metrics.stage("engine"):
-            pages = await engine_call(self.engine.finish_document(pages))
-        timings["engine_seconds_sum"] += time.perf_counter() - t1
-        timings["recognise_seconds"] = time.perf_counter() - t0
-        return doc.format.value, pages
-
-    async def _pages(
-        self, ref: ObjectRef, doc: Document, timings: dict[str, float],
-        kept: dict[int, PageResult], ticket: Ticket,
-    ) -> list[PageResult]:
-        """Pages rendered on demand, at most WATCHER_PAGE_CONCURRENCY of them in memory;
-        pages kept from an earlier attempt are not recognised again."""
-        results: list[PageResult | None] = [kept.get(i) for i in range(doc.page_count)]
-        checkpointed = self.checkpoints.wanted(doc.page_count)
-        gate = asyncio.Semaphore(self.settings.page_concurrency)
-        # Sums over pages: with several pages in flight they can exceed the wall time.
-        timings.setdefault("decode_seconds_sum", 0.0)
-        timings.setdefault("engine_seconds_sum", 0.0)
-
-        async def one(index: int) -> None:
-            async with gate:
-                await self.budget.acquire(ticket)
-                try:
-                    result = results[index] = await self.recogniser.page(doc, index, timings)
-                    if checkpointed:
-                        await self.checkpoints.save(ref, result)
-                finally:
-                    self.budget.release()
-                self.metrics.pages.inc()
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for index in range(doc.page_count):
-                    if results[index] is None:
-                        group.create_task(one(index))
-        except BaseExceptionGroup as group_error:
-            # Report the first real cause, not the group: callers branch on its type.
-            raise group_error.exceptions[0] from None
-        return [r for r in results if r is not None]
+        return Report(ref, Outcome.ERROR, output=self.names.error_json(ref.key), code=code.value,
+                      message=message)

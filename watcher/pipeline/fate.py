@@ -17,6 +17,7 @@ from enum import StrEnum
 from watcher.bucket.leases import LeaseLost
 from watcher.bucket.storage import KeyRefused, PreconditionFailed, StorageUnavailable
 from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
+from watcher.pipeline.publish import Superseded
 
 
 class Fate(StrEnum):
@@ -41,7 +42,7 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Fate.TRANSIENT, None, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, KeyRefused):
         return Failure(Fate.REFUSED, ErrorCode.KEY_REFUSED, str(exc))
-    if isinstance(exc, PreconditionFailed | FileNotFoundError):
+    if isinstance(exc, PreconditionFailed | FileNotFoundError | Superseded):
         return Failure(Fate.GONE, None, "the source changed or was deleted while it was processed")
     if isinstance(exc, EngineCrashed):
         return Failure(Fate.CRASH, ErrorCode.ENGINE_FAILED, f"engine {exc.reason}: {exc.detail}")

@@ -18,19 +18,26 @@ short of an error (`warnings`).
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
-from watcher.core.metrics import Metrics
+from watcher.core.logs import get_logger
+from watcher.core.metrics import Metrics, StageTimer
 from watcher.core.pages import PageResult
-from watcher.core.settings import TextLayerMode
+from watcher.core.refs import ObjectRef
+from watcher.core.settings import Settings, TextLayerMode
 from watcher.engines.base import Engine
-from watcher.pipeline.decode import Decoder, Document
+from watcher.pipeline.budget import PageBudget, Ticket
+from watcher.pipeline.checkpoint import Checkpoints
+from watcher.pipeline.decode import Decoder, Document, Limits
 from watcher.pipeline.textlayer import TextLayer
 
 T = TypeVar("T")
+log = get_logger("watcher.pipeline.recognise")
 
 _REASONS = {
     "no_text_layer": "it has no text layer",
@@ -53,16 +60,15 @@ async def engine_call(call: Awaitable[T]) -> T:
 
 
 class Recogniser:
-    def __init__(self, decoder: Decoder, engine: Engine, metrics: Metrics, mode: TextLayerMode) -> None:
+    def __init__(self, decoder: Decoder, engine: Engine, mode: TextLayerMode) -> None:
         self.decoder = decoder
         self.engine = engine
-        self.metrics = metrics
         self.mode = mode
 
-    async def page(self, doc: Document, index: int, timings: dict[str, float]) -> PageResult:
+    async def page(self, doc: Document, index: int, timer: StageTimer) -> PageResult:
         """Page `index` read; a fault of the page itself is kept on the page."""
         try:
-            result = await self._read(doc, index, timings)
+            result = await self._read(doc, index, timer)
         except DocumentError as exc:
             return PageResult(index=index, width=0, height=0, blocks=[], markdown="",
                               error={"code": exc.code.value, "message": exc.message})
@@ -70,31 +76,27 @@ class Recogniser:
             result.warnings.append({"code": "no_text", "message": _no_text(index, result)})
         return result
 
-    async def _read(self, doc: Document, index: int, timings: dict[str, float]) -> PageResult:
+    async def _read(self, doc: Document, index: int, timer: StageTimer) -> PageResult:
         layer: TextLayer | None = None
         text_first = self.mode is TextLayerMode.TEXT or (
             self.mode is TextLayerMode.AUTO and not self.engine.structured)
         if text_first:
-            layer = await self._text_layer(doc, index, timings)
+            layer = await self._text_layer(doc, index, timer)
             if layer is not None and (self.mode is TextLayerMode.TEXT or layer.trusted):
                 return _from_layer(layer)
-        t0 = time.perf_counter()
-        with self.metrics.stage("decode"):
+        with timer.stage("decode"):
             rendered = await self.decoder.render(doc, index)
-        t1 = time.perf_counter()
         call = engine_call(self.engine.recognize(rendered))
         warnings = rendered.warnings
         del rendered  # the engine decides how long the bitmap lives
-        with self.metrics.stage("engine"):
+        with timer.stage("engine"):
             result = await call
-        timings["decode_seconds_sum"] += t1 - t0
-        timings["engine_seconds_sum"] += time.perf_counter() - t1
         result.warnings[:0] = warnings
         if result.text.strip() or self.mode is TextLayerMode.OCR:
             return result
         # The engine saw nothing: a structured engine's page reads its text layer only now.
         if layer is None:
-            layer = await self._text_layer(doc, index, timings)
+            layer = await self._text_layer(doc, index, timer)
         if layer is None or not layer.chars or not _usable(layer):
             return result
         fallback = _from_layer(layer)
@@ -106,12 +108,9 @@ class Recogniser:
         }]
         return fallback
 
-    async def _text_layer(self, doc: Document, index: int, timings: dict[str, float]) -> TextLayer | None:
-        t0 = time.perf_counter()
-        with self.metrics.stage("decode"):
-            layer = await self.decoder.text_layer(doc, index)
-        timings["decode_seconds_sum"] += time.perf_counter() - t0
-        return layer
+    async def _text_layer(self, doc: Document, index: int, timer: StageTimer) -> TextLayer | None:
+        with timer.stage("decode"):
+            return await self.decoder.text_layer(doc, index)
 
 
 def _usable(layer: TextLayer) -> bool:
@@ -149,3 +148,85 @@ def unreadable(pages: list[PageResult]) -> DocumentError | None:
     code = ErrorCode(first["code"])  # page errors come from DocumentError codes
     prefix = "" if len(pages) == 1 else f"none of its {len(pages)} pages could be read: "
     return DocumentError(code, f"{prefix}{listed}{more}")
+
+
+@dataclass(frozen=True)
+class Reading:
+    format: str
+    pages: list[PageResult]
+
+
+class Reader(Protocol):
+    """What the pipeline asks of the decode and recognise stages for one document."""
+
+    def engine_id(self) -> dict[str, str]:
+        """How a result names what read it (engine name and model)."""
+        ...
+
+    async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
+                   ticket: Ticket) -> Reading: ...
+
+
+class DocumentReader:
+    """A document's pages: decoded on demand, each read from its text layer or by the
+    engine, at most WATCHER_PAGE_CONCURRENCY in memory and within the page budget; pages
+    kept from an earlier attempt (checkpoint.py) are not read again."""
+
+    def __init__(self, decoder: Decoder, engine: Engine, settings: Settings,
+                 checkpoints: Checkpoints, budget: PageBudget, metrics: Metrics) -> None:
+        self.decoder = decoder
+        self.engine = engine
+        self.checkpoints = checkpoints
+        self.budget = budget
+        self.metrics = metrics
+        self.page_concurrency = settings.page_concurrency
+        self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
+        self.recogniser = Recogniser(decoder, engine, settings.text_layer)
+
+    def engine_id(self) -> dict[str, str]:
+        return {"name": self.engine.name, "model": self.engine.model}
+
+    async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
+                   ticket: Ticket) -> Reading:
+        with timer.stage("recognise"):
+            with timer.stage("decode"):
+                doc = await self.decoder.open(path, size, self.limits, ref.key)
+            log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
+            try:
+                kept = await self.checkpoints.load(ref, doc.page_count)
+                pages = await self._pages(ref, doc, timer, kept, ticket)
+            finally:
+                await self.decoder.close(doc)
+            failure = unreadable(pages)
+            if failure is not None:
+                raise failure
+            with timer.stage("engine"):
+                pages = await engine_call(self.engine.finish_document(pages))
+        return Reading(doc.format.value, pages)
+
+    async def _pages(self, ref: ObjectRef, doc: Document, timer: StageTimer,
+                     kept: dict[int, PageResult], ticket: Ticket) -> list[PageResult]:
+        results: list[PageResult | None] = [kept.get(i) for i in range(doc.page_count)]
+        checkpointed = self.checkpoints.wanted(doc.page_count)
+        gate = asyncio.Semaphore(self.page_concurrency)
+
+        async def one(index: int) -> None:
+            async with gate:
+                await self.budget.acquire(ticket)
+                try:
+                    result = results[index] = await self.recogniser.page(doc, index, timer)
+                    if checkpointed:
+                        await self.checkpoints.save(ref, result)
+                finally:
+                    self.budget.release()
+                self.metrics.pages.inc()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(doc.page_count):
+                    if results[index] is None:
+                        group.create_task(one(index))
+        except BaseExceptionGroup as group_error:
+            # Report the first real cause, not the group: callers branch on its type.
+            raise group_error.exceptions[0] from None
+        return [r for r in results if r is not None]

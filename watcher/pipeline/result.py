@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from watcher import __version__
-from watcher.bucket.storage import ObjectRef
 from watcher.core.errors import ErrorCode, scrub
 from watcher.core.pages import PageResult
-from watcher.engines.base import Engine
+from watcher.core.refs import ObjectRef
 
 SCHEMA_VERSION = "1.1"
 ERROR_SCHEMA_VERSION = "1.1"
@@ -42,12 +41,7 @@ def _block(block: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def engine_of(engine: Engine) -> dict[str, str]:
-    """How a result names the engine that read it."""
-    return {"name": engine.name, "model": engine.model}
-
-
-def render_markdown(pages: list[PageResult]) -> str:
+def markdown_of(pages: list[PageResult]) -> str:
     """Pages in order, each introduced by an HTML comment that Markdown viewers hide."""
     parts = [f"<!-- page {p.index + 1}{_not_read(p)} -->\n\n{p.markdown.strip()}".rstrip()
              for p in pages]
@@ -61,9 +55,9 @@ def _not_read(page: PageResult) -> str:
     return f": not read ({page.error['code']}: {page.error['message'].replace('--', '-')})"
 
 
-def render_result(
+def result_of(
     ref: ObjectRef,
-    engine: Engine,
+    engine: dict[str, str],
     doc_format: str,
     pages: list[PageResult],
     markdown: str,
@@ -72,7 +66,7 @@ def render_result(
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "source": source_fields(ref),
-        "engine": engine_of(engine),
+        "engine": engine,
         "document": {"format": doc_format, "page_count": len(pages)},
         "pages": [],
         "warnings": [{**w, "page": p.index} for p in pages for w in p.warnings],
@@ -99,7 +93,7 @@ def render_result(
     return result
 
 
-def render_error(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -> dict[str, Any]:
+def error_record(ref: ObjectRef, code: ErrorCode, message: str, attempts: int) -> dict[str, Any]:
     return {
         "schema_version": ERROR_SCHEMA_VERSION,
         "source": source_fields(ref),
@@ -114,16 +108,25 @@ def to_json_bytes(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
 
 
-def render_document(
+def timings_of(seconds: dict[str, float]) -> dict[str, float]:
+    """The result's `timings` from a run's stage times (`StageTimer.seconds`): the names
+    results have always carried. Sums over pages can exceed the document's wall time."""
+    names = {"fetch": "fetch_seconds", "decode": "decode_seconds_sum",
+             "engine": "engine_seconds_sum", "recognise": "recognise_seconds"}
+    return {names[stage]: value for stage, value in seconds.items() if stage in names}
+
+
+def build_result(
     ref: ObjectRef,
-    engine: Engine,
+    engine: dict[str, str],
     doc_format: str,
     pages: list[PageResult],
-    timings: dict[str, float],
+    seconds: dict[str, float],
 ) -> tuple[bytes, bytes]:
-    """Markdown and result JSON, encoded; CPU-bound for long documents, so run off the loop."""
+    """Markdown and result JSON, encoded; CPU-bound for long documents, so run off the loop.
+    `render_seconds` is the time taken to put the Markdown together."""
     started = time.perf_counter()
-    markdown = render_markdown(pages)
-    timings["render_seconds"] = time.perf_counter() - started
-    result = render_result(ref, engine, doc_format, pages, markdown, timings)
+    markdown = markdown_of(pages)
+    timings = {**timings_of(seconds), "render_seconds": time.perf_counter() - started}
+    result = result_of(ref, engine, doc_format, pages, markdown, timings)
     return markdown.encode("utf-8"), to_json_bytes(result)

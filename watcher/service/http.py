@@ -1,90 +1,19 @@
 """The operator's HTTP surface on WATCHER_HTTP_PORT: /health, /ready, /metrics.
 
-It starts before anything else and only reads in-memory state, so it answers within
-milliseconds while the engine warms or pages are being recognised.
+It starts before anything else and only reads a `Status` (service/status.py), an
+in-memory snapshot, so it answers within milliseconds while the engine warms or pages
+are being recognised; `POST /events` hands notifications to the event intake.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from watcher import __version__
-from watcher.engines.base import EngineState
 from watcher.intake.events import BadEvent, EventIntake
-
-if TYPE_CHECKING:
-    from watcher.service.daemon import Daemon
-
-
-def health_body(daemon: Daemon) -> dict[str, Any]:
-    engine = daemon.engine
-    return {
-        "status": "healthy",
-        # Operators' existing probes read this key; it carries the engine state.
-        "paddleocr": engine.state.value,
-        "engine": {
-            "name": engine.name,
-            "model": engine.model,
-            "state": engine.state.value,
-            "error": engine.error,
-            "warm_seconds": engine.warm_seconds,
-            "unavailable": engine.unavailable,
-            **engine.snapshot(),
-        },
-        "s3": {
-            "bucket": daemon.settings.s3_bucket,
-            "reachable": daemon.s3_reachable,
-            "error": daemon.s3_error,
-        },
-        "claims": {
-            "mode": daemon.settings.claim_mode.value,
-            "shard_index": daemon.settings.shard_index,
-            "shard_count": daemon.settings.shard_count,
-            "probe": daemon.claims_probe,
-        },
-        "discovery": {
-            **(daemon.fleet.snapshot() if daemon.fleet else {"role": None, "lister": None}),
-            "polls": daemon.polls,
-            "last_poll": daemon.last_poll,
-            "list_requests_per_second_budget": daemon.settings.list_requests_per_second,
-        },
-        "notifications": {
-            "webhook": daemon.settings.webhook_token is not None,
-            "sqs": daemon.sqs.snapshot() if daemon.sqs is not None else None,
-        },
-        "inflight_documents": daemon.inflight,
-        "inflight_pages": daemon.pages.in_use,
-        "pages_wanted": engine.pages_wanted(),
-        "backlog_documents": daemon.backlog,
-        "draining": daemon.draining,
-        "uptime_seconds": round(time.monotonic() - daemon.started_at, 1),
-        "pid": os.getpid(),
-        "version": __version__,
-    }
-
-
-def readiness_problems(daemon: Daemon) -> list[str]:
-    problems = []
-    engine = daemon.engine
-    if engine.state is not EngineState.READY:
-        detail = f": {engine.error}" if engine.error else ""
-        problems.append(f"engine {engine.name} is {engine.state.value}{detail}")
-    elif engine.unavailable:
-        problems.append(f"engine {engine.name} is unreachable: {engine.unavailable}")
-    if daemon.s3_reachable is None:
-        problems.append("S3 has not been checked yet")
-    elif not daemon.s3_reachable:
-        problems.append(f"S3 is unreachable: {daemon.s3_error}")
-    if daemon.workers_down():
-        problems.append(f"{daemon.workers_down()} document worker(s) down, restarting")
-    if daemon.draining:
-        problems.append("shutting down")
-    return problems
+from watcher.service.status import Status
 
 
 async def serve_app(
@@ -99,57 +28,67 @@ async def serve_app(
     return runner, (sockets[0].getsockname()[1] if sockets else port)
 
 
+@dataclass(frozen=True)
+class Webhook:
+    """`POST /events`: where notifications go, the token they must carry, the size limit."""
+
+    intake: EventIntake
+    token: str
+    max_bytes: int
+
+
 class HealthServer:
-    def __init__(self, daemon: Daemon, host: str, port: int, events: EventIntake | None = None) -> None:
-        self.daemon = daemon
+    def __init__(self, status: Status, host: str, port: int, webhook: Webhook | None = None) -> None:
+        self.status = status
         self.host = host
         self.port = port
-        self.events = events
+        self.webhook = webhook
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # The whole body of a POST is read (chunked ones too) up to this size; past it
+        # aiohttp answers 413 itself.
+        app = web.Application(client_max_size=self.webhook.max_bytes if self.webhook else 1024)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
-        if self.events is not None and self.daemon.settings.webhook_token is not None:
+        if self.webhook is not None:
             app.router.add_post("/events", self.post_events)
         return app
 
     async def post_events(self, request: web.Request) -> web.Response:
-        settings = self.daemon.settings
-        assert self.events is not None and settings.webhook_token is not None
-        token = settings.webhook_token.get_secret_value()
-        if not self.events.authorised(request.headers.get("Authorization"), token):
+        hook = self.webhook
+        assert hook is not None
+        if not hook.intake.authorised(request.headers.get("Authorization"), hook.token):
             return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-        limit = settings.webhook_max_bytes
-        if (request.content_length or 0) > limit:
-            return web.json_response({"error": f"body over {limit} bytes"}, status=413)
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            return web.json_response({"error": f"body over {limit} bytes"}, status=413)
+        too_large = web.json_response({"error": f"body over {hook.max_bytes} bytes"}, status=413)
+        if (request.content_length or 0) > hook.max_bytes:
+            return too_large
         try:
-            intake = self.events.take(body)
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        try:
+            intake = hook.intake.take(body)
         except BadEvent as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response({"accepted": intake.accepted, "ignored": intake.ignored})
+        answer: dict[str, object] = {"accepted": intake.accepted, "ignored": intake.ignored}
+        if intake.refused:
+            answer["refused"] = intake.refused
+        return web.json_response(answer)
 
     async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.scrub(health_body(self.daemon)))
+        return web.json_response(self.status.health())
 
     async def ready(self, _request: web.Request) -> web.Response:
-        problems = readiness_problems(self.daemon)
+        problems = self.status.problems()
         if problems:
-            body = {"status": "not_ready", "reasons": problems}
-            return web.json_response(self.daemon.scrub(body), status=503)
+            return web.json_response({"status": "not_ready", "reasons": problems}, status=503)
         return web.json_response({"status": "ready"})
 
     async def metrics(self, _request: web.Request) -> web.Response:
-        self.daemon.refresh_gauges()
-        return web.Response(
-            body=self.daemon.metrics.render(),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+        return web.Response(body=self.status.metrics_text(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> None:
         self._runner, self.port = await serve_app(self.app(), self.host, self.port)

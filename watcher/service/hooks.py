@@ -1,0 +1,57 @@
+"""Outcome hooks of the daemon's own: metrics, what `--once` reports, and held documents
+looked at again when their holder's lease runs out. (The SQS source, the fleet's
+follower and the callbacks subscribe with `settled(report)` methods of their own.)"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from watcher.core.metrics import Metrics
+from watcher.core.outcome import Outcome, Report
+from watcher.core.refs import ObjectRef
+
+# Sources whose last run is remembered for `--once`'s report (it sees each source once
+# per round; a long-running daemon keeps only the most recent).
+OUTCOMES_REMEMBERED = 100_000
+
+
+class MetricsHook:
+    def __init__(self, metrics: Metrics, refresh: Callable[[], None]) -> None:
+        self.metrics = metrics
+        self.refresh = refresh
+
+    def settled(self, report: Report) -> None:
+        self.metrics.documents.labels(report.outcome.value).inc()
+        self.metrics.stage_seconds.labels("document").observe(report.seconds)
+        self.refresh()
+
+
+class LastOutcomes:
+    """How each source's last run ended, newest last, bounded."""
+
+    def __init__(self, limit: int = OUTCOMES_REMEMBERED) -> None:
+        self.limit = limit
+        self.reports: OrderedDict[str, Report] = OrderedDict()
+
+    def settled(self, report: Report) -> None:
+        self.reports[report.ref.key] = report
+        self.reports.move_to_end(report.ref.key)
+        while len(self.reports) > self.limit:
+            self.reports.popitem(last=False)
+
+    def unfinished(self) -> list[Report]:
+        """Sources whose last run did not end with a result."""
+        bad = (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED, Outcome.HELD)
+        return sorted((r for r in self.reports.values() if r.outcome in bad), key=lambda r: r.ref.key)
+
+
+class HeldRetry:
+    """A document whose lease another holder has is offered again once that lease ran out."""
+
+    def __init__(self, retry_at: Callable[[ObjectRef, float], None]) -> None:
+        self.retry_at = retry_at
+
+    def settled(self, report: Report) -> None:
+        if report.outcome is Outcome.HELD and report.retry_at is not None:
+            self.retry_at(report.ref, report.retry_at)

@@ -1,0 +1,127 @@
+"""What the daemon shows of itself: /health's body, /ready's reasons, /metrics' gauges.
+
+`Status` is the narrow object the HTTP surface is handed (as uvicorn hands its protocols
+a `ServerState`, not the server): it reads the parts that hold state (engine, poller,
+worker pool, fleet, SQS) and never the daemon, so the surface cannot reach into the
+daemon's life and the daemon does not depend on its surface.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from watcher import __version__
+from watcher.core.logs import scrubber
+from watcher.core.metrics import Metrics
+from watcher.core.settings import Settings
+from watcher.engines.base import Engine, EngineState
+from watcher.intake.fleet import FleetDiscovery, Role
+from watcher.intake.sqs import SqsSource
+from watcher.pipeline.budget import PageBudget
+from watcher.service.poller import Poller
+from watcher.service.workers import WorkerPool
+
+
+@dataclass
+class Status:
+    settings: Settings
+    engine: Engine
+    metrics: Metrics
+    poller: Poller
+    budget: PageBudget
+    pool: WorkerPool | None = None
+    fleet: FleetDiscovery | None = None
+    sqs: SqsSource | None = None
+    claims_probe: str = "not probed yet"
+    draining: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def inflight(self) -> int:
+        return self.pool.inflight if self.pool is not None else 0
+
+    def health(self) -> dict[str, Any]:
+        engine, settings, poller = self.engine, self.settings, self.poller
+        body = {
+            "status": "healthy",
+            # Operators' existing probes read this key; it carries the engine state.
+            "paddleocr": engine.state.value,
+            "engine": {
+                "name": engine.name,
+                "model": engine.model,
+                "state": engine.state.value,
+                "error": engine.error,
+                "warm_seconds": engine.warm_seconds,
+                "unavailable": engine.unavailable,
+                **engine.snapshot(),
+            },
+            "s3": {"bucket": settings.s3_bucket, "reachable": poller.s3_reachable,
+                   "error": poller.s3_error},
+            "claims": {
+                "mode": settings.claim_mode.value,
+                "shard_index": settings.shard_index,
+                "shard_count": settings.shard_count,
+                "probe": self.claims_probe,
+            },
+            "discovery": {
+                **(self.fleet.snapshot() if self.fleet else {"role": None, "lister": None}),
+                "polls": poller.polls,
+                "last_poll": poller.last_poll,
+                "list_requests_per_second_budget": settings.list_requests_per_second,
+            },
+            "notifications": {
+                "webhook": settings.webhook_token is not None,
+                "sqs": self.sqs.snapshot() if self.sqs is not None else None,
+            },
+            "inflight_documents": self.inflight,
+            "inflight_pages": self.budget.in_use,
+            "pages_wanted": engine.pages_wanted(),
+            "backlog_documents": poller.backlog,
+            "draining": self.draining,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 1),
+            "pid": os.getpid(),
+            "version": __version__,
+        }
+        scrubbed: dict[str, Any] = scrubber.scrub(body)
+        return scrubbed
+
+    def problems(self) -> list[str]:
+        """Why the daemon is not ready; empty when it is."""
+        problems = []
+        engine, poller = self.engine, self.poller
+        if engine.state is not EngineState.READY:
+            detail = f": {engine.error}" if engine.error else ""
+            problems.append(f"engine {engine.name} is {engine.state.value}{detail}")
+        elif engine.unavailable:
+            problems.append(f"engine {engine.name} is unreachable: {engine.unavailable}")
+        if poller.s3_reachable is None:
+            problems.append("S3 has not been checked yet")
+        elif not poller.s3_reachable:
+            problems.append(f"S3 is unreachable: {poller.s3_error}")
+        down = self.pool.down() if self.pool is not None else 0
+        if down:
+            problems.append(f"{down} document worker(s) down, restarting")
+        if self.draining:
+            problems.append("shutting down")
+        scrubbed: list[str] = scrubber.scrub(problems)
+        return scrubbed
+
+    def refresh_gauges(self) -> None:
+        m, engine = self.metrics, self.engine
+        m.inflight.set(self.inflight)
+        m.backlog.set(self.poller.backlog)
+        m.engine_ready.set(1 if engine.state is EngineState.READY else 0)
+        m.lister.set(1 if self.fleet is not None and self.fleet.role is Role.LISTER else 0)
+        wanted = engine.pages_wanted()
+        if wanted is not None:
+            m.pages_wanted.set(wanted)
+        limit = engine.request_limit()
+        if limit is not None:
+            m.vlm_request_limit.set(limit)
+
+    def metrics_text(self) -> bytes:
+        self.refresh_gauges()
+        return self.metrics.render()
