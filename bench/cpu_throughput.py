@@ -62,7 +62,7 @@ def render_all(pdfs: list[bytes], dpi: int) -> list[RenderedPage]:
 async def direct(engine: CpuEngine, pages: list[RenderedPage]) -> float:
     started = time.perf_counter()
     for page in pages:
-        await engine.recognize(page)
+        await engine.recognise(page)
     return time.perf_counter() - started
 
 

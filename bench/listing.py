@@ -43,7 +43,7 @@ class NoEngine(Engine):
     async def warm(self) -> None:
         return None
 
-    async def recognize(self, page: Any) -> PageResult:
+    async def recognise(self, page: Any) -> PageResult:
         raise AssertionError("the listing benchmark recognises nothing")
 
 

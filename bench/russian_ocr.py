@@ -80,7 +80,7 @@ def main() -> None:
         return layer.result.markdown if layer is not None and layer.trusted else ""
 
     def ocr(doc: Document, index: int) -> str:
-        return reader.recognize(doc.render(index)).markdown
+        return reader.recognise(doc.render(index)).markdown
 
     rows = []
     totals: dict[str, list[float]] = {"text_layer": [], "ocr": []}

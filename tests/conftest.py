@@ -71,9 +71,9 @@ class CountingEngine(Engine):
     async def warm(self) -> None:
         await self.inner.warm()
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         self.calls.append(page.index)
-        return await self.inner.recognize(page)
+        return await self.inner.recognise(page)
 
 
 class GatedEngine(CountingEngine):
@@ -84,10 +84,10 @@ class GatedEngine(CountingEngine):
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         self.entered.set()
         await self.gate.wait()
-        return await super().recognize(page)
+        return await super().recognise(page)
 
 
 def make_settings(server: SeaweedS3, bucket: str, **overrides: Any) -> Settings:

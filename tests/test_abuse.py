@@ -92,8 +92,8 @@ class OrderingEngine(CountingEngine):
         self.order: list[str] = []
         self.pace = pace
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
-        result, _ = await asyncio.gather(super().recognize(page), asyncio.sleep(self.pace))
+    async def recognise(self, page: RenderedPage) -> PageResult:
+        result, _ = await asyncio.gather(super().recognise(page), asyncio.sleep(self.pace))
         self.order.append(" ".join(b.text for b in result.blocks[:1]))
         return result
 

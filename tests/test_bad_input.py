@@ -107,8 +107,8 @@ async def test_every_bad_input_gets_an_error_record_and_good_ones_go_on(
 class CrashingEngine(CountingEngine):
     """Failure injection around the real CPU engine: pages whose text says CRASH raise."""
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
-        result = await super().recognize(page)
+    async def recognise(self, page: RenderedPage) -> PageResult:
+        result = await super().recognise(page)
         if any("CRASH" in b.text.upper() for b in result.blocks):
             raise RuntimeError("simulated engine crash")
         return result

@@ -120,7 +120,7 @@ async def test_redirects_are_not_followed_and_each_attempt_is_stamped_afresh(
     async with receiver(fail_first=0) as (url, received):
         moved = url.replace("/hook", "/moved")
         notifier = Notifier(moved, SECRET, "b", names, max_wait=0.01)
-        notifier.settled(Report(ref, Outcome.DONE))
+        notifier.ended(Report(ref, Outcome.DONE))
         event = notifier.queue.get_nowait()
         async with aiohttp.ClientSession() as http:
             await notifier._deliver(http, event)

@@ -78,7 +78,7 @@ async def test_a_result_whose_publisher_was_cut_off_is_finished_not_redone(
     async with open_storage(settings) as storage:
         worker = DocumentPipeline.reading_with(engine, settings, storage, metrics)
         report = await worker.process(ref)
-        MetricsHook(metrics, lambda: None).settled(report)
+        MetricsHook(metrics, lambda: None).ended(report)
         assert report.outcome is Outcome.DONE
         await worker.close()
     assert engine.calls == []

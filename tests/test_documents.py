@@ -70,7 +70,7 @@ def test_text_layer_boxes_match_the_ocr_frame(tmp_path: Path, reader: CpuReader)
     doc = opened(tmp_path, rudocs.ru_pdf([PAGE], size=12))
     from_layer = doc.text_layer(0).result
     page = doc.render(0)
-    from_ocr = reader.recognize(page)
+    from_ocr = reader.recognise(page)
     assert (from_layer.width, from_layer.height) == (page.width, page.height)
     # The first line is found at the same place both ways (within a few pixels).
     first = zip(from_layer.blocks[0].bbox, from_ocr.blocks[0].bbox, strict=True)
@@ -168,7 +168,7 @@ def test_white_text_on_transparency_stays_visible(tmp_path: Path, reader: CpuRea
     lines = ["Белый текст на прозрачном фоне", "White text on a transparent PNG"]
     page = opened(tmp_path, rudocs.transparent_png_white_text(lines), "white.png").render(0)
     assert page.image.getpixel((0, 0)) == (0, 0, 0)  # dark behind light content
-    assert rudocs.similarity("\n".join(lines), reader.recognize(page).markdown) > 0.9
+    assert rudocs.similarity("\n".join(lines), reader.recognise(page).markdown) > 0.9
 
 
 def test_local_paths_never_reach_a_message() -> None:
@@ -206,7 +206,7 @@ def test_letters_alike_in_both_scripts_follow_the_words_around_them() -> None:
 def test_degraded_russian_scans_are_read_upright(reader: CpuReader, degrees: int) -> None:
     image = rudocs.degrade(rudocs.render_pages(rudocs.ru_pdf([PAGE]), dpi=150)[0], seed=degrees)
     turned = image.rotate(-degrees, expand=True, fillcolor="white").convert("RGB")
-    result = reader.recognize(RenderedPage(0, turned, turned.width, turned.height))
+    result = reader.recognise(RenderedPage(0, turned, turned.width, turned.height))
     assert result.rotation == degrees
     assert rudocs.similarity(TRUTH, result.markdown) > 0.95, result.markdown
     letters = [c for c in result.markdown if c.isalpha()]

@@ -31,10 +31,10 @@ async def test_a_reader_that_loses_its_device_hands_pages_back_and_is_not_restar
     await engine.start()
     try:
         assert engine.state is EngineState.READY, engine.error
-        assert (await engine.recognize(page(0))).index == 0
+        assert (await engine.recognise(page(0))).index == 0
         gone.touch()
         results = await asyncio.wait_for(
-            asyncio.gather(*(engine.recognize(page(i)) for i in range(1, 4)), return_exceptions=True), 60)
+            asyncio.gather(*(engine.recognise(page(i)) for i in range(1, 4)), return_exceptions=True), 60)
         # Unavailable, not crashed: the pages wait for the fix without using an attempt.
         assert all(isinstance(r, EngineUnavailable) for r in results), results
         assert "the fake device is gone" in str(results[0])
@@ -45,7 +45,7 @@ async def test_a_reader_that_loses_its_device_hands_pages_back_and_is_not_restar
         assert worker["state"] == "failed" and worker["pid"] is None
         assert all(slot.done() for slot in engine._slots)  # nothing will start it again
         with pytest.raises(EngineUnavailable):
-            await engine.recognize(page(9))
+            await engine.recognise(page(9))
         with pytest.raises(EngineMisconfigured):
             await engine.warm()
     finally:

@@ -192,9 +192,9 @@ class LeaseStore:
             modified = datetime.fromtimestamp(self.objects[key], UTC)
             yield ObjectRef(bucket="b", key=key, etag="e", size=1, last_modified=modified)
 
-    async def delete(self, key: str) -> None:
-        self.objects.pop(key, None)
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
         self.deleted.append(key)
+        return self.objects.pop(key, None) is not None
 
 
 async def test_leases_left_by_a_dead_replica_on_finished_versions_are_swept() -> None:

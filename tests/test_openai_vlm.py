@@ -338,3 +338,39 @@ def test_plain_text_answer_is_one_block_per_paragraph() -> None:
     assert [b.text for b in page.blocks] == ["First paragraph\nstill first", "Second one"]
     assert all(b.bbox == [0.0, 0.0, 800.0, 600.0] for b in page.blocks)
     assert page.raw == {"response": "First paragraph\nstill first\n\nSecond one\n"}
+
+
+@pytest.mark.parametrize("managed", [True, False])
+async def test_a_vlm_server_this_container_runs_gone_past_the_limit_fails_liveness(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer, managed: bool
+) -> None:
+    settings = vlm_settings(weed, bucket, fake, vlm_max_retries=1, vlm_managed=managed,
+                            vlm_unreachable_limit=1)
+    engine = fast_engine(settings)
+    async with daemon_running(settings, engine) as daemon:
+        health_url = f"http://127.0.0.1:{daemon.http.port}/health"
+        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        assert (await get(health_url))[0] == 200
+        await fake.stop()
+        s3.put_object(Bucket=bucket, Key="input/f.png", Body=make_image(["Waiting"], "PNG"))
+        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        if managed:
+            answers: list[tuple[int, Any]] = []
+
+            async def unhealthy() -> bool:
+                answers.append(await get(health_url))
+                return answers[-1][0] == 503
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not await unhealthy():
+                assert loop.time() < deadline, answers[-1]
+                await asyncio.sleep(0.2)
+            assert "WATCHER_VLM_UNREACHABLE_LIMIT" in answers[-1][1]["problem"]
+        else:
+            # Someone else's server: however long it has been gone, only /ready says so.
+            daemon.status.vlm_down_since = 0.0
+            assert (await get(health_url))[0] == 200
+        await fake.start()
+        await wait_for_keys(s3, bucket, ["output/f.png.json"], timeout=60)
+        assert (await get(health_url))[0] == 200

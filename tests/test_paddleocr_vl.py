@@ -201,7 +201,7 @@ async def test_pages_reach_predict_in_batches_and_the_document_is_restructured(
     await engine.start()
     try:
         assert engine.state is EngineState.READY, engine.error
-        pages = await asyncio.gather(*(engine.recognize(page_of(i)) for i in range(6)))
+        pages = await asyncio.gather(*(engine.recognise(page_of(i)) for i in range(6)))
         finished = await engine.finish_document(list(pages))
     finally:
         await engine.close()
@@ -226,7 +226,7 @@ async def test_a_single_page_is_not_restructured(
     engine = PaddleOcrVlEngine(settings_for(weed, fake.url), pipeline_factory=FAKE)
     await engine.start()
     try:
-        page = await engine.recognize(page_of(0))
+        page = await engine.recognise(page_of(0))
         assert await engine.finish_document([page]) == [page]
     finally:
         await engine.close()
@@ -241,7 +241,7 @@ async def test_a_connection_error_defers_the_document_instead_of_charging_it(
     await engine.start()
     try:
         with pytest.raises(EngineUnavailable):
-            await engine.recognize(page_of(0, "cyan"))
+            await engine.recognise(page_of(0, "cyan"))
     finally:
         await engine.close()
     assert engine.unavailable is not None and fake.url in engine.unavailable
@@ -255,10 +255,10 @@ async def test_other_pipeline_errors_with_a_healthy_server_are_crashes(
     try:
         # Yellow in RGB reads as cyan (a connection error) if the BGR conversion is wrong.
         with pytest.raises(EngineCrashed) as raised:
-            await engine.recognize(page_of(0, "yellow"))
+            await engine.recognise(page_of(0, "yellow"))
         assert raised.value.reason == "error" and "cannot process this image" in raised.value.detail
         assert engine.snapshot()["workers"][0]["restarts"] == 0  # the process is fine
-        good = await engine.recognize(page_of(1))
+        good = await engine.recognise(page_of(1))
     finally:
         await engine.close()
     assert engine.unavailable is None and good.blocks
@@ -292,7 +292,7 @@ async def test_a_gpu_paddle_cannot_see_fails_warm_up_once_naming_the_setting(
         await engine.start()  # the daemon's periodic retry: answered without a new worker
         assert engine.state is EngineState.FAILED and "WATCHER_LAYOUT_DEVICE=gpu:0" in (engine.error or "")
         with pytest.raises(EngineUnavailable):
-            await engine.recognize(page_of(0))
+            await engine.recognise(page_of(0))
     finally:
         await engine.close()
     inits = [c for c in calls(fake_log) if c["event"] == "init"]

@@ -151,11 +151,11 @@ class LivePageTracker(CountingEngine):
     def _gone(self) -> None:
         self.alive -= 1
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         self.alive += 1
         self.max_alive = max(self.max_alive, self.alive)
         weakref.finalize(page.image, self._gone)
-        return await super().recognize(page)
+        return await super().recognise(page)
 
 
 async def test_long_pdf_pages_are_rendered_on_demand(weed: SeaweedS3, bucket: str, s3: Any) -> None:

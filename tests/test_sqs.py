@@ -237,14 +237,14 @@ async def test_a_run_to_retry_keeps_its_message_which_comes_back(moto: Moto) -> 
         ref = await asyncio.wait_for(queue.take(), 30)
         assert ref.key == "input/again.png" and source.snapshot()["in_progress"] == 1
         queue.finish(ref)
-        source.settled(Report(ref, Outcome.RETRY))
+        source.ended(Report(ref, Outcome.RETRY))
         assert source.snapshot()["in_progress"] == 0
         assert len(deletes) == 1 and moto.counts() == (0, 1)  # kept, hidden until its timeout
         # Back after the visibility timeout, offered again (not dropped as a repeat).
         again = await asyncio.wait_for(queue.take(), 30)
         assert again == ref and len(deletes) == 1 and source.snapshot()["received"] == 3
         queue.finish(again)
-        source.settled(Report(again, Outcome.DONE))
+        source.ended(Report(again, Outcome.DONE))
         await until(lambda: moto.counts() == (0, 0), 10, "the message is deleted")
         assert len(deletes) == 2
         # At shutdown, a message whose document never ran is handed back at once.
@@ -270,7 +270,7 @@ async def test_a_message_for_a_document_the_poll_queued_first_waits_for_it(moto:
         assert moto.counts() == (0, 1)  # not deleted: its document has no result yet
         ref = await asyncio.wait_for(queue.take(), 5)
         queue.finish(ref)
-        source.settled(Report(ref, Outcome.DONE))
+        source.ended(Report(ref, Outcome.DONE))
         await until(lambda: moto.counts() == (0, 0), 10, "the message is deleted")
     finally:
         reading.cancel()

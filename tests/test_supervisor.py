@@ -257,7 +257,7 @@ async def test_only_the_page_that_hangs_is_charged_when_its_batch_fails(
         assert engine.state is EngineState.READY, engine.error
         pages = [Image.open(io.BytesIO(png(c))).convert("RGB") for c in ("white", "red", "white", "white")]
         results = await asyncio.gather(
-            *(engine.recognize(RenderedPage(i, im, *im.size)) for i, im in enumerate(pages)),
+            *(engine.recognise(RenderedPage(i, im, *im.size)) for i, im in enumerate(pages)),
             return_exceptions=True,
         )
     finally:
@@ -280,7 +280,7 @@ async def test_every_abort_is_recorded_as_sigabrt_not_as_a_silent_worker(
     try:
         for _ in range(12):
             with pytest.raises(EngineCrashed) as crash:
-                await engine.recognize(page)
+                await engine.recognise(page)
             details.append(crash.value.detail)
     finally:
         await engine.close()

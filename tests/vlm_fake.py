@@ -142,5 +142,5 @@ class FakeVlmServer:
         if not data_url.startswith(prefix):
             raise web.HTTPBadRequest(text="expected a PNG data URL")
         image = Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):]))).convert("RGB")
-        result = await shared_ocr().recognize(RenderedPage(0, image, image.width, image.height))
+        result = await shared_ocr().recognise(RenderedPage(0, image, image.width, image.height))
         return result.markdown

@@ -23,7 +23,7 @@ class DyingReader:
     def warm(self) -> None:
         return None
 
-    def recognize_pages(self, pages: list[Any]) -> list[Any]:
+    def recognise_pages(self, pages: list[Any]) -> list[Any]:
         held = bytearray(self.hold_mb * 1024 * 1024)
         for offset in range(0, len(held), 4096):  # touch every page so it is resident
             held[offset] = 1

@@ -31,7 +31,7 @@ class LosingDeviceReader:
             fh.write(f"{os.getpid()}\n")
         self._check()
 
-    def recognize_pages(self, pages: list[Any]) -> list[PageResult]:
+    def recognise_pages(self, pages: list[Any]) -> list[PageResult]:
         self._check()
         return [PageResult(index=p.index, width=p.width, height=p.height, blocks=[], markdown="")
                 for p in pages]

@@ -56,7 +56,11 @@ class DoneMarkers:
                           (self.names.error_json(ref.key), Done.ERROR_RECORD)):
             head = await self.storage.head(key)
             if head and clean_etag(head.get("Metadata", {}).get(SOURCE_ETAG_META, "")) == ref.etag:
-                await self.mark(ref, error=kind is Done.ERROR_RECORD)
+                error = kind is Done.ERROR_RECORD
+                if await self.storage.head(self.names.marker(ref.key, ref.etag, error)) is not None:
+                    # Published and marked a moment ago, by a replica that got there first.
+                    return Done.ERROR_MARKED if error else Done.MARKED
+                await self.mark(ref, error=error)
                 return kind
         return None
 

@@ -312,7 +312,13 @@ class Leases:
         return current[1]
 
     async def delete(self, ref: ObjectRef, etag: str) -> None:
-        """Delete the lease while it is still our write `etag` (PreconditionFailed if not)."""
+        """Remove our claim while the lease is still our write `etag` (PreconditionFailed if
+        not). A store that ignores If-Match on DELETE gets a released record instead, by a
+        conditional PUT, which it does honour: a DELETE there could remove a lease another
+        replica took a moment before. The lister sweeps such records later (discovery)."""
+        if self.conditional and not self.storage.conditions.delete:
+            await self.write(ref, self.record(ref, 0, [], released=True), if_match=etag)
+            return
         await self.storage.delete(self.names.lease(ref.key), if_match=etag if self.conditional else None)
 
     def delete_later(self, ref: ObjectRef, etag: str) -> None:

@@ -414,18 +414,19 @@ class Storage:
     async def delete(self, key: str, if_match: str | None = None) -> bool:
         """Delete `key`; with `if_match`, only while it is that version (PreconditionFailed
         otherwise). True when it was there, False when it was already gone."""
-        if if_match is not None and not self.conditions.delete:
-            # The store would ignore the condition: compare first (see Conditions).
-            current = await self.etag_of(key)
-            if current is None:
-                return False
-            if current != if_match:
-                raise PreconditionFailed(key)
-            if_match = None
+        compare = if_match is not None and not self.conditions.delete
 
-        async def op(attempt: int) -> bool:
+        async def op(_attempt: int) -> bool:
+            if compare:
+                # The store would ignore the condition: compare first, at every attempt
+                # (see Conditions for the window this leaves).
+                current = await self.etag_of(key)
+                if current is None:
+                    return False
+                if current != if_match:
+                    raise PreconditionFailed(key)
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-            if if_match is not None:
+            if if_match is not None and not compare:
                 kwargs["IfMatch"] = f'"{if_match}"'
             try:
                 await self.client.delete_object(**kwargs)

@@ -102,6 +102,9 @@ class SeaweedS3:
             weed_binary(), "mini", f"-dir={self.data_dir / 'data'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={identities}",
             "-admin.ui=false", "-webdav=false",
+            # Every bucket is a collection with volumes of its own; the automatic limit
+            # (free disk / 128 MB) ran out after about 80 buckets: the tests make hundreds.
+            "-volume.max=10000",
         ]
         args += [f"-{flag}={port}" for flag, port in self.ports.items()]
         if self.buckets:

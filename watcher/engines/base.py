@@ -44,7 +44,7 @@ def check_warm_page(result: PageResult) -> None:
 class PageReader(Protocol):
     """The synchronous core of a heavy engine, run inside a supervised worker process.
 
-    `recognize_pages` gets at most `batch_pages` pages at once; `finish_document` sees a
+    `recognise_pages` gets at most `batch_pages` pages at once; `finish_document` sees a
     whole document's pages at the end (PaddleOCR-VL merges tables across pages there).
     """
 
@@ -52,7 +52,7 @@ class PageReader(Protocol):
 
     def warm(self) -> None: ...
 
-    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]: ...
+    def recognise_pages(self, pages: list[RenderedPage]) -> list[PageResult]: ...
 
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]: ...
 
@@ -63,6 +63,8 @@ class Engine(abc.ABC):
     # Reads layout, tables and formulas, which a PDF's text layer does not hold: its pages
     # go to the engine even where the text layer could be trusted (watcher/pipeline/recognise.py).
     structured: bool = False
+    # Reads through a VLM server (vLLM) that may be down while the daemon lives on.
+    uses_vlm_server: bool = False
 
     def __init__(self) -> None:
         self.state = EngineState.NOT_INITIALIZED
@@ -106,7 +108,7 @@ class Engine(abc.ABC):
         """Load models and run `synthetic_page()` through the whole path."""
 
     @abc.abstractmethod
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         """Recognise one rendered page; must not block the event loop."""
 
     async def finish_document(self, pages: list[PageResult]) -> list[PageResult]:

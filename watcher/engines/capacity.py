@@ -91,7 +91,7 @@ ERROR_LOG_EVERY = 60.0
 
 
 @dataclass
-class _Held:
+class _Slot:
     """One slot held by one request: what its latency sample needs to know."""
 
     owner: AdaptiveLimit
@@ -101,7 +101,7 @@ class _Held:
     active: bool = True
 
 
-_held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("watcher_vlm_slot", default=None)
+_held: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("watcher_vlm_slot", default=None)
 
 
 @dataclass
@@ -150,7 +150,7 @@ class AdaptiveLimit:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self._acquire()
-        held = _Held(owner=self, started=self._clock(), load=self.inflight)
+        held = _Slot(owner=self, started=self._clock(), load=self.inflight)
         token = _held.set(held)
         try:
             yield
@@ -184,7 +184,7 @@ class AdaptiveLimit:
                     self._waiters.remove(waiter)
             raise
 
-    def _release(self, held: _Held) -> None:
+    def _release(self, held: _Slot) -> None:
         held.active = False
         # The load a request saw is what ran beside it: a request that entered first in a
         # burst still shared the server with the whole burst.
@@ -253,7 +253,7 @@ class AdaptiveLimit:
         self._last_decrease = now
         self._set_limit(math.floor(self.limit * DECREASE))
 
-    def _on_latency(self, latency: float, held: _Held) -> None:
+    def _on_latency(self, latency: float, held: _Slot) -> None:
         if latency > 0.5 * self.timeout:
             self._decrease(held.started)
         window = self._window

@@ -107,7 +107,7 @@ def _answer(reader: PageReader, message: tuple[Any, ...]) -> tuple[Any, ...]:
             reader.warm()
             return ("ok", None)
         if op == "pages":
-            return ("ok", reader.recognize_pages(message[1]))
+            return ("ok", reader.recognise_pages(message[1]))
         if op == "finish":
             return ("ok", reader.finish_document(message[1]))
         return ("error", "ValueError", f"unknown request {op!r}", False)

@@ -99,9 +99,9 @@ class CpuReader:
         self._osd = tesserocr.PyTessBaseAPI(path=path, lang="osd", psm=tesserocr.PSM.OSD_ONLY)
 
     def warm(self) -> None:
-        check_warm_page(self.recognize(synthetic_page()))
+        check_warm_page(self.recognise(synthetic_page()))
 
-    def recognize(self, page: RenderedPage) -> PageResult:
+    def recognise(self, page: RenderedPage) -> PageResult:
         reading, rotation = self._upright(page.image)
         width, height = (page.height, page.width) if rotation in (90, 270) else (page.width, page.height)
         return PageResult(
@@ -125,8 +125,8 @@ class CpuReader:
         as_is = self._read(image)
         return (turned, proposed) if turned.weight >= as_is.weight else (as_is, 0)
 
-    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
-        return [self.recognize(page) for page in pages]
+    def recognise_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
+        return [self.recognise(page) for page in pages]
 
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
         return pages
@@ -279,17 +279,17 @@ class CpuEngine(Engine):
             self._local.reader = reader
         return reader
 
-    def _recognize_sync(self, page: RenderedPage) -> PageResult:
-        return self._reader().recognize(page)
+    def _recognise_sync(self, page: RenderedPage) -> PageResult:
+        return self._reader().recognise(page)
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._recognize_sync, page)
+        return await loop.run_in_executor(self._executor, self._recognise_sync, page)
 
     async def warm(self) -> None:
         page = synthetic_page()
         # One warm call per worker thread, so that no document pays for a model load.
-        results = await asyncio.gather(*(self.recognize(page) for _ in range(self.concurrency)))
+        results = await asyncio.gather(*(self.recognise(page) for _ in range(self.concurrency)))
         check_warm_page(results[0])
 
     async def close(self) -> None:

@@ -95,6 +95,7 @@ def _server_message(body: str) -> str:
 
 class OpenAIVlmEngine(Engine):
     structured = True
+    uses_vlm_server = True
 
     name = "openai-vlm"
 
@@ -172,7 +173,7 @@ class OpenAIVlmEngine(Engine):
             await asyncio.sleep(1.0)
 
     async def _warm_page(self) -> None:
-        check_warm_page(await self.recognize(synthetic_page()))
+        check_warm_page(await self.recognise(synthetic_page()))
 
     async def _recover_config(self) -> None:
         """Probe hook: leave FAILED once the server serves the configured model."""
@@ -218,7 +219,7 @@ class OpenAIVlmEngine(Engine):
         }}
 
     # --- requests ------------------------------------------------------------------------
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         # PNG encoding of a full page takes tens of milliseconds: not on the event loop.
         image_b64 = await asyncio.to_thread(encode_png_b64, page.image)
         index, width, height = page.index, page.width, page.height

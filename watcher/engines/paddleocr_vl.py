@@ -265,9 +265,9 @@ class PaddleVlReader:
             self.pipeline = pipeline_class(**pipeline_kwargs)
 
     def warm(self) -> None:
-        check_warm_page(self.recognize_pages([synthetic_page()])[0])
+        check_warm_page(self.recognise_pages([synthetic_page()])[0])
 
-    def recognize_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
+    def recognise_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
         import numpy as np
 
         # PaddleX treats arrays as BGR, the order its own image reader produces.
@@ -300,6 +300,7 @@ class PaddleVlReader:
 
 class PaddleOcrVlEngine(SupervisedEngine):
     structured = True
+    uses_vlm_server = True
 
     def __init__(
         self,
@@ -345,9 +346,9 @@ class PaddleOcrVlEngine(SupervisedEngine):
         await vlm_server.check_model(session, self.url, self.settings.vlm_model, self.api_key)
         await super().warm()
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         try:
-            result = await super().recognize(page)
+            result = await super().recognise(page)
         except EngineCrashed as exc:
             await self._unless_server_down(exc)
             raise

@@ -176,7 +176,7 @@ class SupervisedEngine(Engine):
             self._changed.clear()
             await self._changed.wait()
 
-    async def recognize(self, page: RenderedPage) -> PageResult:
+    async def recognise(self, page: RenderedPage) -> PageResult:
         results: list[PageResult] = await self._submit("pages", page)
         return results[0]
 

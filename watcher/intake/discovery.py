@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from watcher.bucket.names import Names, shard_of
-from watcher.bucket.storage import Storage
+from watcher.bucket.storage import PreconditionFailed, Storage
 from watcher.core.logs import get_logger
 from watcher.core.refs import ObjectRef
 from watcher.core.settings import ClaimMode, DeletedSourceResults, Settings, SourceAction
@@ -158,10 +158,14 @@ class Discovery:
                 continue
             etag = current.get(key)
             if etag is None or self._done(key, etag, marked):
-                stale.append(lease.key)
-        for key in stale:
-            await self.storage.delete(key)
-            log.info("stale_lease_removed", lease=key)
+                stale.append(lease)
+        for lease in stale:
+            try:
+                # Only the lease as listed: one taken meanwhile is another holder's.
+                await self.storage.delete(lease.key, if_match=lease.etag)
+            except PreconditionFailed:
+                continue
+            log.info("stale_lease_removed", lease=lease.key)
 
     async def _remove_stale_markers(self, stale: list[str]) -> None:
         """Markers of versions replaced since, once the current version is marked too."""

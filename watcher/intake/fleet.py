@@ -137,7 +137,7 @@ class FleetDiscovery:
             return
         self._written = body
 
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         """An outcome hook: a version with its result or error record (or not for us) is
         not offered again by a follower from a manifest written before that."""
         if self.role is Role.FOLLOWER and report.outcome in FINISHED:

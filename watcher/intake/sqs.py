@@ -65,7 +65,7 @@ class Offers(Protocol):
 
 
 @dataclass
-class _Held:
+class _InProgress:
     """A received message whose documents are queued or in progress."""
 
     receipt: str
@@ -89,14 +89,14 @@ class SqsSource:
         self.deleted = 0
         self.reachable: bool | None = None
         self.last_error: str | None = None
-        self._held: dict[str, _Held] = {}  # message id -> message
+        self._in_progress: dict[str, _InProgress] = {}  # message id -> message
         self._messages_of: dict[Version, list[str]] = {}  # document -> ids of messages naming it
         self._client: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def snapshot(self) -> dict[str, Any]:
         """For /health: counts since start, and what went wrong last (None while reachable)."""
-        return {"received": self.received, "deleted": self.deleted, "in_progress": len(self._held),
+        return {"received": self.received, "deleted": self.deleted, "in_progress": len(self._in_progress),
                 "reachable": self.reachable, "last_error": self.last_error}
 
     # --- life --------------------------------------------------------------------------
@@ -117,8 +117,8 @@ class SqsSource:
     async def _close(self) -> None:
         """Let deletes under way finish; hand back messages whose documents never ran (or
         were cancelled by the drain), so that another replica takes them at once."""
-        handed_back = [held.receipt for held in self._held.values()]
-        self._held.clear()
+        handed_back = [held.receipt for held in self._in_progress.values()]
+        self._in_progress.clear()
         work = set(self._tasks)
         if handed_back:
             work.add(asyncio.create_task(self._set_visibility(handed_back, 0)))
@@ -173,7 +173,7 @@ class SqsSource:
         message_id = str(message.get("MessageId", ""))
         receipt = str(message.get("ReceiptHandle", ""))
         body = str(message.get("Body", ""))
-        held = self._held.get(message_id)
+        held = self._in_progress.get(message_id)
         if held is not None:
             held.receipt = receipt  # back to us while its documents run: keep holding it
             return
@@ -193,7 +193,7 @@ class SqsSource:
         if not waiting:
             self._delete_later(receipt)  # nothing of ours to do
             return
-        self._held[message_id] = _Held(receipt, waiting)
+        self._in_progress[message_id] = _InProgress(receipt, waiting)
         for version in waiting:
             self._messages_of.setdefault(version, []).append(message_id)
 
@@ -213,7 +213,7 @@ class SqsSource:
         return waiting, full
 
     # --- settling ----------------------------------------------------------------------
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         """The daemon ran a document (an outcome hook). A message is deleted once each
         document it names has a record or is not ours to do; a run to look at again lets
         its messages go."""
@@ -222,15 +222,15 @@ class SqsSource:
         if keep:
             self.intake.forget(ref)
         for message_id in self._messages_of.pop(_version(ref), []):
-            held = self._held.get(message_id)
+            held = self._in_progress.get(message_id)
             if held is None:
                 continue
             if keep:
-                del self._held[message_id]  # no longer extended: back after its visibility timeout
+                del self._in_progress[message_id]  # no longer extended: back after its visibility timeout
                 continue
             held.waiting.discard(_version(ref))
             if not held.waiting:
-                del self._held[message_id]
+                del self._in_progress[message_id]
                 self._delete_later(held.receipt)
 
     def _delete_later(self, receipt: str) -> None:
@@ -256,7 +256,7 @@ class SqsSource:
     async def _extend_forever(self) -> None:
         while True:
             await asyncio.sleep(self.visibility / 3)
-            receipts = [held.receipt for held in self._held.values()]
+            receipts = [held.receipt for held in self._in_progress.values()]
             if receipts:
                 await self._set_visibility(receipts, self.visibility)
 

@@ -61,7 +61,7 @@ class Notifier:
         self.sent = 0
         self.dropped = 0
 
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         """An outcome hook: results and error records are told; other outcomes are not."""
         ref = report.ref
         if report.outcome is Outcome.DONE:

@@ -86,7 +86,7 @@ class Recogniser:
                 return _from_layer(layer)
         with timer.stage("decode"):
             rendered = await self.decoder.render(doc, index)
-        call = engine_call(self.engine.recognize(rendered))
+        call = engine_call(self.engine.recognise(rendered))
         warnings = rendered.warnings
         del rendered  # the engine decides how long the bitmap lives
         with timer.stage("engine"):

@@ -310,6 +310,9 @@ class Daemon:
         await self.engine.start()
         while True:
             await asyncio.sleep(self.settings.engine_retry_seconds)
+            problem = self.status.liveness_problem()  # keeps the VLM's down-time counted
+            if problem is not None:
+                log.error("vlm_server_down_too_long", problem=problem)
             if self.engine.state is EngineState.FAILED:
                 log.info("engine_retrying_warm_up", engine=self.engine.name)
                 await self.engine.start()

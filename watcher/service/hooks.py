@@ -1,6 +1,6 @@
 """Outcome hooks of the daemon's own: metrics, what `--once` reports, and held documents
 looked at again when their holder's lease runs out. (The SQS source, the fleet's
-follower and the callbacks subscribe with `settled(report)` methods of their own.)"""
+follower and the callbacks subscribe with `ended(report)` methods of their own.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class MetricsHook:
         self.metrics = metrics
         self.refresh = refresh
 
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         self.metrics.documents.labels(report.outcome.value).inc()
         self.metrics.stage_seconds.labels("document").observe(report.seconds)
         self.refresh()
@@ -34,7 +34,7 @@ class LastOutcomes:
         self.limit = limit
         self.reports: OrderedDict[str, Report] = OrderedDict()
 
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         self.reports[report.ref.key] = report
         self.reports.move_to_end(report.ref.key)
         while len(self.reports) > self.limit:
@@ -52,6 +52,6 @@ class HeldRetry:
     def __init__(self, retry_at: Callable[[ObjectRef, float], None]) -> None:
         self.retry_at = retry_at
 
-    def settled(self, report: Report) -> None:
+    def ended(self, report: Report) -> None:
         if report.outcome is Outcome.HELD and report.retry_at is not None:
             self.retry_at(report.ref, report.retry_at)

@@ -78,7 +78,8 @@ class HealthServer:
         return web.json_response(answer)
 
     async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.status.health())
+        body = self.status.health()
+        return web.json_response(body, status=200 if body["status"] == "healthy" else 503)
 
     async def ready(self, _request: web.Request) -> web.Response:
         problems = self.status.problems()

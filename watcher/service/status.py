@@ -38,15 +38,40 @@ class Status:
     claims_probe: str = "not probed yet"
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
+    # Since when the VLM server has been unreachable (monotonic); from the start until it
+    # first answers.
+    vlm_down_since: float | None = None
 
     @property
     def inflight(self) -> int:
         return self.pool.inflight if self.pool is not None else 0
 
+    def liveness_problem(self) -> str | None:
+        """Why this container should be restarted, or None: a VLM server that start.sh runs
+        here (WATCHER_VLM_MANAGED) and that stayed down past WATCHER_VLM_UNREACHABLE_LIMIT,
+        restarts included; a server elsewhere only makes the daemon not ready."""
+        engine, settings = self.engine, self.settings
+        if not (settings.vlm_managed and engine.uses_vlm_server):
+            return None
+        now = time.monotonic()
+        if engine.state is EngineState.READY and engine.unavailable is None:
+            self.vlm_down_since = None
+            return None
+        if self.vlm_down_since is None:
+            self.vlm_down_since = self.started_at if engine.warm_seconds is None else now
+        down = now - self.vlm_down_since
+        if down <= settings.vlm_unreachable_limit:
+            return None
+        return (f"the VLM server this container runs has not served for {down:.0f} s "
+                f"(WATCHER_VLM_UNREACHABLE_LIMIT={settings.vlm_unreachable_limit:g}); "
+                "restarting the container starts it afresh")
+
     def health(self) -> dict[str, Any]:
         engine, settings, poller = self.engine, self.settings, self.poller
+        problem = self.liveness_problem()
         body = {
-            "status": "healthy",
+            "status": "healthy" if problem is None else "unhealthy",
+            **({"problem": problem} if problem is not None else {}),
             # Operators' existing probes read this key; it carries the engine state.
             "paddleocr": engine.state.value,
             "engine": {

@@ -102,7 +102,7 @@ class WorkerPool:
     def _tell(self, report: Report) -> None:
         for hook in self.hooks:
             try:
-                hook.settled(report)
+                hook.ended(report)
             except Exception as exc:
                 log.error("outcome_hook_failed", hook=type(hook).__name__,
                           error=f"{type(exc).__name__}: {exc}", exc_info=True)
