@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Labelled fakes (fake_paddleocr); spawned engine workers inherit this path.
 sys.path.insert(0, str(Path(__file__).parent / "fakes"))
 
+
+from waiting import eventually
+
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.pages import PageResult, RenderedPage
 from watcher.core.settings import Settings, load_settings
@@ -26,6 +29,18 @@ from watcher.engines.base import Engine
 from watcher.engines.cpu import CpuEngine
 from watcher.service.daemon import Daemon, running
 from watcher.service.http import serve_app
+
+# Fixtures that bring a real server, process or network: a test using one is end to end.
+E2E_FIXTURES = {"weed", "own_weed", "bucket", "s3", "moto", "moto_endpoint", "fleet_weed", "vlm", "fake",
+                "lenient_store"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests in tiers: `-m "not e2e"` runs the fast ones (in-memory, seconds); the README's
+    command runs everything."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -154,17 +169,14 @@ def object_exists(s3: Any, bucket: str, key: str) -> bool:
 
 async def wait_for_keys(s3: Any, bucket: str, keys: list[str], timeout: float = 120) -> None:
     """Wait until every key exists in the bucket (results are the daemon's only output)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     missing = list(keys)
-    while missing:
+
+    async def all_there() -> bool:
         exists = await asyncio.gather(*(asyncio.to_thread(object_exists, s3, bucket, k) for k in missing))
-        missing = [k for k, ok in zip(missing, exists, strict=True) if not ok]
-        if not missing:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {missing}")
-        await asyncio.sleep(0.3)
+        missing[:] = [k for k, ok in zip(missing, exists, strict=True) if not ok]
+        return not missing
+
+    await eventually(all_there, timeout, f"{missing}", every=0.3)
 
 
 @contextlib.asynccontextmanager

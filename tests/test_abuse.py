@@ -10,11 +10,13 @@ from typing import Any
 
 from conftest import CountingEngine, daemon_running, leftovers, make_settings, object_exists, wait_for_keys
 from docgen import make_image
+from waiting import eventually
 
 from watcher.bucket.leases import LeaseRecord
 from watcher.bucket.names import Names, key_fits
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.pages import PageResult, RenderedPage
+from watcher.core.refs import ObjectRef
 
 
 def metric(daemon: Any, outcome: str) -> float:
@@ -81,19 +83,21 @@ async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str
         assert daemon.workers_down() == 0
 
 
-class OrderingEngine(CountingEngine):
-    """The real CPU engine, recording the first words of each page in the order read.
+class GatedEngine(CountingEngine):
+    """The real CPU engine, recording the first words of each page in the order read; its
+    first page waits for `gate`, so the test decides what is queued when that one ends."""
 
-    Each page takes at least `pace` seconds, so that the queued work outlasts the orphan's
-    lease whatever the speed of the OCR."""
-
-    def __init__(self, pace: float = 0.0) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.order: list[str] = []
-        self.pace = pace
+        self.gate = asyncio.Event()
 
     async def recognise(self, page: RenderedPage) -> PageResult:
-        result, _ = await asyncio.gather(super().recognise(page), asyncio.sleep(self.pace))
+        if not self.order and not self.gate.is_set():
+            self.order.append("(waiting)")
+            await self.gate.wait()
+            self.order.pop()
+        result = await super().recognise(page)
         self.order.append(" ".join(b.text for b in result.blocks[:1]))
         return result
 
@@ -101,25 +105,40 @@ class OrderingEngine(CountingEngine):
 async def test_a_crashed_replicas_document_is_taken_over_when_its_lease_expires_not_last(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
-    s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["Orphan document"], "PNG"))
-    newer = 30
-    for n in range(newer):
-        s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png",
-                      Body=make_image([f"Newer document {n}"], "PNG"))
-    # A replica died while holding it: its lease runs out in a few seconds.
-    lease = LeaseRecord(owner="dead-replica", source_key="input/crashed.png", source_etag="x",
-                        expires_at=time.time() + 3, host="another-host", pid=1, incarnation="gone")
-    s3.put_object(Bucket=bucket, Key=".watcher/leases/input/crashed.png.lease", Body=lease.encode())
-    engine = OrderingEngine(pace=0.25)
-    # One poll only: without the timed retry the orphan would wait for the next listing.
+    engine = GatedEngine()
+    # One poll only (it is poked): without the timed retry the orphan would wait for the
+    # next listing, behind everything that poll found.
     settings = make_settings(weed, bucket, max_inflight_documents=1, poll_interval=300)
-    async with daemon_running(settings, engine):
+    async with daemon_running(settings, engine) as daemon:
+        urgent: list[str] = []
+        offer_urgent = daemon.queue.offer_urgent
+
+        def spy(ref: ObjectRef) -> bool:
+            urgent.append(ref.key)
+            return offer_urgent(ref)
+
+        daemon.queue.offer_urgent = spy  # type: ignore[method-assign]
+        s3.put_object(Bucket=bucket, Key="input/crashed.png", Body=make_image(["Orphan document"], "PNG"))
+        newer = 6
+        for n in range(newer):
+            s3.put_object(Bucket=bucket, Key=f"input/newer-{n}.png",
+                          Body=make_image([f"Newer document {n}"], "PNG"))
+        # A replica died while holding the oldest: its lease runs out in a few seconds.
+        lease = LeaseRecord(owner="dead-replica", source_key="input/crashed.png", source_etag="x",
+                            expires_at=time.time() + 5, host="another-host", pid=1, incarnation="gone")
+        s3.put_object(Bucket=bucket, Key=".watcher/leases/input/crashed.png.lease", Body=lease.encode())
+        daemon.poke()
+        # The orphan is met first (oldest), held; the only worker goes on to the next
+        # document, whose page waits; meanwhile the lease runs out and the orphan is
+        # offered again through the urgent lane.
+        await eventually(lambda: "input/crashed.png" in urgent, 60,
+                         "the orphan offered again once its lease ran out")
+        assert engine.order == ["(waiting)"]
+        engine.gate.set()
         await wait_for_keys(s3, bucket, ["output/crashed.png.json",
                                          *(f"output/newer-{n}.png.json" for n in range(newer))])
-    position = next(i for i, words in enumerate(engine.order) if "ORPHAN" in words.upper())
-    # Taken over soon after its lease ran out, ahead of the newer work still queued
-    # (without the timed retry it would come last, after the next listing).
-    assert position < newer * 2 // 3, engine.order
+    # Read right after the page that was under way, ahead of the newer work still queued.
+    assert len(engine.order) == newer + 1 and "ORPHAN" in engine.order[1].upper(), engine.order
 
 
 async def test_an_error_record_and_a_result_never_share_a_name(

@@ -21,6 +21,8 @@ from watcher.cli.check import Checker, Probe
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.settings import load_settings
 
+pytestmark = pytest.mark.e2e  # `watcher check` in subprocesses
+
 
 def env_for(weed: SeaweedS3, bucket: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDRU_", "WATCHER_"))}

@@ -19,6 +19,8 @@ from docgen import make_pdf
 from watcher.cli.embedded import SeaweedS3, free_ports
 from watcher.core.settings import Settings, settings_table
 
+pytestmark = pytest.mark.e2e  # the real command line in subprocesses
+
 SECRET = "very-secret-value-9f3a7c"
 
 

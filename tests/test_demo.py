@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import boto3
+import pytest
 from botocore.config import Config
 from docgen import make_image
 
 from watcher.cli.embedded import free_ports
+
+pytestmark = pytest.mark.e2e  # `watcher demo` in a subprocess
 
 FIELDS = {"endpoint": "S3 endpoint", "bucket": "bucket", "region": "region", "key": "access key",
           "secret": "secret key", "input": "input prefix", "output": "output prefix", "data": "data"}

@@ -20,6 +20,7 @@ from watcher.bucket.names import Names
 from watcher.bucket.storage import open_storage
 from watcher.cli.embedded import SeaweedS3
 from watcher.intake.discovery import Discovery
+from watcher.service.daemon import Daemon
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
 
@@ -124,11 +125,12 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
     assert "Документы".encode() in raw
 
     stamps = {i["Key"]: (i["ETag"], i["LastModified"]) for i in listing}
+    # A restart in burst mode (--once): it returns once a poll finds nothing to do, so
+    # "nothing was read again" is a fact about a finished run, not a wait.
     second = CountingEngine()
-    async with daemon_running(settings, second) as daemon:
-        await daemon.wait_polls(3, timeout=30)
-        await asyncio.sleep(0.5)
-    assert second.calls == []
+    again = Daemon(settings, engine=second, once=True)
+    await asyncio.wait_for(again.run(), 60)
+    assert second.calls == [] and again.unfinished() == [] and again.polls >= 1
     after = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
     assert {i["Key"]: (i["ETag"], i["LastModified"]) for i in after} == stamps
     assert leftovers(s3, bucket) == []
@@ -213,7 +215,8 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
         assert await Discovery(storage, settings, names).scan() == []
         assert requests == ["list", "list", "list"]
         # A bucket from before markers: its versions look pending to discovery; the claim
-        # stage checks each result once (two HEADs at most) and marks it.
+        # stage checks each result once (a HEAD for the result or error record, one for a marker a
+        # racing replica may have written) and marks it.
         for item in s3.list_objects_v2(Bucket=bucket, Prefix=names.markers_prefix)["Contents"]:
             s3.delete_object(Bucket=bucket, Key=item["Key"])
         legacy = await Discovery(storage, settings, names).scan()
@@ -225,7 +228,7 @@ async def test_done_is_read_from_listings_after_a_restart(weed: SeaweedS3, bucke
         assert found.pop("input/bad.png") is Done.ERROR_RECORD
         assert set(found.values()) == {Done.RESULT}
         # Per version (its lease held): its result (and error record), then its marker written.
-        assert requests.count("head") <= 2 * len(legacy) and requests.count("put") == len(legacy)
+        assert requests.count("head") <= 3 * len(legacy) and requests.count("put") == len(legacy)
         assert "list" not in requests
         requests.clear()
         assert await Discovery(storage, settings, names).scan() == []

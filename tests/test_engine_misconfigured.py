@@ -17,6 +17,8 @@ from watcher.engines.base import EngineState
 from watcher.engines.child import EngineMisconfigured, ReaderSpec
 from watcher.engines.supervisor import SupervisedEngine
 
+pytestmark = pytest.mark.e2e  # engine worker processes
+
 
 def page(index: int) -> RenderedPage:
     return RenderedPage(index, Image.new("RGB", (8, 8), "white"), 8, 8)

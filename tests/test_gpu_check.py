@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / "deploy" / "gpu-check.sh"
 START_SH = REPO / "start.sh"
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]  # deploy/gpu-check.sh in subprocesses
 
 FAKE_DOCKER = '''#!{python}
 """FAKE docker: answers gpu-check.sh's commands as a GPU machine would (no Docker here).

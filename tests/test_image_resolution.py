@@ -47,7 +47,7 @@ from packaging.version import Version
 
 from watcher.core.settings import PADDLEOCR_VL_MODELS
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]  # the package index
 
 VLLM_ENV = "/opt/vllm"
 DAEMON_ENV = "/opt/venv"
@@ -125,7 +125,20 @@ def pip_environment() -> dict[str, str]:
     return env
 
 
-def dry_run_command(installs: list[PipInstall], python_version: str, app: Path,
+def image_pip(installs: list[PipInstall], where: Path) -> list[str]:
+    """The pip the image upgrades to before its installs (their options need it), run from
+    its wheel: this machine's own pip may be older."""
+    pins = {r for install in installs for r in install.requirements
+            if not r.startswith("/") and Requirement(r).name == "pip"}
+    assert len(pins) == 1, f"one pip version for both environments: {pins}"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--only-binary", ":all:", "--dest", str(where), *pins],
+                   env=pip_environment(), check=True, timeout=120)
+    (found,) = where.glob("pip-*.whl")
+    return [sys.executable, str(found / "pip")]
+
+
+def dry_run_command(pip: list[str], installs: list[PipInstall], python_version: str, app: Path,
                     paddle_index: str, report: Path) -> list[str]:
     """One resolution for everything an environment's installs put in it, in order."""
     requirements: list[str] = []
@@ -148,7 +161,7 @@ def dry_run_command(installs: list[PipInstall], python_version: str, app: Path,
         options.update(install.options)
         for text in install.requirements:
             requirements.append(str(app) if text.startswith("/app") else text)
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+    command = [*pip, "install", "--dry-run", "--ignore-installed",
                "--quiet", "--report", str(report), "--python-version", python_version]
     for key, value in options.items():
         command += [f"--{key}", value]
@@ -162,6 +175,7 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Resolved]:
     tmp = tmp_path_factory.mktemp("image")
     app = copy_context(instrs, tmp / "root") / "app"
     installs = pip_installs(instrs, args)
+    pip = image_pip(installs, tmp / "pip")
     by_env: dict[str, list[PipInstall]] = {}
     for install in installs:
         by_env.setdefault(install.venv, []).append(install)
@@ -169,7 +183,7 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Resolved]:
     procs = {}
     for venv, group in by_env.items():
         report = tmp / f"{PurePosixPath(venv).name}.json"
-        command = dry_run_command(group, args["PYTHON_VERSION"], app, args["PADDLE_INDEX_URL"], report)
+        command = dry_run_command(pip, group, args["PYTHON_VERSION"], app, args["PADDLE_INDEX_URL"], report)
         procs[venv] = (report, command, subprocess.Popen(
             command, env=pip_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, cwd=tmp))

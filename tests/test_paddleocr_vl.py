@@ -36,6 +36,8 @@ from watcher.engines.paddleocr_vl import (
     worker_env,
 )
 
+pytestmark = pytest.mark.e2e  # engine worker processes
+
 FIXTURES = Path(__file__).parent / "fixtures" / "paddleocr_vl"
 
 

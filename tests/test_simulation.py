@@ -16,16 +16,27 @@ from watcher.core.settings import SourceAction
 from watcher.pipeline import document as document_module
 from watcher.pipeline.settle import Settled
 
-SEEDS = 250
+SEEDS = 250  # about half a minute on one core: the end-to-end tier
+FEW_SEEDS = 20  # the fast tier's sample
 
 
-def test_the_invariants_hold_over_many_seeds() -> None:
+def assert_invariants_hold(seeds: range) -> None:
     failed: list[str] = []
-    for seed in range(SEEDS):
+    for seed in seeds:
         sim = run_seed(seed)
         if sim.violations:
             failed.append(describe(sim, tail=60))
     assert not failed, f"{len(failed)} seeds failed; the first:\n" + "\n\n".join(failed[:2])
+
+
+@pytest.mark.e2e
+def test_the_invariants_hold_over_many_seeds() -> None:
+    assert_invariants_hold(range(SEEDS))
+
+
+def test_the_invariants_hold_over_a_few_seeds() -> None:
+    # Seeds from the far end of the long run's range, so the two tiers see different ones.
+    assert_invariants_hold(range(10_000 - FEW_SEEDS, 10_000))
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -38,6 +49,7 @@ def failing_seeds(count: int, **config: Any) -> list[int]:
             if run_seed(seed, SimConfig(seed=seed, **config)).violations]
 
 
+@pytest.mark.e2e  # thirty seeds twice: the long tier
 def test_the_simulation_catches_a_settle_that_ignores_the_version(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -32,7 +32,7 @@ from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS,
 REPO = Path(__file__).resolve().parents[1]
 START_SH = REPO / "start.sh"
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]  # start.sh in subprocesses
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 # FAKE nvidia-smi: a protocol-boundary stand-in (no GPU here); lists one GPU like `-L` does.

@@ -24,6 +24,7 @@ import pytest
 from conftest import FAKES, leftovers, make_settings, object_exists, pid_alive
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
+from waiting import eventually
 
 from watcher.bucket.leases import Held, LeaseRecord, Leases
 from watcher.bucket.names import Names
@@ -38,6 +39,8 @@ from watcher.engines.child import ReaderSpec
 from watcher.engines.paddleocr_vl import PaddleOcrVlEngine
 from watcher.engines.supervisor import SupervisedEngine, _Worker, describe_exit
 from watcher.pipeline.fate import Fate, classify
+
+pytestmark = pytest.mark.e2e  # the daemon as a process, engine worker processes
 
 
 def png(colour: str = "white", size: tuple[int, int] = (600, 800)) -> bytes:
@@ -211,8 +214,8 @@ async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
         assert await daemon.finish() == -signal.SIGKILL, daemon.output[-2000:]
         deaths += 1
         # The worker that killed its daemon goes with it (parent-death signal).
-        await asyncio.sleep(0.5)
-        assert not any(pid_alive(pid) for pid in worker_pids(log))
+        await eventually(lambda: not any(pid_alive(pid) for pid in worker_pids(log)), 30,
+                         "the dead daemon's engine workers to go with it")
     assert deaths == 2
     error = error_record(s3, bucket, "output/poison.png.error.json")["error"]
     assert error["code"] == "engine_failed" and error["attempts"] == 2

@@ -159,11 +159,14 @@ class Lease:
             if self.lost or self._ended:
                 return
             try:
-                self.etag, self.expires_at = await self.leases.write(
-                    self.ref, self._record(), if_match=self.etag)
+                # A renewal whose answer was lost went through: read back, not lost.
+                await self._on_ours(self._write_renewed)
             except PreconditionFailed:
                 self.lost = True
                 log.warning("lease_lost", key=self.ref.key)
+
+    async def _write_renewed(self, etag: str) -> None:
+        self.etag, self.expires_at = await self.leases.write(self.ref, self._record(), if_match=etag)
 
     async def _renew_forever(self) -> None:
         interval = self.leases.settings.lease_seconds / 3
