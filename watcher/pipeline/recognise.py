@@ -83,7 +83,7 @@ class Recogniser:
         if text_first:
             layer = await self._text_layer(doc, index, timer)
             if layer is not None and (self.mode is TextLayerMode.TEXT or layer.trusted):
-                return _from_layer(layer)
+                return _from_layer(layer, "it is used as it is because WATCHER_TEXT_LAYER=text")
         with timer.stage("decode"):
             rendered = await self.decoder.render(doc, index)
         call = engine_call(self.engine.recognise(rendered))
@@ -99,7 +99,7 @@ class Recogniser:
             layer = await self._text_layer(doc, index, timer)
         if layer is None or not layer.chars or not _usable(layer):
             return result
-        fallback = _from_layer(layer)
+        fallback = _from_layer(layer, "it is used because the engine found no text on the rendered page")
         fallback.warnings[:0] = [*warnings, {
             "code": "engine_read_nothing",
             "message": f"page {index + 1}: the engine found no text on the rendered page; "
@@ -118,13 +118,14 @@ def _usable(layer: TextLayer) -> bool:
     return layer.reason not in ("garbled", "mojibake")
 
 
-def _from_layer(layer: TextLayer) -> PageResult:
+def _from_layer(layer: TextLayer, why: str) -> PageResult:
+    """The page as its text layer holds it; one that is not trusted says so, and `why` it
+    is used all the same."""
     result = layer.result
     if not layer.trusted and layer.chars:
         result.warnings.append({
             "code": "text_layer_untrusted",
-            "message": f"page {result.index + 1}: {_REASONS.get(layer.reason, layer.reason)}; "
-            "it is used as it is because WATCHER_TEXT_LAYER=text",
+            "message": f"page {result.index + 1}: {_REASONS.get(layer.reason, layer.reason)}; {why}",
         })
     return result
 
