@@ -72,10 +72,7 @@ async def test_a_worker_loop_that_ends_is_restarted(weed: SeaweedS3, bucket: str
         # The only worker finishes this document, then its loop breaks on the next turn.
         s3.put_object(Bucket=bucket, Key="input/first.png", Body=make_image(["First"], "PNG"))
         await wait_for_keys(s3, bucket, ["output/first.png.json"])
-        for _ in range(100):
-            if daemon.metrics.worker_restarts._value.get() == 1:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: daemon.metrics.worker_restarts._value.get() == 1, 10, "a worker restart")
         assert daemon.metrics.worker_restarts._value.get() == 1
         # The restarted loop is the one that does the next document.
         s3.put_object(Bucket=bucket, Key="input/after.png", Body=make_image(["After"], "PNG"))

@@ -15,6 +15,7 @@ import pytest
 from conftest import CountingEngine, daemon_running, files_under, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 from PIL import Image
+from waiting import eventually
 
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.pages import PageResult, RenderedPage
@@ -141,11 +142,12 @@ async def test_a_fixed_document_replaces_its_error_record(
         await wait_for_keys(s3, bucket, [f"output/{rel}.error.json"])
         s3.put_object(Bucket=bucket, Key=key, Body=make_pdf([["Repaired document GOLF"]]))
         await wait_for_keys(s3, bucket, [f"output/{rel}.json"])
-        for _ in range(50):
+
+        def error_record_gone() -> bool:
             listing = s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]
-            if f"output/{rel}.error.json" not in {o["Key"] for o in listing}:
-                break
-            await asyncio.sleep(0.2)
+            return f"output/{rel}.error.json" not in {o["Key"] for o in listing}
+
+        await eventually(error_record_gone, 10, f"output/{rel}.error.json to be removed", every=0.2)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert keys == {f"output/{rel}.json", f"output/{rel}.md"}
 
@@ -173,12 +175,14 @@ async def test_a_failed_warm_up_is_retried_and_work_waits_for_it(
     async with daemon_running(settings, engine) as daemon:
         url = f"http://127.0.0.1:{daemon.http.port}"
         async with aiohttp.ClientSession() as http:
-            for _ in range(50):
+
+            async def health_if_failed() -> dict[str, Any] | None:
                 async with http.get(f"{url}/health") as resp:
-                    health = await resp.json()
-                if health["engine"]["state"] == "failed":
-                    break
-                await asyncio.sleep(0.05)
+                    health: dict[str, Any] = await resp.json()
+                return health if health["engine"]["state"] == "failed" else None
+
+            health = await eventually(health_if_failed, 5, "/health to report the engine failed",
+                                      every=0.05)
             assert health["paddleocr"] == "failed" and "not up yet" in health["engine"]["error"]
             async with http.get(f"{url}/ready") as resp:
                 assert resp.status == 503

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -15,6 +14,7 @@ import pytest
 from aiohttp import web
 from conftest import daemon_running, leftovers, make_settings, wait_for_keys
 from docgen import make_image
+from waiting import eventually
 
 from watcher.bucket.names import Names
 from watcher.cli.embedded import SeaweedS3, free_ports
@@ -68,10 +68,10 @@ async def test_each_finished_document_is_posted_signed_after_retries(
         settings = make_settings(weed, bucket, callback_url=url, callback_secret=SECRET)
         async with daemon_running(settings):
             await wait_for_keys(s3, bucket, ["output/good.png.json", "output/bad.png.error.json"])
-            deadline = asyncio.get_running_loop().time() + 60
-            while len(received) < 2:
-                assert asyncio.get_running_loop().time() < deadline, received
-                await asyncio.sleep(0.1)
+            try:
+                await eventually(lambda: len(received) >= 2, 60, "two callbacks received")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {received}") from None
     assert len(attempts) == 4  # two refused, then one each
     ids_by_key: dict[str, set[str]] = {}
     for body, headers in attempts:

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from waiting import eventually
 
 from watcher.engines.capacity import AdaptiveLimit, parse_vllm_gauges, poll_server_gauges
 from watcher.service.http import serve_app
@@ -62,11 +63,6 @@ async def latency_round(limit: AdaptiveLimit, clock: Clock, latency: Callable[[i
 def fixed_server(capacity: int, service: float) -> Callable[[int], float]:
     # n requests on `capacity` slots: beyond capacity, the mean request also queues.
     return lambda n: service * max(1.0, n / capacity)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 # --- slots -------------------------------------------------------------------------------
@@ -382,18 +378,27 @@ async def test_poller_feeds_the_gauges_and_falls_back_to_latency_mode(
 ) -> None:
     url, state, stop_server = metrics_server
     limit = AdaptiveLimit(upper=64, initial=20)
-    async with aiohttp.ClientSession() as session:
+    failed: list[BaseException] = []  # the polls that got no answer at all
+
+    async def on_request_exception(_session: aiohttp.ClientSession, _context: Any,
+                                   params: aiohttp.TraceRequestExceptionParams) -> None:
+        failed.append(params.exception)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_exception.append(on_request_exception)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
         poller = asyncio.create_task(poll_server_gauges(limit, session, url, interval=0.02))
         try:
-            await asyncio.wait_for(until(lambda: limit.mode == "metrics"), 30)
+            await eventually(lambda: limit.mode == "metrics", 30, "metrics mode", every=0.01)
             assert limit.limit == 7 + 2, "7 running and 5 waiting: shrink to running + Q"
 
             state["status"] = 404
-            await asyncio.wait_for(until(lambda: limit.mode == "latency"), 30)
+            await eventually(lambda: limit.mode == "latency", 30, "latency mode", every=0.01)
 
             await stop_server()  # connection refused from now on: the poller lives on
-            polls = state["polls"]
-            await asyncio.sleep(0.1)
+            polls, before = state["polls"], len(failed)
+            # A second failed poll after the server went: the first one did not end the poller.
+            await eventually(lambda: len(failed) >= before + 2, 30, "two polls to fail", every=0.01)
             assert not poller.done() and state["polls"] == polls
         finally:
             poller.cancel()

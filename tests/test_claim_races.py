@@ -3,13 +3,13 @@ replica left half-done is finished by the next, never redone."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import pytest
 from conftest import CountingEngine, make_settings
 from docgen import make_image
+from waiting import eventually
 
 from watcher.bucket.done import Done, DoneMarkers
 from watcher.bucket.leases import Lease, Leases
@@ -104,9 +104,7 @@ async def test_an_error_record_without_a_marker_is_marked_and_skipped(
 
 
 async def later_deletes_done(leases: Leases) -> None:
-    async with asyncio.timeout(30):
-        while leases._later:
-            await asyncio.sleep(0.05)
+    await eventually(lambda: not leases._later, 30, "the deferred lease deletes", every=0.05)
     await leases.close()
 
 

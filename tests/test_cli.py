@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from docgen import make_pdf
+from waiting import eventually_sync
 
 from watcher.cli.embedded import SeaweedS3, free_ports
 from watcher.core.settings import Settings, settings_table
@@ -97,28 +98,30 @@ def test_daemon_process_serves_health_under_load_and_exits_0_on_sigterm(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
+
+        def answered() -> tuple[int, bytes, float] | None:
             try:
-                status, body, _ = http_get(f"{base}/health")
-                break
+                return http_get(f"{base}/health")
             except OSError:
-                assert time.monotonic() < deadline, "no /health within 30 s"
-                time.sleep(0.1)
+                return None
+
+        status, body, _ = eventually_sync(answered, 30, "/health to answer")
         assert status == 200 and json.loads(body)["status"] == "healthy"
         # While pages are being recognised, /health keeps answering.
-        latencies, saw_inflight = [], False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        latencies: list[float] = []
+        saw_inflight = False
+
+        def twenty_answers_while_busy() -> bool:
+            nonlocal saw_inflight
             status, body, seconds = http_get(f"{base}/health")
             assert status == 200
             health = json.loads(body)
             saw_inflight |= health["inflight_documents"] > 0
             if saw_inflight:
                 latencies.append(seconds)
-            if len(latencies) >= 20:
-                break
-            time.sleep(0.05)
+            return len(latencies) >= 20
+
+        eventually_sync(twenty_answers_while_busy, 120, "20 answers from /health while busy", every=0.05)
         assert saw_inflight and len(latencies) >= 20
         metrics = http_get(f"{base}/metrics")[1].decode()
         assert "watcher_inflight_documents 1.0" in metrics

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 from conftest import daemon_running, make_settings, object_exists, wait_for_keys
 from docgen import make_image
+from waiting import eventually
 
 from watcher.bucket.names import SOURCE_ETAG_META, Names
 from watcher.cli.embedded import SeaweedS3
@@ -60,14 +60,12 @@ async def test_results_of_deleted_sources_are_removed_on_request(
 ) -> None:
     results = upload(s3, bucket)
     settings = make_settings(weed, bucket, results_of_deleted_sources="delete")
-    async with daemon_running(settings) as daemon:
+    async with daemon_running(settings):
         await wait_for_keys(s3, bucket, results)
         s3.delete_object(Bucket=bucket, Key="input/gone.png")
         # Missing from one listing is not enough; from two in a row it is.
-        deadline = asyncio.get_running_loop().time() + 30
-        while object_exists(s3, bucket, "output/gone.png.json"):
-            assert asyncio.get_running_loop().time() < deadline, "result not removed"
-            await daemon.wait_polls(daemon.polls + 1, timeout=30)
+        await eventually(lambda: not object_exists(s3, bucket, "output/gone.png.json"), 30,
+                         "the result of the deleted source to be removed", every=0.3)
     assert not object_exists(s3, bucket, "output/gone.png.md")
     assert object_exists(s3, bucket, "output/stays.png.json")
     assert object_exists(s3, bucket, "output/stays.png.md")

@@ -17,6 +17,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from docgen import make_image
+from waiting import eventually_sync
 
 from watcher.cli.embedded import free_ports
 
@@ -87,14 +88,14 @@ def test_the_demo_prints_what_a_client_needs_and_one_ctrl_c_stops_it_quietly(tmp
         s3.put_object(Bucket=values["bucket"], Key=f"{values['input']}mine/letter.png",
                       Body=make_image(["Dropped in by hand"], "PNG"))
         result_key = f"{values['output']}mine/letter.png.json"
-        deadline = time.monotonic() + 60
-        while True:
+
+        def fetched() -> Any:
             try:
-                result = json.loads(s3.get_object(Bucket=values["bucket"], Key=result_key)["Body"].read())
-                break
+                return json.loads(s3.get_object(Bucket=values["bucket"], Key=result_key)["Body"].read())
             except s3.exceptions.NoSuchKey:
-                assert time.monotonic() < deadline, "no result for the dropped file"
-                time.sleep(0.3)
+                return None
+
+        result = eventually_sync(fetched, 60, "a result for the dropped file", every=0.3)
         assert "Dropped in by hand" in result["markdown"]
     finally:
         rest = stop(proc)

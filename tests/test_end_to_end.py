@@ -14,6 +14,7 @@ import jsonschema
 from conftest import CountingEngine, daemon_running, files_under, leftovers, make_settings, wait_for_keys
 from docgen import make_image, make_pdf, make_tiff
 from rapidfuzz import fuzz
+from waiting import eventually
 
 from watcher.bucket.done import Done, DoneMarkers
 from watcher.bucket.names import Names
@@ -54,6 +55,12 @@ def contains_fuzzy(text: str, phrase: str) -> bool:
 
 def load_json(s3: Any, bucket: str, key: str) -> Any:
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def result_for(s3: Any, bucket: str, key: str, etag: str) -> Any:
+    """The result JSON at `key` once it is the one of source ETag `etag`, else None."""
+    result = load_json(s3, bucket, key)
+    return result if result["source"]["etag"] == etag else None
 
 
 async def test_documents_become_results_and_a_second_run_does_nothing(
@@ -147,11 +154,8 @@ async def test_replaced_source_is_processed_again(weed: SeaweedS3, bucket: str, 
         assert contains_fuzzy(first["markdown"], "First version KILO")
         s3.put_object(Bucket=bucket, Key=key, Body=make_image(["Second version LIMA"], "PNG"))
         new_etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-        for _ in range(100):
-            result = load_json(s3, bucket, "output/letter.png.json")
-            if result["source"]["etag"] == new_etag:
-                break
-            await asyncio.sleep(0.3)
+        result = await eventually(lambda: result_for(s3, bucket, "output/letter.png.json", new_etag), 30,
+                                  f"the result of {new_etag}", every=0.3)
         await daemon.wait_polls(daemon.polls + 2, timeout=30)
     assert result["source"]["etag"] == new_etag
     assert contains_fuzzy(result["markdown"], "Second version LIMA")
@@ -165,7 +169,7 @@ async def test_the_same_content_uploaded_again_is_not_read_again(
     s3.put_object(Bucket=bucket, Key=key, Body=body)
     engine = CountingEngine()
     settings = make_settings(weed, bucket, text_layer="ocr")
-    async with daemon_running(settings, engine) as daemon:
+    async with daemon_running(settings, engine):
         await wait_for_keys(s3, bucket, ["output/contract.pdf.json"])
         first = load_json(s3, bucket, "output/contract.pdf.json")
         calls = len(engine.calls)
@@ -176,8 +180,8 @@ async def test_the_same_content_uploaded_again_is_not_read_again(
             "Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
         new_etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         assert new_etag.endswith("-1") and new_etag != first["source"]["etag"]
-        while load_json(s3, bucket, "output/contract.pdf.json")["source"]["etag"] != new_etag:
-            await daemon.wait_polls(daemon.polls + 1, timeout=30)
+        await eventually(lambda: result_for(s3, bucket, "output/contract.pdf.json", new_etag), 120,
+                         f"the result to name {new_etag}", every=0.3)
         repointed = load_json(s3, bucket, "output/contract.pdf.json")
         assert len(engine.calls) == calls  # not read again
         jsonschema.validate(repointed, SCHEMA)
@@ -189,8 +193,8 @@ async def test_the_same_content_uploaded_again_is_not_read_again(
         # A different content under the same key is read, as before.
         s3.put_object(Bucket=bucket, Key=key, Body=make_pdf([["Different bytes now"]]))
         changed = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-        while load_json(s3, bucket, "output/contract.pdf.json")["source"]["etag"] != changed:
-            await daemon.wait_polls(daemon.polls + 1, timeout=30)
+        await eventually(lambda: result_for(s3, bucket, "output/contract.pdf.json", changed), 120,
+                         f"the result to name {changed}", every=0.3)
     last = load_json(s3, bucket, "output/contract.pdf.json")
     assert len(engine.calls) == calls + 1  # only the changed content was read
     assert "reused" not in last and contains_fuzzy(last["markdown"], "Different bytes now")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from waiting import eventually
 
 from watcher.core.errors import EngineUnavailable
 from watcher.core.pages import RenderedPage
@@ -65,8 +66,10 @@ async def test_a_misconfigured_reader_fails_warm_up_once_among_several_workers(t
         await asyncio.wait_for(engine.start(), 60)
         assert engine.state is EngineState.FAILED
         assert engine.error == "EngineMisconfigured: WATCHER_LAYOUT_DEVICE=gpu: the fake device is gone"
-        await asyncio.sleep(1.5)  # past the first retry a failed warm-up would get
-        assert all(slot.done() for slot in engine._slots)
+        # Every worker's slot has ended: nothing can warm it up again, so the count of
+        # warm-ups below is final.
+        await eventually(lambda: all(slot.done() for slot in engine._slots), 30,
+                         "every worker's slot to end")
     finally:
         await engine.close()
     assert len((tmp_path / "gone.warms").read_text().splitlines()) == 2  # one per worker, once

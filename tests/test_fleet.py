@@ -25,6 +25,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 from conftest import leftovers, pid_alive
 from rudocs import normalise, ru_pdf
+from waiting import eventually_sync
 
 from watcher.bucket.names import Names
 from watcher.cli.embedded import SeaweedS3, free_ports
@@ -192,19 +193,29 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, Any]:
         return exc.code, body
 
 
+class ReplicaExited(AssertionError):
+    """A replica ended while the test waited for something."""
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float, replicas: list[Replica],
                every: float = 0.5) -> None:
-    """Poll `check`; fail with the replicas' log tails when it never holds or one dies."""
-    deadline = time.monotonic() + timeout
-    while not check():
+    """`eventually_sync(check)`; fail with the replicas' log tails when it never holds or one dies."""
+    def holds() -> bool:
+        if check():
+            return True
         for r in replicas:
             if r.proc.poll() is not None:
-                raise AssertionError(f"{r.replica_id} exited {r.proc.returncode} while waiting for "
-                                     f"{what}:\n{r.log_tail()}")
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {r.replica_id}\n{r.log_tail(15)}" for r in replicas)
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tails}")
-        time.sleep(every)
+                raise ReplicaExited(f"{r.replica_id} exited {r.proc.returncode} while waiting for "
+                                    f"{what}:\n{r.log_tail()}")
+        return False
+
+    try:
+        eventually_sync(holds, timeout, what, every)
+    except ReplicaExited:
+        raise
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {r.replica_id}\n{r.log_tail(15)}" for r in replicas)
+        raise AssertionError(f"{exc}\n{tails}") from None
 
 
 def is_ready(replica: Replica) -> bool:
@@ -311,15 +322,17 @@ def test_three_replicas_one_killed_mid_batch(fleet_weed: SeaweedS3, tmp_path: Pa
             lister = json.loads(s3.get_object(Bucket=BUCKET, Key=FLEET_LISTER_LEASE)["Body"].read())
             holder = str(lister.get("owner"))
         victim = next((r for r in replicas if r.replica_id == holder), replicas[0])
-        # Kill it while it has documents in flight (it has, unless the backlog ran dry).
-        deadline = time.monotonic() + 10
+        # Kill it while it has documents in flight (it has, unless the backlog ran dry: then
+        # it is killed after 10 s all the same, and the mid-batch assertion below decides).
         workers: list[int] = []
-        while time.monotonic() < deadline:
+
+        def busy() -> bool:
             status, health = http_get(victim.url("/health"))
-            workers = [w["pid"] for w in health["engine"].get("workers", []) if w.get("pid")]
-            if status == 200 and health["inflight_documents"] > 0:
-                break
-            time.sleep(0.05)
+            workers[:] = [w["pid"] for w in health["engine"].get("workers", []) if w.get("pid")]
+            return status == 200 and health["inflight_documents"] > 0
+
+        with contextlib.suppress(AssertionError):
+            eventually_sync(busy, 10, f"documents in flight in {victim.replica_id}", every=0.05)
         os.kill(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(timeout=10)
         done_at_kill = count_results(s3)
@@ -350,10 +363,8 @@ def test_three_replicas_one_killed_mid_batch(fleet_weed: SeaweedS3, tmp_path: Pa
                   for key in leftovers(s3, BUCKET)}
         assert set(owners.values()) <= {victim.replica_id}, owners
         # The victim's engine worker did not outlive it.
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(pid_alive(p) for p in workers), workers
+        eventually_sync(lambda: not any(pid_alive(p) for p in workers), 10,
+                        f"the victim's engine workers {workers} to end", every=0.2)
     finally:
         kill_all(replicas)
 

@@ -22,6 +22,7 @@ from conftest import (
 )
 from docgen import make_image
 from s3proxy import s3_proxy
+from waiting import eventually
 
 from watcher.bucket.names import SOURCE_ETAG_META, Names
 from watcher.bucket.storage import PreconditionFailed, StorageUnavailable, open_storage
@@ -40,17 +41,15 @@ def etag_of(s3: Any, bucket: str, key: str) -> str:
     return str(s3.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
 
 
+def names_source(s3: Any, bucket: str, key: str, etag: str) -> bool:
+    """Whether the result JSON at `key` names source ETag `etag`."""
+    if not object_exists(s3, bucket, key):
+        return False
+    return bool(s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SOURCE_ETAG_META) == etag)
+
+
 async def wait_for_result_of(s3: Any, bucket: str, key: str, etag: str, timeout: float = 120) -> None:
-    """Until the result JSON at `key` names source ETag `etag`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if object_exists(s3, bucket, key):
-            meta = s3.head_object(Bucket=bucket, Key=key).get("Metadata", {})
-            if meta.get(SOURCE_ETAG_META) == etag:
-                return
-        assert loop.time() < deadline, f"{key} never named {etag}"
-        await asyncio.sleep(0.3)
+    await eventually(lambda: names_source(s3, bucket, key, etag), timeout, f"{key} to name {etag}", 0.3)
 
 
 async def test_a_download_cut_off_half_way_is_fetched_again_whole(
@@ -132,11 +131,7 @@ async def test_a_version_uploaded_between_the_result_and_the_settle_is_left_alon
 
 
 async def wait_for_gone(s3: Any, bucket: str, key: str, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while object_exists(s3, bucket, key):
-        assert loop.time() < deadline, f"{key} is still there"
-        await asyncio.sleep(0.3)
+    await eventually(lambda: not object_exists(s3, bucket, key), timeout, f"{key} to be gone", 0.3)
 
 
 async def post_event(port: int, body: bytes, chunked: bool = False) -> tuple[int, dict[str, Any]]:

@@ -13,6 +13,7 @@ import pytest
 from conftest import CountingEngine, daemon_running, leftovers, make_settings, wait_for_keys
 from docgen import make_image
 from test_events import TOKEN, aws, post
+from waiting import eventually
 
 from watcher.bucket import storage as storage_module
 from watcher.bucket.names import Names
@@ -34,9 +35,7 @@ def list_requests(daemon: Daemon) -> float:
 
 
 async def wait_role(daemon: Daemon, role: Role, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while daemon.fleet is None or daemon.fleet.role is not role:
-            await asyncio.sleep(0.1)
+    await eventually(lambda: daemon.fleet is not None and daemon.fleet.role is role, timeout, f"the {role}")
 
 
 async def test_one_replica_lists_for_the_fleet_and_hands_over_when_it_stops(

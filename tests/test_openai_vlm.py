@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Any
 
@@ -17,6 +17,7 @@ from conftest import daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
 from rapidfuzz import fuzz
 from vlm_fake import FakeVlmServer
+from waiting import eventually
 
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
@@ -71,15 +72,6 @@ def output_keys(s3: Any, bucket: str) -> set[str]:
 async def get(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return resp.status, await resp.json()
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.1)
 
 
 async def test_results_carry_the_words_read_by_the_vlm(
@@ -148,7 +140,7 @@ async def test_wrong_model_name_is_a_clear_failure_and_documents_wait(
     engine = fast_engine(settings)
     async with daemon_running(settings, engine) as daemon:
         base = f"http://127.0.0.1:{daemon.http.port}"
-        await wait_until(lambda: engine.state is EngineState.FAILED, what="engine failed")
+        await eventually(lambda: engine.state is EngineState.FAILED, what="engine failed")
         status, ready = await get(f"{base}/ready")
         assert status == 503
         reason = " ".join(ready["reasons"])
@@ -172,10 +164,10 @@ async def test_model_renamed_while_running_fails_the_engine_not_the_document(
     settings = vlm_settings(weed, bucket, fake)
     engine = fast_engine(settings)
     async with daemon_running(settings, engine) as daemon:
-        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await eventually(lambda: engine.state is EngineState.READY, what="engine ready")
         fake.served_model = "renamed-model"
         s3.put_object(Bucket=bucket, Key="input/b.png", Body=make_image(["Renamed model LIMA"], "PNG"))
-        await wait_until(lambda: engine.state is EngineState.FAILED, what="engine failed")
+        await eventually(lambda: engine.state is EngineState.FAILED, what="engine failed")
         assert engine.error is not None and MODEL in engine.error
         assert f"The model `{MODEL}` does not exist." in engine.error
         status, ready = await get(f"http://127.0.0.1:{daemon.http.port}/ready")
@@ -193,7 +185,7 @@ async def test_server_errors_are_retried(
     settings = vlm_settings(weed, bucket, fake, vlm_max_retries=3)
     engine = fast_engine(settings)
     async with daemon_running(settings, engine):
-        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await eventually(lambda: engine.state is EngineState.READY, what="engine ready")
         fake.fail_next = 2
         s3.put_object(Bucket=bucket, Key="input/c.png", Body=make_image(["Retried page MIKE"], "PNG"))
         await wait_for_keys(s3, bucket, ["output/c.png.json"], timeout=60)
@@ -221,7 +213,7 @@ async def test_a_hanging_server_times_out_and_the_document_is_done_later(
 
     engine.mark_unavailable = mark  # type: ignore[method-assign]
     async with daemon_running(settings, engine):
-        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await eventually(lambda: engine.state is EngineState.READY, what="engine ready")
         fake.hang_next, fake.hang_seconds = 2, 3.0
         s3.put_object(Bucket=bucket, Key="input/d.png", Body=make_image(["Slow server NOVEMBER"], "PNG"))
         await asyncio.wait_for(marked.wait(), 30)
@@ -239,10 +231,10 @@ async def test_server_down_then_back(
     engine = fast_engine(settings)
     async with daemon_running(settings, engine) as daemon:
         ready_url = f"http://127.0.0.1:{daemon.http.port}/ready"
-        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await eventually(lambda: engine.state is EngineState.READY, what="engine ready")
         await fake.stop()
         s3.put_object(Bucket=bucket, Key="input/e.png", Body=make_image(["Server came back OSCAR"], "PNG"))
-        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        await eventually(lambda: engine.unavailable is not None, what="engine unavailable")
         status, ready = await get(ready_url)
         assert status == 503 and "unreachable" in " ".join(ready["reasons"])
         await daemon.wait_polls(daemon.polls + 2, timeout=10)
@@ -349,11 +341,11 @@ async def test_a_vlm_server_this_container_runs_gone_past_the_limit_fails_livene
     engine = fast_engine(settings)
     async with daemon_running(settings, engine) as daemon:
         health_url = f"http://127.0.0.1:{daemon.http.port}/health"
-        await wait_until(lambda: engine.state is EngineState.READY, what="engine ready")
+        await eventually(lambda: engine.state is EngineState.READY, what="engine ready")
         assert (await get(health_url))[0] == 200
         await fake.stop()
         s3.put_object(Bucket=bucket, Key="input/f.png", Body=make_image(["Waiting"], "PNG"))
-        await wait_until(lambda: engine.unavailable is not None, what="engine unavailable")
+        await eventually(lambda: engine.unavailable is not None, what="engine unavailable")
         if managed:
             answers: list[tuple[int, Any]] = []
 
@@ -361,11 +353,10 @@ async def test_a_vlm_server_this_container_runs_gone_past_the_limit_fails_livene
                 answers.append(await get(health_url))
                 return answers[-1][0] == 503
 
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while not await unhealthy():
-                assert loop.time() < deadline, answers[-1]
-                await asyncio.sleep(0.2)
+            try:
+                await eventually(unhealthy, 30, "/health to answer 503", every=0.2)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the last answer: {answers[-1]}") from None
             assert "WATCHER_VLM_UNREACHABLE_LIMIT" in answers[-1][1]["problem"]
         else:
             # Someone else's server: however long it has been gone, only /ready says so.

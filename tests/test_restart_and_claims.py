@@ -10,6 +10,7 @@ from typing import Any
 
 from conftest import CountingEngine, daemon_running, leftovers, lenient_store, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
+from waiting import eventually
 
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.pages import PageResult, RenderedPage
@@ -40,8 +41,8 @@ async def test_restart_in_the_middle_of_a_batch(weed: SeaweedS3, bucket: str, s3
     settings = make_settings(weed, bucket, max_inflight_documents=2)
     first = CountingEngine()
     async with daemon_running(settings, first):
-        while await asyncio.to_thread(count_results, s3, bucket) < 2:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: asyncio.to_thread(lambda: count_results(s3, bucket) >= 2), 120,
+                         "two results", every=0.1)
         # Leaving the block sends the stop: in-flight documents finish within the drain.
     done_after_first = await asyncio.to_thread(count_results, s3, bucket)
     assert 2 <= done_after_first < len(rels), "the restart must land mid-batch"
@@ -65,8 +66,7 @@ async def test_a_cut_off_drain_releases_its_lease_and_the_next_start_resumes(
     settings = make_settings(weed, bucket, drain_seconds=0, page_concurrency=1)
     first = CountingEngine()
     async with daemon_running(settings, first):
-        while len(first.calls) < 5:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(first.calls) >= 5, 120, "five pages recognised", every=0.05)
     # No grace: the document was cancelled mid-way, its lease deleted, nothing published,
     # but the pages already recognised were kept.
     assert s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) == 0

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from conftest import GatedEngine, daemon_running, make_settings, wait_for_keys
 from docgen import make_image, make_pdf
+from waiting import eventually
 
 from watcher.cli.embedded import SeaweedS3
 
@@ -42,13 +43,17 @@ async def test_daemon_recovers_when_s3_stops_and_starts(own_weed: SeaweedS3) -> 
         # A page is being recognised; now S3 disappears under the daemon's feet.
         await asyncio.to_thread(own_weed.stop)
         engine.gate.set()
-        for _ in range(100):
+        answers: list[Any] = []
+
+        async def ready_says_s3_down() -> bool:
             status, body = await get_json(f"{base}/ready")
-            if status == 503 and any("S3" in r for r in body["reasons"]):
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(f"/ready never reported S3 down: {body}")
+            answers.append(body)
+            return status == 503 and any("S3" in r for r in body["reasons"])
+
+        try:
+            await eventually(ready_says_s3_down, 30, "/ready to report S3 down", every=0.2)
+        except AssertionError:
+            raise AssertionError(f"/ready never reported S3 down: {answers[-1]}") from None
         status, health = await get_json(f"{base}/health")
         assert status == 200 and health["s3"]["reachable"] is False
         assert settings.s3_secret_key.get_secret_value() not in str(health)

@@ -22,6 +22,7 @@ import pytest
 from conftest import CountingEngine, GatedEngine, daemon_running, wait_for_keys
 from docgen import make_image
 from tenacity import RetryCallState
+from waiting import eventually, eventually_sync
 
 from watcher.cli.check import Checker
 from watcher.core.outcome import Outcome, Report
@@ -48,16 +49,18 @@ def moto_endpoint() -> Iterator[str]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"moto's server did not start: it exited {server.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.1)
+        eventually_sync(listening, 30, "moto's server to listen")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -77,6 +80,10 @@ class Moto:
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         got = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=names)["Attributes"]
         return int(got[names[0]]), int(got[names[1]])
+
+    async def empty(self) -> bool:
+        """No message in the queue, visible or hidden (asked from a thread: boto3 blocks)."""
+        return await asyncio.to_thread(self.counts) == (0, 0)
 
     def send(self, body: Any) -> None:
         text = body if isinstance(body, str) else json.dumps(body)
@@ -129,22 +136,13 @@ def moto_settings(moto: Moto, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await asyncio.to_thread(check):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.2)
-
-
 async def ready(daemon: Daemon) -> SqsSource:
     """The first poll is over, the engine warm and moto's test event deleted."""
     await daemon.wait_polls(1, timeout=30)
-    await until(lambda: daemon.engine.state is EngineState.READY, 120, "the engine is ready")
+    await eventually(lambda: daemon.engine.state is EngineState.READY, 120, "the engine is ready")
     assert daemon.sqs is not None
     sqs = daemon.sqs
-    await until(lambda: sqs.snapshot()["deleted"] >= 1, 30, "the test event is deleted")
+    await eventually(lambda: sqs.snapshot()["deleted"] >= 1, 30, "the test event is deleted")
     return sqs
 
 
@@ -160,7 +158,7 @@ async def test_a_notification_starts_a_document_and_its_message_goes_once_publis
         key = "input/scan 1 ü+x.png"
         moto.s3.put_object(Bucket=moto.bucket, Key=key, Body=make_image(["Queued notice"], "PNG"))
         await wait_for_keys(moto.s3, moto.bucket, ["output/scan 1 ü+x.png.json"], timeout=30)
-        await until(lambda: moto.counts() == (0, 0), 15, "the queue is empty")
+        await eventually(moto.empty, 15, "the queue is empty", every=0.2)
         assert daemon.polls == 1
         assert sqs.snapshot() == {"received": 2, "deleted": 2, "in_progress": 0, "reachable": True,
                                   "last_error": None}
@@ -188,8 +186,8 @@ async def test_test_events_malformed_and_foreign_messages_are_deleted_and_start_
     async with daemon_running(moto_settings(moto), engine) as daemon:
         assert daemon.sqs is not None
         sqs = daemon.sqs
-        await until(lambda: moto.counts() == (0, 0), 15, "the queue is empty")
-        await until(lambda: sqs.snapshot()["deleted"] == 7, 5, "all are deleted")
+        await eventually(moto.empty, 15, "the queue is empty", every=0.2)
+        await eventually(lambda: sqs.snapshot()["deleted"] == 7, 5, "all are deleted")
         assert sqs.snapshot()["received"] == 7 and sqs.snapshot()["in_progress"] == 0
         assert daemon.queue.unfinished() == 0
     assert engine.calls == []
@@ -214,7 +212,7 @@ async def test_a_message_stays_hidden_while_its_document_runs_and_goes_after(mot
         assert sqs.snapshot()["received"] == received and sqs.snapshot()["in_progress"] == 1
         engine.gate.set()
         await wait_for_keys(moto.s3, moto.bucket, ["output/slow.png.json"], timeout=30)
-        await until(lambda: moto.counts() == (0, 0), 15, "the message is deleted")
+        await eventually(moto.empty, 15, "the message is deleted", every=0.2)
         assert sqs.snapshot()["in_progress"] == 0
     assert engine.calls == [0]
 
@@ -232,7 +230,7 @@ async def test_a_run_to_retry_keeps_its_message_which_comes_back(moto: Moto) -> 
     source._delete = counted  # type: ignore[method-assign]
     reading = asyncio.create_task(source.run())
     try:
-        await until(lambda: source.snapshot()["deleted"] == 1, 30, "the test event is deleted")
+        await eventually(lambda: source.snapshot()["deleted"] == 1, 30, "the test event is deleted")
         moto.s3.put_object(Bucket=moto.bucket, Key="input/again.png", Body=b"not read here")
         ref = await asyncio.wait_for(queue.take(), 30)
         assert ref.key == "input/again.png" and source.snapshot()["in_progress"] == 1
@@ -245,11 +243,11 @@ async def test_a_run_to_retry_keeps_its_message_which_comes_back(moto: Moto) -> 
         assert again == ref and len(deletes) == 1 and source.snapshot()["received"] == 3
         queue.finish(again)
         source.ended(Report(again, Outcome.DONE))
-        await until(lambda: moto.counts() == (0, 0), 10, "the message is deleted")
+        await eventually(moto.empty, 10, "the message is deleted", every=0.2)
         assert len(deletes) == 2
         # At shutdown, a message whose document never ran is handed back at once.
         moto.s3.put_object(Bucket=moto.bucket, Key="input/unstarted.png", Body=b"not read here")
-        await until(lambda: source.snapshot()["in_progress"] == 1, 30, "the message is held")
+        await eventually(lambda: source.snapshot()["in_progress"] == 1, 30, "the message is held")
     finally:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
@@ -261,17 +259,17 @@ async def test_a_message_for_a_document_the_poll_queued_first_waits_for_it(moto:
     source = SqsSource(moto_settings(moto), queue, lambda: None)
     reading = asyncio.create_task(source.run())
     try:
-        await until(lambda: source.snapshot()["deleted"] == 1, 30, "the test event is deleted")
+        await eventually(lambda: source.snapshot()["deleted"] == 1, 30, "the test event is deleted")
         body = b"not read here"
         polled = ObjectRef(moto.bucket, "input/polled.png", hashlib.md5(body).hexdigest(), len(body))
         assert queue.offer(polled)  # the poll found it before its message came
         moto.s3.put_object(Bucket=moto.bucket, Key="input/polled.png", Body=body)
-        await until(lambda: source.snapshot()["in_progress"] == 1, 30, "the message is held")
+        await eventually(lambda: source.snapshot()["in_progress"] == 1, 30, "the message is held")
         assert moto.counts() == (0, 1)  # not deleted: its document has no result yet
         ref = await asyncio.wait_for(queue.take(), 5)
         queue.finish(ref)
         source.ended(Report(ref, Outcome.DONE))
-        await until(lambda: moto.counts() == (0, 0), 10, "the message is deleted")
+        await eventually(moto.empty, 10, "the message is deleted", every=0.2)
     finally:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
@@ -304,7 +302,7 @@ async def test_a_missing_queue_is_logged_once_read_again_until_it_exists_and_can
     source = SqsSource(moto_settings(moto, sqs_queue_url=url), WorkQueue(10), lambda: None)
     reading = asyncio.create_task(source.run())
     try:
-        await until(lambda: len(waits) >= 5, 30, "five receives failed")
+        await eventually(lambda: len(waits) >= 5, 30, "five receives failed")
         snapshot = source.snapshot()
         assert snapshot["reachable"] is False and "NonExistentQueue" in str(snapshot["last_error"])
         assert waits[:5] == [1, 2, 3, 4, 5]
@@ -312,7 +310,7 @@ async def test_a_missing_queue_is_logged_once_read_again_until_it_exists_and_can
         made = moto.sqs.create_queue(QueueName=name)["QueueUrl"]
         # A message ends the long poll at once (an empty one lasts 20 s).
         moto.sqs.send_message(QueueUrl=made, MessageBody=json.dumps({"Event": "s3:TestEvent"}))
-        await until(lambda: source.snapshot()["reachable"] is True, 30, "the queue is read")
+        await eventually(lambda: source.snapshot()["reachable"] is True, 30, "the queue is read")
         assert ("info", "sqs_reachable_again") in logs.lines and source.snapshot()["last_error"] is None
     finally:
         reading.cancel()

@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import pid_alive
+from waiting import eventually_sync
 
 from watcher.cli.embedded import free_ports
 from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS, Settings
@@ -141,17 +141,34 @@ class Launch:
         pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
         return {k.decode(): v.decode(errors="replace") for k, v in pairs}
 
+    def processes(self) -> list[int]:
+        """The processes still running in start.sh's process group (`launch` starts it as a
+        session leader): the daemon, the VLM supervisor and everything they started. Zombies
+        do not count: orphans are reaped by PID 1, which may not do it here."""
+        left = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                    if int(group) == self.proc.pid and state != "Z":
+                        left.append(int(entry.name))
+        return left
+
     def wait_for(
         self, check: Callable[[], bool], timeout: float, what: str, after_exit: bool = False
     ) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def holds() -> bool:
             if check():
-                return
+                return True
             if not after_exit and self.proc.poll() is not None:
-                break  # a dead daemon will not bring the awaited thing any more
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; output:\n{self.output()}")
+                # A dead daemon will not bring the awaited thing any more.
+                raise AssertionError(f"the daemon exited with {self.proc.returncode} before {what}")
+            return False
+
+        try:
+            eventually_sync(holds, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{self.output()}") from None
 
     def wait_for_text(self, text: str, timeout: float = 15.0, after_exit: bool = False) -> None:
         self.wait_for(lambda: text in self.output(), timeout, repr(text), after_exit)
@@ -328,7 +345,9 @@ def test_vlm_server_that_exits_is_restarted_with_backoff(tmp_path: Path) -> None
                      10.0, "the supervisor to notice the daemon's exit", after_exit=True)
         assert_no_fake_server_runs(run)
         starts = len(run.records())
-        time.sleep(1.0)  # nothing starts the server again once the daemon is gone
+        # Nothing starts the server again once the daemon is gone: the supervisor has ended,
+        # and with it everything start.sh started.
+        run.wait_for(lambda: not run.processes(), 15.0, "start.sh's processes to end", after_exit=True)
         assert len(run.records()) == starts
 
 
@@ -366,10 +385,12 @@ def test_restart_off_leaves_a_dead_vlm_server_dead(tmp_path: Path) -> None:
     with launch(tmp_path, gpu=True, plan="crash", WATCHER_VLM_RESTART="off",
                 WATCHER_VLM_RESTART_DELAY="0.1") as run:
         run.wait_for_text("not restarted (WATCHER_VLM_RESTART=off)")
-        time.sleep(0.5)
+        assert_daemon_serves_then_exits_cleanly(run)
+        # Once start.sh's processes, the supervisor among them, have ended, nothing can start
+        # the server again: the count is final.
+        run.wait_for(lambda: not run.processes(), 15.0, "start.sh's processes to end", after_exit=True)
         assert len(run.records()) == 1
         assert run.restarts() == []
-        assert_daemon_serves_then_exits_cleanly(run)
 
 
 def test_vlm_server_that_hangs_does_not_block_the_daemon(tmp_path: Path) -> None:

@@ -144,9 +144,10 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
     seen_workers: set[int] = set()
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 180
-            while True:
-                assert time.monotonic() < deadline, f"not finished: {daemon.events()[-5:]}"
+
+            async def all_finished() -> bool:
+                # /health is probed all along: it answers, from the one daemon, while
+                # workers hang, abort and leak.
                 with contextlib.suppress(aiohttp.ClientConnectionError):
                     status, health, seconds = await daemon.health(session)
                     assert status == 200
@@ -155,9 +156,12 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
                     seen_workers.update(w["pid"] for w in health["engine"]["workers"] if w["pid"])
                 done = await asyncio.gather(
                     *(asyncio.to_thread(object_exists, s3, bucket, k) for k in expected))
-                if all(done):
-                    break
-                await asyncio.sleep(0.05)
+                return all(done)
+
+            try:
+                await eventually(all_finished, 180, "every document to finish", every=0.05)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {daemon.events()[-5:]}") from None
             metrics = await daemon.metrics(session)
             _, health, _ = await daemon.health(session)
     finally:
@@ -196,18 +200,17 @@ async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
            "WATCHER_MAX_INFLIGHT_DOCUMENTS": "1"}
     for _run in range(4):
         daemon = await DaemonProcess(weed, bucket, vlm, log, **env).start()
-        finished = False
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert daemon.proc is not None
-            if daemon.proc.returncode is not None or await asyncio.to_thread(
+        proc = daemon.proc
+        assert proc is not None
+
+        async def died_or_done(proc: asyncio.subprocess.Process = proc) -> bool:
+            return proc.returncode is not None or await asyncio.to_thread(
                 lambda: all(object_exists(s3, bucket, k) for k in
                             ("output/poison.png.error.json", "output/fine.png.json"))
-            ):
-                finished = daemon.proc.returncode is None
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(daemon.proc.wait()), 0.3)
+            )
+
+        await eventually(died_or_done, 90, "the daemon to die or both documents to finish", every=0.3)
+        finished = proc.returncode is None
         if finished:
             assert await daemon.stop() == 0
             break
@@ -231,14 +234,14 @@ async def test_sigterm_with_a_hung_page_drains_releases_and_exits(
     log = tmp_path / "paddle.jsonl"
     daemon = await DaemonProcess(weed, bucket, vlm, log, WATCHER_DRAIN_SECONDS="1").start()
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline
+
+        async def a_worker_busy() -> bool:
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 _, health, _ = await daemon.health(session)
-                if any(w["state"] == "busy" for w in health["engine"]["workers"]):
-                    break
-            await asyncio.sleep(0.1)
+                return any(w["state"] == "busy" for w in health["engine"]["workers"])
+            return False
+
+        await eventually(a_worker_busy, 60, "an engine worker to be busy")
     assert await daemon.stop() == 0
     names = [e["event"] for e in daemon.events()]
     assert "drain_timeout_releasing" in names and names[-1] == "daemon_stopped"
