@@ -72,7 +72,7 @@ from watcher.intake.fleet import FleetDiscovery
 from watcher.intake.queue import WorkQueue
 from watcher.pipeline.budget import PageBudget, Ticket
 from watcher.pipeline.document import DocumentPipeline, Parts
-from watcher.pipeline.recognise import Reading
+from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, Reading, ReadPlan, blamed_page, unreadable
 from watcher.service.hooks import HeldRetry
 from watcher.service.poller import Poller
 from watcher.service.workers import WorkerPool
@@ -225,9 +225,12 @@ class SimReader:
         return {"name": "sim", "model": "sim"}
 
     async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
-                   ticket: Ticket) -> Reading:
+                   ticket: Ticket, plan: ReadPlan = EVERYTHING_AT_ONCE) -> Reading:
         sim = self.sim
         version = (ref.key, ref.etag)
+        if 0 in plan.skip:  # its one page was blamed for its crashes: not read again
+            raise unreadable([blamed_page(0, plan.attempts)]) or AssertionError("unreachable")
+        await plan.on_page(0)
         data = path.read_bytes()  # noqa: ASYNC240 - a small temp file, on virtual time
         if data != sim.bodies.get(version) or size != len(data):
             sim.violation(f"engine got {len(data)} bytes for {version}, not the version's "
@@ -246,7 +249,9 @@ class SimReader:
         if not data:
             raise DocumentError(ErrorCode.EMPTY, "the object is empty (0 bytes)")
         if data.startswith(b"POISON"):
-            raise EngineCrashed("crash", "the simulated engine dies on this document")
+            crashed = EngineCrashed("crash", "the simulated engine dies on this document")
+            crashed.page = 0  # as DocumentReader says which page it was on
+            raise crashed
         text = data.decode()
         page = PageResult(0, 100, 100, [Block("text", [0.0, 0.0, 100.0, 100.0], text)], text)
         return Reading("text", [page])
@@ -298,7 +303,8 @@ class Replica:
         self.queue = WorkQueue(settings.queue_size)
         work_dir = Path(tempfile.mkdtemp(dir=sim.work_root, prefix=f"{self.label}-"))
         self.pipeline = DocumentPipeline(settings, parts, SimReader(sim, self), metrics, budget, work_dir)
-        self.fleet = FleetDiscovery(Discovery(storage, settings, parts.names, identity.clock),
+        self.fleet = FleetDiscovery(Discovery(storage, settings, parts.names, identity.clock,
+                                              parts.leases.holder_is_dead),
                                     parts.leases, storage, parts.names, shared=True)
         poller = Poller(self.queue, metrics, settings.poll_interval, lambda: set())
         self.intake = EventIntake(BUCKET, parts.names, self.queue.offer, poller.poke)

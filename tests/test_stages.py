@@ -22,7 +22,7 @@ from memory_s3 import Faults, MemoryS3
 from PIL import Image
 from simulation import VirtualClock, run_virtual
 
-from watcher.bucket.leases import Lease, LeaseLost
+from watcher.bucket.leases import Inherited, Lease, LeaseLost
 from watcher.bucket.names import SOURCE_ETAG_META, Names
 from watcher.bucket.storage import Conditions, KeyRefused, PreconditionFailed, Storage, StorageUnavailable
 from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
@@ -33,6 +33,7 @@ from watcher.core.pages import Block, PageResult, RenderedPage, TextSource
 from watcher.core.refs import ObjectRef
 from watcher.core.settings import Settings, SourceAction, TextLayerMode, load_settings
 from watcher.engines.base import Engine
+from watcher.intake.discovery import Discovery
 from watcher.intake.events import BadEvent, EventIntake
 from watcher.intake.queue import WorkQueue
 from watcher.pipeline.budget import PageBudget, Ticket
@@ -41,7 +42,7 @@ from watcher.pipeline.decode import Decoder, Document
 from watcher.pipeline.document import DocumentPipeline, Parts
 from watcher.pipeline.fate import Fate, classify
 from watcher.pipeline.publish import Publisher, Superseded
-from watcher.pipeline.recognise import Reading, Recogniser, unreadable
+from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, Reading, ReadPlan, Recogniser, unreadable
 from watcher.pipeline.settle import Settled, settle
 from watcher.pipeline.textlayer import TextLayer
 from watcher.service.hooks import HeldRetry, LastOutcomes
@@ -538,7 +539,7 @@ class MemoryReader:
         return {"name": "memory", "model": "m"}
 
     async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
-                   ticket: Ticket) -> Reading:
+                   ticket: Ticket, plan: ReadPlan = EVERYTHING_AT_ONCE) -> Reading:
         step = self.plan[min(self.calls, len(self.plan) - 1)]
         self.calls += 1
         assert (await asyncio.to_thread(path.stat)).st_size == size  # fetched before it is read
@@ -637,3 +638,31 @@ def test_a_version_done_before_is_skipped_without_reading(tmp_path: Path) -> Non
     _, reports = run_pipeline([reads("text"), raises(AssertionError("read twice"))], 2, tmp_path)
     assert [r.outcome for r in reports] == [Outcome.DONE, Outcome.SKIPPED]
     assert reports[1].message == "already done (marked)"
+
+
+# --- discovery: what a restarted pod cleans up at once --------------------------------
+def test_a_lease_left_by_a_dead_process_on_a_done_version_goes_at_once() -> None:
+    clock = VirtualClock()
+
+    async def main() -> None:
+        store = MemoryS3(now=clock.wall)
+        s = settings(replica_id="pod")
+        names = Names.from_settings(s)
+        alive = {2}
+        identity = Identity("pod", host="host", pid=2, incarnation="pod-2", clock=clock.wall,
+                            alive=alive.__contains__)
+        parts = Parts.of(Storage(store.client("pod"), BUCKET, max_attempts=3), s, identity)
+        for name, pid in (("dead", 1), ("live", 2)):
+            key = f"input/{name}.pdf"
+            ref = ObjectRef(BUCKET, key, store.put(key, b"%PDF"), 4)
+            await parts.done.mark(ref)  # published and marked, then killed before letting go
+            record = parts.leases.record(ref, Inherited(), released=False)
+            record.pid, record.incarnation = pid, f"pod-{pid}"
+            store.put(names.lease(key), record.encode())
+        discovery = Discovery(parts.storage, s, names, clock.wall, parts.leases.holder_is_dead)
+        assert await discovery.scan() == []
+        # The dead process's goes now; a live holder's stays until it lets go (or for
+        # several lease periods unrenewed, whoever held it).
+        assert store.keys(".watcher/leases/input/") == [names.lease("input/live.pdf")]
+
+    run_virtual(main, clock)

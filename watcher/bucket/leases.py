@@ -19,6 +19,12 @@ higher, and a lease whose holder vanished without releasing it (the pod was kill
 node died) is taken over with `crashes` one higher too. A document whose count reached
 WATCHER_MAX_ATTEMPTS is given up, even when every attempt took the whole pod down.
 
+It also says which page to blame. A document with crashes on record is read alone and
+page by page (pipeline/isolation.py), its holder writing the page it is on into the
+lease (`working_on`) before each one; a holder that dies leaves that page behind, and the
+next holder adds it to `blamed`, as does a crash the engine reports for one page. On the
+document's last attempt the blamed pages are not read again (pipeline/document.py).
+
 A holder is known dead before its lease expires when it ran on this host under this
 replica id and its process is gone (a restarted container), so a restarted daemon takes
 its own documents back at once; a lease this very process wrote and no longer holds (a
@@ -53,6 +59,8 @@ log = get_logger("watcher.bucket.leases")
 
 # Reasons kept per document: enough to explain an `engine_failed` record.
 HISTORY_LIMIT = 10
+# Pages blamed per document: more than this many poison pages is a poison document.
+BLAMED_LIMIT = 100
 # Tries at deleting a lease that S3 refused to delete, backing off to a minute: about an hour.
 LATER_ATTEMPTS = 65
 LATER_FIRST_SECONDS = 1.0
@@ -87,6 +95,8 @@ class LeaseRecord:
     host: str = ""
     pid: int = 0
     incarnation: str = ""
+    page: int | None = None  # the page its holder is reading alone, if it says
+    blamed: list[int] = field(default_factory=list)  # pages that took a worker or the pod down
 
     @classmethod
     def parse(cls, body: bytes) -> LeaseRecord | None:
@@ -103,12 +113,27 @@ class LeaseRecord:
                 host=str(data.get("host", "")),
                 pid=int(data.get("pid", 0)),
                 incarnation=str(data.get("incarnation", "")),
+                page=None if data.get("page") is None else int(data["page"]),
+                blamed=sorted({int(p) for p in data.get("blamed", [])})[:BLAMED_LIMIT],
             )
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             return None
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What a new holder takes over from the lease it replaces."""
+
+    crashes: int = 0
+    history: list[str] = field(default_factory=list)
+    blamed: list[int] = field(default_factory=list)
+
+
+def _blame(blamed: list[int], page: int | None) -> list[int]:
+    return blamed if page is None else sorted({*blamed, page})[:BLAMED_LIMIT]
 
 
 class Lease:
@@ -120,13 +145,15 @@ class Lease:
     """
 
     def __init__(self, leases: Leases, ref: ObjectRef, etag: str, expires_at: float,
-                 crashes: int, history: list[str]) -> None:
+                 inherited: Inherited) -> None:
         self.leases = leases
         self.ref = ref
         self.etag = etag
         self.expires_at = expires_at
-        self.crashes = crashes
-        self.history = history
+        self.crashes = inherited.crashes
+        self.history = inherited.history
+        self.blamed = inherited.blamed
+        self.page: int | None = None
         self.lost = False
         self._ended = False
         # One write of the lease at a time: a fence and a renewal sent together would race
@@ -153,6 +180,12 @@ class Lease:
         await self._renew()
         if self.lost:
             raise LeaseLost(f"{self.ref.key}: another replica took the lease over")
+
+    async def working_on(self, page: int | None) -> None:
+        """Say in the lease which page this holder reads now (a fence, too), so that a
+        death on it is blamed on that page; None once it reads no page."""
+        self.page = page
+        await self.fence()
 
     async def _renew(self) -> None:
         async with self._writing:
@@ -183,7 +216,8 @@ class Lease:
                           error=f"{type(exc).__name__}: {exc}", exc_info=True)
 
     def _record(self, released: bool = False) -> LeaseRecord:
-        return self.leases.record(self.ref, self.crashes, self.history, released)
+        return self.leases.record(self.ref, Inherited(self.crashes, self.history, self.blamed),
+                                  released, None if released else self.page)
 
     async def _stop_renewing(self) -> None:
         if self._renewer is not None:
@@ -215,10 +249,12 @@ class Lease:
                 raise
             await write(current)
 
-    async def record_crash(self, reason: str) -> int:
-        """Count a failed attempt in S3 and free the claim for the retry; returns the count."""
+    async def record_crash(self, reason: str, page: int | None = None) -> int:
+        """Count a failed attempt in S3 (blaming `page` when the engine said which page it
+        failed on) and free the claim for the retry; returns the count."""
         self.crashes += 1
         self.history = [*self.history, reason][-HISTORY_LIMIT:]
+        self.blamed = _blame(self.blamed, page)
         await self._stop_renewing()
         async with self._writing:
             if self._end():
@@ -283,13 +319,15 @@ class Leases:
         if self._live.get(lease.ref.key) is lease:
             del self._live[lease.ref.key]
 
-    def record(self, ref: ObjectRef, crashes: int, history: list[str], released: bool) -> LeaseRecord:
+    def record(self, ref: ObjectRef, inherited: Inherited, released: bool,
+               page: int | None = None) -> LeaseRecord:
         me = self.identity
         return LeaseRecord(
             owner=me.replica, source_key=ref.key, source_etag=ref.etag,
             expires_at=0.0 if released else me.clock() + self.settings.lease_seconds,
-            crashes=crashes, history=history, released=released,
+            crashes=inherited.crashes, history=inherited.history, released=released,
             host=me.host, pid=me.pid, incarnation=me.incarnation,
+            page=page, blamed=inherited.blamed,
         )
 
     async def write(self, ref: ObjectRef, record: LeaseRecord, if_match: str | None = None,
@@ -320,7 +358,7 @@ class Leases:
         conditional PUT, which it does honour: a DELETE there could remove a lease another
         replica took a moment before. The lister sweeps such records later (discovery)."""
         if self.conditional and not self.storage.conditions.delete:
-            await self.write(ref, self.record(ref, 0, [], released=True), if_match=etag)
+            await self.write(ref, self.record(ref, Inherited(), released=True), if_match=etag)
             return
         await self.storage.delete(self.names.lease(ref.key), if_match=etag if self.conditional else None)
 
@@ -360,65 +398,64 @@ class Leases:
             return Held(self.identity.replica, mine.expires_at)
         if self.conditional:
             try:
-                return self._hold(ref, *await self.write(ref, self.record(ref, 0, [], False),
-                                                         create=True), 0, [])
+                return self._hold(ref, *await self.write(ref, self.record(ref, Inherited(), False),
+                                                         create=True), Inherited())
             except PreconditionFailed:
                 pass
         current = await self.storage.get_bytes(self.names.lease(ref.key))
         if current is None:
             if not self.conditional:
-                return self._hold(ref, *await self.write(ref, self.record(ref, 0, [], False)), 0, [])
+                return self._hold(ref, *await self.write(ref, self.record(ref, Inherited(), False)),
+                                  Inherited())
             return None  # released between our two calls; the next poll tries again
         body, etag = current
         previous = LeaseRecord.parse(body)
-        crashes, history = self._carried_over(ref, previous)
-        if crashes is None:
+        inherited = self._carried_over(ref, previous)
+        if inherited is None:
             assert previous is not None
             log.info("claim_held_elsewhere", key=ref.key, owner=previous.owner,
                      expires_in=round(previous.expires_at - self.identity.clock(), 1))
             return Held(previous.owner, previous.expires_at)
         try:
-            written = await self.write(ref, self.record(ref, crashes, history, False), if_match=etag)
+            written = await self.write(ref, self.record(ref, inherited, False), if_match=etag)
         except PreconditionFailed:
             return None
-        if (previous is not None and previous.owner != self.identity.replica) or crashes:
+        if (previous is not None and previous.owner != self.identity.replica) or inherited.crashes:
             log.info("claim_taken_over", key=ref.key, previous_owner=previous and previous.owner,
-                     crashes=crashes)
-        return self._hold(ref, *written, crashes, history)
+                     crashes=inherited.crashes, blamed_pages=inherited.blamed or None)
+        return self._hold(ref, *written, inherited)
 
-    def _hold(self, ref: ObjectRef, etag: str, expires_at: float, crashes: int,
-              history: list[str]) -> Lease:
-        lease = Lease(self, ref, etag, expires_at, crashes, history)
+    def _hold(self, ref: ObjectRef, etag: str, expires_at: float, inherited: Inherited) -> Lease:
+        lease = Lease(self, ref, etag, expires_at, inherited)
         self._live[ref.key] = lease
         return lease
 
-    def _holder_is_dead(self, record: LeaseRecord) -> bool:
+    def holder_is_dead(self, record: LeaseRecord) -> bool:
         """The holder ran here, as this replica, in a process that no longer exists."""
         me = self.identity
         if record.owner != me.replica or record.host != me.host:
             return False
         return me.left_by_dead_process(record.pid, record.incarnation)
 
-    def _carried_over(
-        self, ref: ObjectRef, previous: LeaseRecord | None
-    ) -> tuple[int | None, list[str]]:
-        """The crash count a new holder inherits, or None while the holder is alive."""
+    def _carried_over(self, ref: ObjectRef, previous: LeaseRecord | None) -> Inherited | None:
+        """What a new holder inherits, or None while the holder is alive."""
         if previous is None:
-            return 0, []  # unreadable: treat as expired, nothing to inherit
+            return Inherited()  # unreadable: treat as expired, nothing to inherit
         same_version = previous.source_etag == ref.etag
-        crashes = previous.crashes if same_version else 0
-        history = previous.history if same_version else []
+        kept = Inherited(previous.crashes, previous.history, previous.blamed) if same_version else Inherited()
         if previous.released:
-            return crashes, history
+            return kept
         me = self.identity
         if previous.incarnation == me.incarnation and previous.owner == me.replica:
             # Ours and no longer held (`acquire` checked): a release that failed while
             # S3 was away.
-            return crashes, history
-        dead = self._holder_is_dead(previous)
+            return kept
+        dead = self.holder_is_dead(previous)
         if not dead and previous.expires_at > me.clock():
-            return None, history
+            return None
         if not same_version:
-            return 0, []
+            return Inherited()
         why = "died" if dead else "stopped renewing its lease (killed or cut off)"
-        return crashes + 1, [*history, f"replica {previous.owner} {why} while processing"][-HISTORY_LIMIT:]
+        on = "" if previous.page is None else f" on page {previous.page + 1}"
+        history = [*kept.history, f"replica {previous.owner} {why} while processing{on}"]
+        return Inherited(kept.crashes + 1, history[-HISTORY_LIMIT:], _blame(kept.blamed, previous.page))

@@ -62,3 +62,5 @@ class EngineCrashed(Exception):
         self.detail = detail
         # The engine's own HTTP client failed (PaddleOCR-VL to vLLM): maybe not a crash.
         self.connection_error = connection_error
+        # The document's page it failed on, once the pipeline knows (blamed in the lease).
+        self.page: int | None = None

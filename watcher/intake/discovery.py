@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from watcher.bucket.leases import LeaseRecord
 from watcher.bucket.names import Names, shard_of
 from watcher.bucket.storage import PreconditionFailed, Storage
 from watcher.core.logs import get_logger
@@ -42,11 +43,14 @@ ORPHAN_MARKER_SLACK_SECONDS = 300.0
 
 class Discovery:
     def __init__(self, storage: Storage, settings: Settings, names: Names,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 holder_is_dead: Callable[[LeaseRecord], bool] | None = None) -> None:
         self.storage = storage
         self.settings = settings
         self.names = names
         self.clock = clock
+        # Leases.holder_is_dead: a holder known gone (this replica's earlier process).
+        self.holder_is_dead = holder_is_dead
         # Under `move` and `delete` a source still in the input prefix is not settled yet,
         # marked or not: it is offered, and the claim stage settles a marked one.
         self._settles = settings.source_action is not SourceAction.KEEP
@@ -146,18 +150,21 @@ class Discovery:
                             started: float) -> None:
         """Delete leases that nobody has renewed for several lease periods and whose
         version is done (or whose source is gone): a replica killed between publishing and
-        letting go leaves one, and nobody else would ever look at it again. Released
-        leases of versions not done yet keep their attempt counts."""
+        letting go leaves one, and nobody else would ever look at it again. One whose
+        holder is known dead (this replica's process before a restart) goes at once.
+        Released leases of versions not done yet keep their attempt counts."""
         # Written before the listing began: their version is the one listed, or older.
         cutoff = started - STALE_LEASE_PERIODS * self.settings.lease_seconds
         current = {ref.key: ref.etag for ref in listed}
         stale = []
         async for lease in self.storage.list_objects(self.names.source_leases_prefix):
             key = self.names.source_of_lease(lease.key)
-            if key is None or lease.last_modified is None or lease.last_modified.timestamp() > cutoff:
+            if key is None or lease.last_modified is None:
                 continue
             etag = current.get(key)
-            if etag is None or self._done(key, etag, marked):
+            if etag is not None and not self._done(key, etag, marked):
+                continue
+            if lease.last_modified.timestamp() <= cutoff or await self._left_by_the_dead(lease.key):
                 stale.append(lease)
         for lease in stale:
             try:
@@ -166,6 +173,15 @@ class Discovery:
             except PreconditionFailed:
                 continue
             log.info("stale_lease_removed", lease=lease.key)
+
+    async def _left_by_the_dead(self, key: str) -> bool:
+        """A lease of a done version whose holder is known dead (one GET; such leases are
+        rare: a holder killed between its marker and letting go)."""
+        if self.holder_is_dead is None:
+            return False
+        found = await self.storage.get_bytes(key)
+        record = LeaseRecord.parse(found[0]) if found else None
+        return record is not None and not record.released and self.holder_is_dead(record)
 
     async def _remove_stale_markers(self, stale: list[str]) -> None:
         """Markers of versions replaced since, once the current version is marked too."""

@@ -59,9 +59,10 @@ class Checkpoints:
     def wanted(page_count: int) -> bool:
         return page_count >= CHECKPOINT_MIN_PAGES
 
-    async def load(self, ref: ObjectRef, page_count: int) -> dict[int, PageResult]:
-        """Pages of this source version recognised by an earlier attempt."""
-        if not self.wanted(page_count):
+    async def load(self, ref: ObjectRef, page_count: int, always: bool = False) -> dict[int, PageResult]:
+        """Pages of this source version recognised by an earlier attempt (`always`: a
+        suspect's, whose pages are kept however few; pipeline/isolation.py)."""
+        if not (always or self.wanted(page_count)):
             return {}
         keys = [obj.key async for obj in self.storage.list_objects(self._version_prefix(ref))]
         # Hundreds of pages may be kept; the S3 client's connection pool bounds these GETs.

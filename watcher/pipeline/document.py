@@ -1,6 +1,11 @@
 """One document through the flow: claim, fetch, read (decode and recognise), result,
 publish, settle.
 
+A document with crashes on record is a suspect and runs alone on the replica, page by
+page (pipeline/isolation.py); on its last attempt the pages blamed for its crashes are
+left out with a page error, so that one poison page costs that page, not the document,
+and a pod-killing document is charged for its own deaths only.
+
 Each stage lives in its own module; this one only strings them together and times them.
 What a failure means is decided in pipeline/fate.py; what follows from it (error record,
 release, attempt counted in the lease) happens in `_failed`, once. A run ends in a
@@ -31,12 +36,13 @@ from watcher.core.settings import Settings, SourceAction
 from watcher.engines.base import Engine
 from watcher.pipeline.budget import PageBudget, Ticket
 from watcher.pipeline.checkpoint import Checkpoints
-from watcher.pipeline.claim import Claimer
+from watcher.pipeline.claim import Claim, Claimer
 from watcher.pipeline.decode import Decoder
 from watcher.pipeline.fate import Fate, classify
 from watcher.pipeline.fetch import fetch, prepare_work_dir
+from watcher.pipeline.isolation import Entry, Isolation
 from watcher.pipeline.publish import Publisher, Superseded
-from watcher.pipeline.recognise import DocumentReader, Reader
+from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, DocumentReader, Reader, ReadPlan
 from watcher.pipeline.result import build_result, error_record, timings_of
 from watcher.pipeline.settle import Settled, settle
 
@@ -79,6 +85,7 @@ class DocumentPipeline:
         self.claimer = Claimer(parts.leases, parts.done)
         self.publisher = Publisher(parts.storage, parts.names, parts.done)
         self._refused: BoundedSet[tuple[str, str]] = BoundedSet(REFUSED_REMEMBERED)
+        self.isolation = Isolation()
 
     @classmethod
     def reading_with(cls, engine: Engine, settings: Settings, storage: Storage, metrics: Metrics,
@@ -112,11 +119,30 @@ class DocumentPipeline:
             return await self._refuse(ref, None, (
                 "the source's name is too long for its result's name "
                 f"({self.names.result_json(ref.key)!r} exceeds the store's limits); rename it"))
+        async with self.isolation.admitted(ref, ticket) as entry:
+            return await self._admitted(ref, ticket, timer, entry)
+
+    async def _claim(self, ref: ObjectRef, timer: StageTimer) -> Claim | Report:
         try:
             with timer.stage("claim"):
-                claim = await self.claimer.claim(ref)
+                return await self.claimer.claim(ref)
         except Exception as exc:
             return await self._failed(ref, None, exc)
+
+    async def _admitted(self, ref: ObjectRef, ticket: Ticket, timer: StageTimer, entry: Entry) -> Report:
+        claim = await self._claim(ref, timer)
+        if isinstance(claim, Report):
+            return claim
+        if claim.lease is not None and claim.lease.crashes and not entry.alone_now():
+            # A suspect with company: give the lease back (its count stays), wait holding
+            # nothing until the replica is empty, then claim again and run alone.
+            log.info("document_waits_to_run_alone", crashes=claim.lease.crashes,
+                     others=self.isolation.inside - 1)
+            await claim.lease.release()
+            await entry.wait_alone()
+            claim = await self._claim(ref, timer)
+            if isinstance(claim, Report):
+                return claim
         if claim.done is not None:
             return await self._already_done(ref, claim.done, timer)
         if claim.held is not None:
@@ -126,13 +152,15 @@ class DocumentPipeline:
         if claim.lease is None:
             return Report(ref, Outcome.HELD, message="another replica claimed it first")
         lease = claim.lease
-        log.info("document_claimed", crashes=lease.crashes)
-        if lease.crashes >= self.settings.max_attempts:
+        log.info("document_claimed", crashes=lease.crashes, alone=entry.alone or None,
+                 blamed_pages=lease.blamed or None)
+        plan = self._plan(lease, entry)
+        if plan is None:
             # Every earlier attempt ended with its process: do not offer it another.
             return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
         try:
             await self._check_name_collision(ref)
-            report = await self._run(ref, lease, ticket, timer)
+            report = await self._run(ref, lease, ticket, timer, plan)
         except asyncio.CancelledError:
             await lease.release()  # drained: the next holder starts at once
             raise
@@ -140,6 +168,22 @@ class DocumentPipeline:
             return await self._failed(ref, lease, exc)
         await lease.finish()
         return report
+
+    def _plan(self, lease: Lease, entry: Entry) -> ReadPlan | None:
+        """How to read a claimed document, or None when it is to be given up.
+
+        Its last attempt leaves the blamed pages out; one more is allowed past
+        WATCHER_MAX_ATTEMPTS when the deaths that used them up were blamed on pages, since
+        those pages are not read again; after that, or without a page to blame, it is
+        given up."""
+        limit = self.settings.max_attempts
+        crashes = lease.crashes
+        if crashes >= limit and (not lease.blamed or crashes > limit):
+            return None
+        if not crashes:
+            return EVERYTHING_AT_ONCE
+        skip = frozenset(lease.blamed) if crashes >= limit - 1 else frozenset()
+        return ReadPlan(alone=entry.alone, skip=skip, attempts=crashes, progress=lease.working_on)
 
     async def _already_done(self, ref: ObjectRef, done: Done, timer: StageTimer) -> Report:
         """Done before we looked. A source with its result still in the input prefix under
@@ -172,7 +216,8 @@ class DocumentPipeline:
                 f"the error record of {shadowing!r}; rename one of the two sources"))
 
     # --- the run --------------------------------------------------------------------
-    async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket, timer: StageTimer) -> Report:
+    async def _run(self, ref: ObjectRef, lease: Lease, ticket: Ticket, timer: StageTimer,
+                   plan: ReadPlan) -> Report:
         with timer.stage("fetch"):
             fetched = await fetch(self.storage, ref, self.work_dir, self.settings.max_object_bytes)
         if fetched.size != ref.size:
@@ -188,7 +233,7 @@ class DocumentPipeline:
                          hint="same content as the version already read: result re-pointed")
                 await self._settle(ref, timer)
                 return Report(ref, Outcome.DONE, output=self.names.result_json(ref.key))
-            reading = await self.reader.read(ref, fetched.path, fetched.size, timer, ticket)
+            reading = await self.reader.read(ref, fetched.path, fetched.size, timer, ticket, plan)
         finally:
             fetched.path.unlink(missing_ok=True)
         if not lease.valid():
@@ -198,7 +243,7 @@ class DocumentPipeline:
                 build_result, ref, self.reader.engine_id(), reading.format, reading.pages, timer.seconds)
         with timer.stage("publish"):
             await self.publisher.result(ref, lease, result, markdown)
-        if self.checkpoints.wanted(len(reading.pages)):
+        if plan.alone or self.checkpoints.wanted(len(reading.pages)):
             await self.checkpoints.clear(ref)
         log.info("document_done", pages=len(reading.pages), outcome="done",
                  publish_seconds=round(timer.seconds["publish"], 3),
@@ -244,6 +289,10 @@ class DocumentPipeline:
             return Report(ref, Outcome.RETRY, message=failure.message)
         if failure.fate is Fate.PERMANENT:
             assert failure.code is not None
+            if failure.code is ErrorCode.ENGINE_FAILED and lease is not None and lease.crashes:
+                # Every page was left out for the crashes on record (this run was one
+                # more attempt): say what they were.
+                return await self._give_up(ref, lease, failure.code, lease.crashes + 1)
             return await self._record_error(ref, lease, failure.code, failure.message)
         if failure.fate is Fate.REFUSED:
             return await self._refuse(ref, lease, failure.message)
@@ -254,21 +303,25 @@ class DocumentPipeline:
             # Nothing claimed, nothing to count: the next poll retries.
             return Report(ref, Outcome.RETRY, message=failure.message)
         try:
-            crashes = await lease.record_crash(failure.message)
+            crashes = await lease.record_crash(failure.message, failure.page)
         except StorageUnavailable:
             await lease.release()
             return Report(ref, Outcome.RETRY, message=failure.message)
-        if crashes < self.settings.max_attempts:
+        if crashes < self.settings.max_attempts or (failure.page is not None
+                                                    and crashes == self.settings.max_attempts):
             return Report(ref, Outcome.RETRY, message=failure.message)
         assert failure.code is not None
         return await self._give_up(ref, lease, failure.code)
 
-    async def _give_up(self, ref: ObjectRef, lease: Lease, code: ErrorCode) -> Report:
+    async def _give_up(self, ref: ObjectRef, lease: Lease, code: ErrorCode,
+                       attempts: int | None = None) -> Report:
         what = "the OCR engine failed on" if code is ErrorCode.ENGINE_FAILED else "processing failed for"
-        message = (f"{what} this document {lease.crashes} times; giving up "
+        attempts = attempts or lease.crashes
+        left_out = ", and no page of it is left to read" if attempts > lease.crashes else ""
+        message = (f"{what} this document {lease.crashes} times{left_out}; giving up "
                    f"(WATCHER_MAX_ATTEMPTS={self.settings.max_attempts}). "
                    f"Attempts: {'; '.join(lease.history) or 'no details recorded'}")
-        return await self._record_error(ref, lease, code, message)
+        return await self._record_error(ref, lease, code, message, attempts)
 
     async def _refuse(self, ref: ObjectRef, lease: Lease | None, message: str) -> Report:
         """The store refuses a name this document needs: say so once, never loop on it."""
@@ -285,9 +338,10 @@ class DocumentPipeline:
         return Report(ref, Outcome.REFUSED, message=message)
 
     async def _record_error(
-        self, ref: ObjectRef, lease: Lease | None, code: ErrorCode, message: str
+        self, ref: ObjectRef, lease: Lease | None, code: ErrorCode, message: str,
+        attempts: int | None = None,
     ) -> Report:
-        crashes = lease.crashes if lease is not None else 0
+        crashes = attempts or (lease.crashes if lease is not None else 0)
         try:
             await self.publisher.error(ref, lease, error_record(ref, code, message, max(1, crashes)))
         except (StorageUnavailable, LeaseLost) as exc:

@@ -33,6 +33,7 @@ class Failure:
     fate: Fate
     code: ErrorCode | None
     message: str
+    page: int | None = None  # a crash on one page of the document: that page is blamed
 
 
 def classify(exc: BaseException) -> Failure:
@@ -45,7 +46,9 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, PreconditionFailed | FileNotFoundError | Superseded):
         return Failure(Fate.GONE, None, "the source changed or was deleted while it was processed")
     if isinstance(exc, EngineCrashed):
-        return Failure(Fate.CRASH, ErrorCode.ENGINE_FAILED, f"engine {exc.reason}: {exc.detail}")
+        on = "" if exc.page is None else f" (page {exc.page + 1})"
+        message = f"engine {exc.reason}: {exc.detail}{on}"
+        return Failure(Fate.CRASH, ErrorCode.ENGINE_FAILED, message, exc.page)
     # A bug, or an input that a library chokes on in an unforeseen way: retried like a
     # crash, then recorded, so one document never stalls the others.
     return Failure(Fate.CRASH, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -19,8 +19,8 @@ short of an error (`warnings`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -138,6 +138,21 @@ def _no_text(index: int, result: PageResult) -> str:
             "cannot read (handwriting, a script outside WATCHER_OCR_LANGUAGES)")
 
 
+# The code of a page not read again because the engine (or the whole pod) died on it on
+# earlier attempts; a document none of whose pages could be read is `engine_failed`.
+ENGINE_CRASHED = "engine_crashed"
+
+
+def blamed_page(index: int, attempts: int) -> PageResult:
+    """A page that took the engine's worker or the pod down on earlier attempts, left out
+    on the document's last attempt so that its other pages get their text."""
+    message = (f"page {index + 1}: the engine's worker or the whole pod died while reading "
+               f"this page ({attempts} failed attempts on the document); it was not read again")
+    problem = {"code": ENGINE_CRASHED, "message": message}
+    return PageResult(index=index, width=0, height=0, blocks=[], markdown="", error=problem,
+                      warnings=[dict(problem)])
+
+
 def unreadable(pages: list[PageResult]) -> DocumentError | None:
     """The document's error when none of its pages could be read, else None."""
     if not pages or any(page.error is None for page in pages):
@@ -146,7 +161,8 @@ def unreadable(pages: list[PageResult]) -> DocumentError | None:
     first = errors[0]
     listed = "; ".join(e["message"] for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    code = ErrorCode(first["code"])  # page errors come from DocumentError codes
+    # Page errors come from DocumentError codes, or are pages the engine died on.
+    code = ErrorCode.ENGINE_FAILED if first["code"] == ENGINE_CRASHED else ErrorCode(first["code"])
     prefix = "" if len(pages) == 1 else f"none of its {len(pages)} pages could be read: "
     return DocumentError(code, f"{prefix}{listed}{more}")
 
@@ -157,6 +173,26 @@ class Reading:
     pages: list[PageResult]
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """How a document is read. A suspect (crashes on record; pipeline/isolation.py) is read
+    page by page, every page checkpointed, and says before each page which one it is on
+    (`progress`, which writes it into the lease); on its last attempt the pages blamed
+    for earlier crashes are left out (`skip`)."""
+
+    alone: bool = False
+    skip: frozenset[int] = frozenset()
+    attempts: int = 0
+    progress: Callable[[int | None], Awaitable[None]] | None = field(default=None, compare=False)
+
+    async def on_page(self, index: int | None) -> None:
+        if self.progress is not None:
+            await self.progress(index)
+
+
+EVERYTHING_AT_ONCE = ReadPlan()
+
+
 class Reader(Protocol):
     """What the pipeline asks of the decode and recognise stages for one document."""
 
@@ -165,7 +201,7 @@ class Reader(Protocol):
         ...
 
     async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
-                   ticket: Ticket) -> Reading: ...
+                   ticket: Ticket, plan: ReadPlan = EVERYTHING_AT_ONCE) -> Reading: ...
 
 
 class DocumentReader:
@@ -188,38 +224,47 @@ class DocumentReader:
         return {"name": self.engine.name, "model": self.engine.model}
 
     async def read(self, ref: ObjectRef, path: Path, size: int, timer: StageTimer,
-                   ticket: Ticket) -> Reading:
+                   ticket: Ticket, plan: ReadPlan = EVERYTHING_AT_ONCE) -> Reading:
         with timer.stage("recognise"):
             with timer.stage("decode"):
                 doc = await self.decoder.open(path, size, self.limits, ref.key)
             log.info("document_decoded", format=doc.format.value, pages=doc.page_count)
             try:
-                kept = await self.checkpoints.load(ref, doc.page_count)
-                pages = await self._pages(ref, doc, timer, kept, ticket)
+                kept = await self.checkpoints.load(ref, doc.page_count, always=plan.alone)
+                pages = await self._pages(ref, doc, timer, kept, ticket, plan)
             finally:
                 await self.decoder.close(doc)
             failure = unreadable(pages)
             if failure is not None:
                 raise failure
+            await plan.on_page(None)
             with timer.stage("engine"):
                 pages = await engine_call(self.engine.finish_document(pages))
         return Reading(doc.format.value, pages)
 
     async def _pages(self, ref: ObjectRef, doc: Document, timer: StageTimer,
-                     kept: dict[int, PageResult], ticket: Ticket) -> list[PageResult]:
+                     kept: dict[int, PageResult], ticket: Ticket, plan: ReadPlan) -> list[PageResult]:
         results: list[PageResult | None] = [kept.get(i) for i in range(doc.page_count)]
-        checkpointed = self.checkpoints.wanted(doc.page_count)
-        gate = asyncio.Semaphore(self.page_concurrency)
+        for index in sorted(plan.skip):
+            if 0 <= index < doc.page_count and results[index] is None:
+                results[index] = blamed_page(index, plan.attempts)
+                log.warning("page_left_out", page=index, attempts=plan.attempts)
+        checkpointed = plan.alone or self.checkpoints.wanted(doc.page_count)
+        gate = asyncio.Semaphore(1 if plan.alone else self.page_concurrency)
 
         async def one(index: int) -> None:
             async with gate:
+                await plan.on_page(index)
                 await self.budget.acquire(ticket)
                 try:
                     result = results[index] = await self.recogniser.page(doc, index, timer)
-                    if checkpointed:
-                        await self.checkpoints.save(ref, result)
+                except EngineCrashed as exc:
+                    exc.page = index  # the page to blame in the lease
+                    raise
                 finally:
                     self.budget.release()
+                if checkpointed:
+                    await self.checkpoints.save(ref, result)
                 self.metrics.pages.inc()
 
         try:

@@ -200,6 +200,7 @@ class Daemon:
                           self._wait_engine_ready, self.settings.max_inflight_documents)
         running = Running(storage, work_dir, pipeline, pool, fleet)
         self.status.pool, self.status.fleet = pool, fleet
+        self.status.isolation = pipeline.isolation
         if self.notifier is not None:
             running.tasks["callbacks"] = keep_running("callbacks", self.notifier.run)
         if self.sqs is not None:
@@ -271,8 +272,9 @@ class Daemon:
         shared = self.settings.shared_listing and not shard and not self.once
         budget = self.settings.list_requests_per_second
         storage.pace_listing(budget / self.settings.shard_count if shard else budget)
-        return FleetDiscovery(Discovery(storage, self.settings, parts.names, self.identity.clock),
-                              parts.leases, storage, parts.names, shared)
+        discovery = Discovery(storage, self.settings, parts.names, self.identity.clock,
+                              parts.leases.holder_is_dead)
+        return FleetDiscovery(discovery, parts.leases, storage, parts.names, shared)
 
     def _count_request(self, op: str) -> None:
         self.metrics.s3_requests.labels(op).inc()

@@ -21,6 +21,7 @@ from watcher.engines.base import Engine, EngineState
 from watcher.intake.fleet import FleetDiscovery, Role
 from watcher.intake.sqs import SqsSource
 from watcher.pipeline.budget import PageBudget
+from watcher.pipeline.isolation import Isolation
 from watcher.service.poller import Poller
 from watcher.service.workers import WorkerPool
 
@@ -35,6 +36,7 @@ class Status:
     pool: WorkerPool | None = None
     fleet: FleetDiscovery | None = None
     sqs: SqsSource | None = None
+    isolation: Isolation | None = None
     claims_probe: str = "not probed yet"
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -102,6 +104,8 @@ class Status:
                 "sqs": self.sqs.snapshot() if self.sqs is not None else None,
             },
             "inflight_documents": self.inflight,
+            # A suspect (crashes on record) running alone, nothing else claimed meanwhile.
+            "isolated": self._isolated(),
             "inflight_pages": self.budget.in_use,
             "pages_wanted": engine.pages_wanted(),
             "backlog_documents": poller.backlog,
@@ -112,6 +116,10 @@ class Status:
         }
         scrubbed: dict[str, Any] = scrubber.scrub(body)
         return scrubbed
+
+    def _isolated(self) -> dict[str, str] | None:
+        suspect = self.isolation.suspect if self.isolation is not None else None
+        return {"key": suspect.key, "etag": suspect.etag} if suspect is not None else None
 
     def problems(self) -> list[str]:
         """Why the daemon is not ready; empty when it is."""
