@@ -12,7 +12,7 @@ from docgen import make_image
 from waiting import eventually
 
 from watcher.bucket.done import Done, DoneMarkers
-from watcher.bucket.leases import Lease, Leases
+from watcher.bucket.leases import Inherited, Lease, Leases
 from watcher.bucket.names import SOURCE_ETAG_META, Names
 from watcher.bucket.storage import Storage, StorageUnavailable, open_storage
 from watcher.cli.embedded import SeaweedS3
@@ -155,7 +155,7 @@ async def test_a_delayed_delete_never_removes_another_replicas_lease(
         assert isinstance(lease, Lease)
         # Meanwhile the key went to another replica (our lease expired, a new version came).
         other = Leases(real, make_settings(weed, bucket, replica_id="someone-else"), names)
-        theirs = other.record(ObjectRef(bucket, ref.key, "f" * 32, 1), 0, [], False)
+        theirs = other.record(ObjectRef(bucket, ref.key, "f" * 32, 1), Inherited(), False)
         monkeypatch.setattr(flaky, "delete", _overwrite_then_fail(flaky, real, names.lease(ref.key),
                                                                   theirs.encode()))
         await lease.finish()
