@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from waiting import eventually
 
-from watcher.core.errors import EngineUnavailable
+from watcher.core.errors import EngineCrashed, EngineUnavailable
 from watcher.core.pages import RenderedPage
 from watcher.engines.base import EngineState
 from watcher.engines.child import EngineMisconfigured, ReaderSpec
@@ -73,3 +74,72 @@ async def test_a_misconfigured_reader_fails_warm_up_once_among_several_workers(t
     finally:
         await engine.close()
     assert len((tmp_path / "gone.warms").read_text().splitlines()) == 2  # one per worker, once
+
+
+async def test_a_worker_that_fails_to_spawn_is_retried_and_its_pages_are_not_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_start = SupervisedEngine._start_process
+    failures = {"left": 2}
+
+    async def start_or_fail(self: SupervisedEngine, worker: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(24, "Too many open files")  # what spawning can meet
+        await real_start(self, worker)
+
+    monkeypatch.setattr(SupervisedEngine, "_start_process", start_or_fail)
+    engine = SupervisedEngine(ReaderSpec("losing_device_reader:LosingDeviceReader",
+                                         {"gone": str(tmp_path / "gone")}), name="t", model="t")
+    try:
+        await asyncio.wait_for(engine.start(), 60)
+        # Not ready while no worker could be started; ready once one is (after two failed
+        # spawns, backed off); its slot never ended.
+        assert engine.state is EngineState.FAILED and "Too many open files" in (engine.error or "")
+        await eventually(lambda: engine.state is EngineState.READY, 30, "a worker to start at last")
+        assert (await asyncio.wait_for(engine.recognise(page(3)), 30)).index == 3
+        assert failures["left"] == 0
+    finally:
+        await engine.close()
+
+
+async def test_a_bug_while_serving_fails_its_page_restarts_the_worker_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_deliver = SupervisedEngine._deliver
+    bugs = {"left": 1}
+
+    def deliver_or_fail(self: SupervisedEngine, batch: list[Any], op: str, results: Any) -> None:
+        if bugs["left"]:
+            bugs["left"] -= 1
+            raise KeyError("a bug in the supervisor")
+        real_deliver(self, batch, op, results)
+
+    monkeypatch.setattr(SupervisedEngine, "_deliver", deliver_or_fail)
+    engine = SupervisedEngine(ReaderSpec("losing_device_reader:LosingDeviceReader",
+                                         {"gone": str(tmp_path / "gone")}), name="t", model="t")
+    await asyncio.wait_for(engine.start(), 60)
+    try:
+        with pytest.raises(EngineCrashed, match="worker slot failed: KeyError"):
+            await asyncio.wait_for(engine.recognise(page(0)), 30)
+        assert (await asyncio.wait_for(engine.recognise(page(1)), 60)).index == 1
+        worker = engine.snapshot()["workers"][0]
+        assert worker["last_restart_reason"] == "error" and worker["restarts"] == 1
+        assert not any(slot.done() for slot in engine._slots)
+    finally:
+        await engine.close()
+
+
+async def test_a_page_nobody_answers_is_handed_back_at_its_deadline(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    engine = SupervisedEngine(ReaderSpec("losing_device_reader:LosingDeviceReader", {"gone": str(gone)}),
+                              name="t", model="t", timeout=0.2, warm_timeout=0.2)
+    await asyncio.wait_for(engine.start(), 60)
+    try:
+        for slot in engine._slots:  # every slot gone, as a bug in the supervisor could do
+            slot.cancel()
+        await asyncio.gather(*engine._slots, return_exceptions=True)
+        with pytest.raises(EngineUnavailable, match="no engine worker answered"):
+            await asyncio.wait_for(engine.recognise(page(0)), 30)
+    finally:
+        await engine.close()

@@ -14,6 +14,12 @@ module owns them:
   engine is READY while at least one worker is;
 * a failed batch of several pages is retried page by page, so that only the page that
   hangs or kills its worker is charged with the failure;
+* a slot never dies silently: anything unforeseen while starting (a spawn that fails
+  with OSError), warming or serving a worker is logged, the worker is replaced with
+  backoff, the pages of its batch fail as a crash of theirs and the pages it held back
+  go to another worker; and a page submitted waits at most a generous deadline
+  (`submit_deadline`) before it is handed back as unavailable, so that nothing waits for
+  ever on a worker that will not come;
 * a worker whose reader says its settings cannot work (`EngineMisconfigured`: a layout
   device that is not there) is not started again: its slot fails for good with the
   reader's message, and when no worker is left the engine is `failed` with it and the
@@ -94,6 +100,7 @@ class _Worker:
     error: str | None = None
     calls: int = 0
     carry: list[_Job] = field(default_factory=list)
+    batch: list[_Job] = field(default_factory=list)  # the pages of the call in flight
     misconfigured: bool = False  # its reader cannot work with these settings: not restarted
 
     @property
@@ -223,14 +230,32 @@ class SupervisedEngine(Engine):
         ]}
 
     # --- submitting work -------------------------------------------------------------------
+    def submit_deadline(self) -> float:
+        """How long a page may wait for its answer, queue included: a warm-up, then two
+        full calls per batch queued ahead of it per worker. Past it the page is handed
+        back as unavailable (retried later, no attempt used)."""
+        assert self._jobs is not None
+        ahead = self._jobs.qsize() / (self.batch_pages * len(self.workers))
+        return self.warm_timeout + self.timeout * 2 * (1 + ahead)
+
     async def _submit(self, op: str, payload: Any) -> Any:
         if self._jobs is None or self._closing:
             raise EngineUnavailable("the engine is not running")
         if self._none_can_serve():
             raise EngineUnavailable(self.error or "the engine is misconfigured")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        deadline = self.submit_deadline()
         self._jobs.put_nowait(_Job(op, payload, future))
-        return await future
+        try:
+            async with asyncio.timeout(deadline):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            future.cancel()  # a worker that takes it later skips it
+            log.error("engine_page_not_answered", engine=self.name, seconds=round(deadline, 1))
+            raise EngineUnavailable(f"no engine worker answered within {deadline:.0f} s") from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     async def _next_job(self) -> _Job:
         assert self._jobs is not None
@@ -280,6 +305,40 @@ class SupervisedEngine(Engine):
 
     # --- one worker slot's life --------------------------------------------------------------
     async def _run_slot(self, worker: _Worker) -> None:
+        """One worker's life, again and again until the engine closes: nothing unforeseen
+        ends it (a bug, a spawn that fails), it only costs a restart with backoff."""
+        backoff = 1.0
+        while not self._closing:
+            try:
+                if await self._life(worker):
+                    return
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                worker.error = f"{type(exc).__name__}: {exc}"
+                log.error("engine_worker_failed", engine=self.name, worker=worker.index,
+                          error=worker.error, retry_in_seconds=backoff, exc_info=True)
+                self._fail_batch(worker, f"the engine's worker slot failed: {worker.error}")
+                with contextlib.suppress(Exception):
+                    await self._stop_process(worker, kill=True)
+                self._set_state(worker, WorkerState.FAILED)
+                self._record_restart(worker, "error", worker.error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_WARM_BACKOFF_SECONDS)
+
+    def _fail_batch(self, worker: _Worker, detail: str) -> None:
+        """The call in flight failed with its slot: its pages crash (a batch of several is
+        retried page by page); pages the worker held back were not started: requeued."""
+        batch, worker.batch = worker.batch, []
+        if batch:
+            self._charge(batch, "crash", detail)
+        carried, worker.carry = worker.carry, []
+        self._requeue(carried)
+
+    async def _life(self, worker: _Worker) -> bool:
+        """Start, warm and serve one worker process; True when the slot is to end for good
+        (its reader cannot work with these settings)."""
         backoff = 1.0
         while not self._closing:
             try:
@@ -287,8 +346,8 @@ class SupervisedEngine(Engine):
                 await self._call(worker, ("warm",), self.warm_timeout)
             except _Misconfigured as exc:
                 await self._give_up(worker, str(exc))
-                return
-            except (_WorkerGone, _CallTimeout, _EngineRaised, _DocumentRejected) as exc:
+                return True
+            except (_WorkerGone, _CallTimeout, _EngineRaised, _DocumentRejected, OSError) as exc:
                 worker.error = f"warm-up failed: {exc}"
                 log.error("engine_worker_warm_failed", engine=self.name, worker=worker.index,
                           error=worker.error, retry_in_seconds=backoff)
@@ -297,15 +356,18 @@ class SupervisedEngine(Engine):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_WARM_BACKOFF_SECONDS)
                 continue
-            backoff = 1.0
-            worker.error = None
-            self._set_state(worker, WorkerState.READY)
-            log.info("engine_worker_ready", engine=self.name, worker=worker.index, pid=worker.pid,
-                     rss_mb=worker.rss_mb)
-            reason, detail = await self._serve(worker)
-            # Only a worker recycled for memory is healthy enough to be asked to stop.
-            await self._stop_process(worker, kill=reason != "memory")
-            self._record_restart(worker, reason, detail)
+            break
+        else:
+            return True
+        worker.error = None
+        self._set_state(worker, WorkerState.READY)
+        log.info("engine_worker_ready", engine=self.name, worker=worker.index, pid=worker.pid,
+                 rss_mb=worker.rss_mb)
+        reason, detail = await self._serve(worker)
+        # Only a worker recycled for memory is healthy enough to be asked to stop.
+        await self._stop_process(worker, kill=reason != "memory")
+        self._record_restart(worker, reason, detail)
+        return False
 
     async def _give_up(self, worker: _Worker, message: str) -> None:
         """The worker's reader cannot work with these settings: stop, and never restart."""
@@ -350,36 +412,48 @@ class SupervisedEngine(Engine):
             if not batch:
                 continue
             self._set_state(worker, WorkerState.BUSY)
+            worker.batch = batch
             op = batch[0].op
             payload = [job.payload for job in batch] if op == "pages" else batch[0].payload
             try:
                 reply = await self._call(worker, (op, payload), self.timeout)
-            except _CallTimeout:
-                detail = f"no answer within {self.timeout:g} s (WATCHER_ENGINE_TIMEOUT)"
-                self._charge(batch, "timeout", detail)
-                return "timeout", detail
-            except _WorkerGone as exc:
-                self._charge(batch, "crash", str(exc))
-                return "crash", str(exc)
-            except _EngineRaised as exc:
-                self._charge(batch, "error", str(exc), connection_error=exc.connection_error)
-            except _DocumentRejected as exc:
-                if len(batch) > 1:
-                    self._requeue_alone(batch)
-                else:
-                    batch[0].future.set_exception(DocumentError(exc.code, exc.message))
-            except _Misconfigured as exc:
-                # Not the pages' fault: they wait for a worker, and this one is warmed
-                # again, which ends its slot if the settings still cannot work.
-                self._requeue(batch)
-                return "misconfigured", str(exc)
+            except (_CallTimeout, _WorkerGone, _EngineRaised, _DocumentRejected, _Misconfigured) as exc:
+                worker.batch = []
+                ended = self._failed_call(batch, exc)
+                if ended is not None:
+                    return ended
             else:
                 self._deliver(batch, op, reply)
+                worker.batch = []
             worker.calls += 1
             self._set_state(worker, WorkerState.READY)
             if self.max_rss_mb and worker.rss_mb is not None and worker.rss_mb > self.max_rss_mb:
                 return "memory", (f"resident memory {worker.rss_mb:.0f} MB over "
                                   f"{self.max_rss_mb} MB (WATCHER_ENGINE_MAX_RSS_MB)")
+
+    def _failed_call(self, batch: list[_Job], exc: Exception) -> tuple[str, str] | None:
+        """Charge or requeue the pages of a call that failed; (reason, detail) when the
+        worker must be replaced."""
+        if isinstance(exc, _CallTimeout):
+            detail = f"no answer within {self.timeout:g} s (WATCHER_ENGINE_TIMEOUT)"
+            self._charge(batch, "timeout", detail)
+            return "timeout", detail
+        if isinstance(exc, _WorkerGone):
+            self._charge(batch, "crash", str(exc))
+            return "crash", str(exc)
+        if isinstance(exc, _EngineRaised):
+            self._charge(batch, "error", str(exc), connection_error=exc.connection_error)
+        elif isinstance(exc, _DocumentRejected):
+            if len(batch) > 1:
+                self._requeue_alone(batch)
+            else:
+                batch[0].future.set_exception(DocumentError(exc.code, exc.message))
+        elif isinstance(exc, _Misconfigured):
+            # Not the pages' fault: they wait for a worker, and this one is warmed again,
+            # which ends its slot if the settings still cannot work.
+            self._requeue(batch)
+            return "misconfigured", str(exc)
+        return None
 
     def _deliver(self, batch: list[_Job], op: str, results: Any) -> None:
         if op == "finish":
