@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import FAKES, leftovers, make_settings, object_exists, pid_alive
+from docgen import pdf_bomb
 from PIL import Image, ImageColor
 from vlm_fake import FakeVlmServer
 from waiting import eventually
@@ -281,6 +282,46 @@ async def test_only_the_guilty_pay_in_a_pod_restart_loop(
         assert all(page["blocks"] for i, page in enumerate(result["pages"]) if i != bad), name
         assert [w["code"] for w in result["warnings"] if w["page"] == bad] == ["engine_crashed"]
     assert not leftovers(s3, bucket)
+
+
+async def test_a_pdf_that_aborts_pdfium_costs_a_decode_worker_never_the_daemon(
+    weed: SeaweedS3, bucket: str, s3: Any, vlm: FakeVlmServer, tmp_path: Path
+) -> None:
+    """A decompression bomb: PDFium wants gigabytes to load its page and aborts when the
+    decode worker's address-space cap refuses them. The daemon lives on, answers /health
+    all along, and the bomb gets its error record beside the good document's result."""
+    s3.put_object(Bucket=bucket, Key="input/bomb.pdf", Body=pdf_bomb(20_000_000))
+    s3.put_object(Bucket=bucket, Key="input/fine.png", Body=png("white"))
+    outputs = ["output/bomb.pdf.error.json", "output/fine.png.json"]
+    daemon = await DaemonProcess(weed, bucket, vlm, tmp_path / "paddle.jsonl", WATCHER_MAX_ATTEMPTS="2",
+                                 WATCHER_DECODE_MAX_MB="1024").start()
+    latencies: list[float] = []
+    pids: set[int] = set()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def finished() -> bool:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    status, health, seconds = await daemon.health(session)
+                    assert status == 200
+                    latencies.append(seconds)
+                    pids.add(health["pid"])
+                return all(await asyncio.gather(
+                    *(asyncio.to_thread(object_exists, s3, bucket, k) for k in outputs)))
+
+            await eventually(finished, 120, "both documents to finish", every=0.02)
+            _, health, _ = await daemon.health(session)
+    finally:
+        code = await daemon.stop()
+    assert code == 0 and daemon.proc is not None and pids == {daemon.proc.pid}, daemon.output[-3000:]
+    error = error_record(s3, bucket, "output/bomb.pdf.error.json")["error"]
+    assert error["code"] == "engine_failed"
+    assert "while decoding" in error["message"] and "SIGABRT" in error["message"], error["message"]
+    workers = health["decoding"]["workers"]
+    assert sum(w["restarts"] for w in workers) >= 1 and health["decoding"]["state"] == "ready"
+    assert max(latencies) < 0.25, sorted(latencies)[-5:]
+    print(f"/health while PDFium aborted: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms, "
+          f"p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
 
 
 async def test_sigterm_with_a_hung_page_drains_releases_and_exits(

@@ -191,6 +191,17 @@ class Settings(BaseSettings):
         default=12288, alias="WATCHER_ENGINE_MAX_RSS_MB"
     )
     """an engine worker whose resident memory passes this is replaced after its current call (`0`: never)"""
+    decode_workers: PositiveInt = Field(default=2, alias="WATCHER_DECODE_WORKERS")
+    """worker processes that open, render and read the text layer of documents (PDFium, Pillow)"""
+    decode_timeout: PositiveFloat = Field(default=120.0, alias="WATCHER_DECODE_TIMEOUT")
+    """seconds for one decoding call (opening a document, rendering a page, reading its text layer); past
+    it the decode worker is killed and replaced, and the page (or document) is charged like an engine crash"""
+    # A page at WATCHER_MAX_PAGE_PIXELS needs about 0.5 GB as PDFium's bitmap and Pillow's
+    # image; the cap leaves room for that and stops a decompression bomb well before the
+    # node's memory.
+    decode_max_mb: Annotated[int, Field(ge=0)] = Field(default=4096, alias="WATCHER_DECODE_MAX_MB")
+    """address space each decode worker may use (`0`: no cap); an allocation past it fails there, not in the
+    daemon"""
 
     # --- document limits ---
     max_object_bytes: PositiveInt = Field(default=200 * MiB, alias="WATCHER_MAX_OBJECT_BYTES")

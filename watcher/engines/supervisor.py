@@ -184,7 +184,13 @@ class SupervisedEngine(Engine):
             await self._changed.wait()
 
     async def recognise(self, page: RenderedPage) -> PageResult:
-        results: list[PageResult] = await self._submit("pages", page)
+        result: PageResult = await self.call(page)
+        return result
+
+    async def call(self, request: Any) -> Any:
+        """One request to a worker's reader (batched with others where it allows):
+        what its `recognise_pages` answers for it."""
+        results: list[Any] = await self._submit("pages", request)
         return results[0]
 
     async def finish_document(self, pages: list[PageResult]) -> list[PageResult]:

@@ -2,7 +2,9 @@
 
 PDFium is not thread-safe, so every call into a document runs on the one decode thread
 owned by `Decoder`; the event loop only awaits it. Pages are rendered one at a time when
-the engine asks for them, so a 500-page PDF never sits in memory as 500 bitmaps.
+the engine asks for them, so a 500-page PDF never sits in memory as 500 bitmaps. The
+daemon runs all of this in decode worker processes (pipeline/decode_workers.py), never in
+its own; `Decoder` in-process serves tools and tests.
 """
 
 from __future__ import annotations

@@ -90,11 +90,12 @@ class DocumentPipeline:
     @classmethod
     def reading_with(cls, engine: Engine, settings: Settings, storage: Storage, metrics: Metrics,
                      budget: PageBudget | None = None, work_dir: Path | None = None,
-                     identity: Identity | None = None) -> DocumentPipeline:
-        """The pipeline as the daemon builds it: decoder, text layer and `engine` reading."""
+                     identity: Identity | None = None, decoder: Decoder | None = None) -> DocumentPipeline:
+        """The pipeline as the daemon builds it: `decoder` (the daemon's decode workers; in
+        this process when None), the text layer and `engine` reading."""
         parts = Parts.of(storage, settings, identity)
         budget = budget or PageBudget(lambda: None)
-        reader = DocumentReader(Decoder(), engine, settings, parts.checkpoints, budget, metrics)
+        reader = DocumentReader(decoder or Decoder(), engine, settings, parts.checkpoints, budget, metrics)
         return cls(settings, parts, reader, metrics, budget,
                    work_dir or prepare_work_dir(settings.temp_dir))
 

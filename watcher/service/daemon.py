@@ -43,6 +43,7 @@ from watcher.intake.queue import WorkQueue
 from watcher.intake.sqs import SqsSource
 from watcher.pipeline.budget import PageBudget
 from watcher.pipeline.callbacks import Notifier
+from watcher.pipeline.decode_workers import ProcessDecoder, decode_workers
 from watcher.pipeline.document import DocumentPipeline, Parts
 from watcher.pipeline.fetch import prepare_work_dir
 from watcher.service.hooks import HeldRetry, LastOutcomes, MetricsHook
@@ -94,6 +95,8 @@ class Daemon:
         self.engine.on_restart = lambda reason: self.metrics.engine_restarts.labels(reason).inc()
         self.queue = WorkQueue(settings.queue_size)
         self.pages = PageBudget(self.engine.pages_wanted)
+        # PDFium and Pillow run in worker processes of their own (pipeline/decode_workers.py).
+        self.decoding = decode_workers(settings)
         self.outcomes = LastOutcomes()
         self.notifier = (Notifier(settings.callback_url, settings.callback_secret.get_secret_value()
                                   if settings.callback_secret else None, settings.s3_bucket,
@@ -102,7 +105,8 @@ class Daemon:
         self.poller = Poller(self.queue, self.metrics, settings.poll_interval, self._busy)
         self.sqs = (SqsSource(settings, self.queue, self.poke, lambda: self._stop.is_set())
                     if settings.sqs_queue_url else None)
-        self.status = Status(settings, self.engine, self.metrics, self.poller, self.pages, sqs=self.sqs)
+        self.status = Status(settings, self.engine, self.metrics, self.poller, self.pages, sqs=self.sqs,
+                             decoding=self.decoding)
         intake = EventIntake(settings.s3_bucket, Names.from_settings(settings), self.queue.offer, self.poke)
         webhook = (Webhook(intake, settings.webhook_token.get_secret_value(), settings.webhook_max_bytes)
                    if settings.webhook_token is not None else None)
@@ -184,14 +188,17 @@ class Daemon:
         finally:
             self.status.draining = True
             await self.engine.close()
+            await self.decoding.close()
             await self.http.stop()
             log.info("daemon_stopped")
 
     async def _startup(self, storage: Storage) -> Running:
         await self._choose_claim_mode(storage)
         work_dir = prepare_work_dir(self.settings.temp_dir)
+        await self.decoding.start()
         pipeline = DocumentPipeline.reading_with(self.engine, self.settings, storage, self.metrics,
-                                                 self.pages, work_dir, self.identity)
+                                                 self.pages, work_dir, self.identity,
+                                                 ProcessDecoder(self.decoding))
         fleet = self.build_discovery(storage)
         hooks: list[OutcomeHook] = [MetricsHook(self.metrics, self.status.refresh_gauges),
                                     self.outcomes, HeldRetry(self.retry_at), fleet]

@@ -37,6 +37,7 @@ class Status:
     fleet: FleetDiscovery | None = None
     sqs: SqsSource | None = None
     isolation: Isolation | None = None
+    decoding: Engine | None = None  # the decode workers (pipeline/decode_workers.py)
     claims_probe: str = "not probed yet"
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -85,6 +86,7 @@ class Status:
                 "unavailable": engine.unavailable,
                 **engine.snapshot(),
             },
+            "decoding": self._decoding(),
             "s3": {"bucket": settings.s3_bucket, "reachable": poller.s3_reachable,
                    "error": poller.s3_error},
             "claims": {
@@ -117,6 +119,11 @@ class Status:
         scrubbed: dict[str, Any] = scrubber.scrub(body)
         return scrubbed
 
+    def _decoding(self) -> dict[str, Any] | None:
+        if self.decoding is None:
+            return None
+        return {"state": self.decoding.state.value, "error": self.decoding.error, **self.decoding.snapshot()}
+
     def _isolated(self) -> dict[str, str] | None:
         suspect = self.isolation.suspect if self.isolation is not None else None
         return {"key": suspect.key, "etag": suspect.etag} if suspect is not None else None
@@ -130,6 +137,9 @@ class Status:
             problems.append(f"engine {engine.name} is {engine.state.value}{detail}")
         elif engine.unavailable:
             problems.append(f"engine {engine.name} is unreachable: {engine.unavailable}")
+        decoding = self.decoding
+        if decoding is not None and decoding.state is EngineState.FAILED:
+            problems.append(f"the decode workers failed: {decoding.error}")
         if poller.s3_reachable is None:
             problems.append("S3 has not been checked yet")
         elif not poller.s3_reachable:
