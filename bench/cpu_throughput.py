@@ -74,6 +74,9 @@ async def through_daemon(pdfs: list[bytes], dpi: int) -> float:
             s3_endpoint=server.endpoint, s3_bucket="bench", s3_access_key=server.access_key,
             s3_secret_key=server.secret_key, poll_interval=0.2, http_port=0,
             http_host="127.0.0.1", render_dpi=dpi, log_level="WARNING",
+            # Every page through the engine, as the direct run does: the generated PDFs
+            # are born-digital, and their text layer would otherwise be read instead.
+            text_layer="ocr",
         )
         daemon = Daemon(settings)
         async with running(daemon):
