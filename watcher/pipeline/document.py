@@ -134,12 +134,13 @@ class DocumentPipeline:
         claim = await self._claim(ref, timer)
         if isinstance(claim, Report):
             return claim
-        if claim.lease is not None and claim.lease.crashes and not entry.alone_now():
+        lease = claim.lease
+        if lease is not None and lease.crashes and not self._spent(lease) and not entry.alone_now():
             # A suspect with company: give the lease back (its count stays), wait holding
             # nothing until the replica is empty, then claim again and run alone.
-            log.info("document_waits_to_run_alone", crashes=claim.lease.crashes,
+            log.info("document_waits_to_run_alone", crashes=lease.crashes,
                      others=self.isolation.inside - 1)
-            await claim.lease.release()
+            await lease.release()
             await entry.wait_alone()
             claim = await self._claim(ref, timer)
             if isinstance(claim, Report):
@@ -170,16 +171,21 @@ class DocumentPipeline:
         await lease.finish()
         return report
 
-    def _plan(self, lease: Lease, entry: Entry) -> ReadPlan | None:
-        """How to read a claimed document, or None when it is to be given up.
+    def _spent(self, lease: Lease) -> bool:
+        """Its attempts are used up: given up without another run.
 
-        Its last attempt leaves the blamed pages out; one more is allowed past
-        WATCHER_MAX_ATTEMPTS when the deaths that used them up were blamed on pages, since
-        those pages are not read again; after that, or without a page to blame, it is
-        given up."""
+        One more is allowed past WATCHER_MAX_ATTEMPTS when the deaths that used them up
+        were blamed on pages, since those pages are not read again; after that, or
+        without a page to blame, it is given up."""
+        limit = self.settings.max_attempts
+        return lease.crashes >= limit and (not lease.blamed or lease.crashes > limit)
+
+    def _plan(self, lease: Lease, entry: Entry) -> ReadPlan | None:
+        """How to read a claimed document (its last attempt leaves the blamed pages out),
+        or None when it is to be given up."""
         limit = self.settings.max_attempts
         crashes = lease.crashes
-        if crashes >= limit and (not lease.blamed or crashes > limit):
+        if self._spent(lease):
             return None
         if not crashes:
             return EVERYTHING_AT_ONCE
