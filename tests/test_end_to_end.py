@@ -76,18 +76,26 @@ async def test_documents_become_results_and_a_second_run_does_nothing(
     async with daemon_running(settings, engine) as daemon:
         url = f"http://127.0.0.1:{daemon.http.port}"
         await wait_for_keys(s3, bucket, results)
+        done = f'watcher_documents_total{{outcome="done"}} {float(len(DOCUMENTS))}'
         async with aiohttp.ClientSession() as http:
+
+            async def counted() -> str | None:
+                # A result is out a moment before its run ends (marker, lease, hooks):
+                # the runs have all ended once the outcome hook has counted them.
+                async with http.get(f"{url}/metrics") as resp:
+                    text = await resp.text()
+                return text if done in text else None
+
+            metrics = await eventually(counted, 30, "every run to be counted as done")
             async with http.get(f"{url}/health") as resp:
                 assert resp.status == 200
                 health = await resp.json()
             async with http.get(f"{url}/ready") as resp:
                 assert resp.status == 200, await resp.text()
-            async with http.get(f"{url}/metrics") as resp:
-                metrics = await resp.text()
     assert health["status"] == "healthy" and health["paddleocr"] == "ready"
     total_pages = sum(pages for _, _, pages in DOCUMENTS.values())
     assert f"watcher_pages_total {float(total_pages)}" in metrics
-    assert f'watcher_documents_total{{outcome="done"}} {float(len(DOCUMENTS))}' in metrics
+    assert done in metrics
     for name in ("watcher_stage_seconds_bucket", "watcher_inflight_documents",
                  "watcher_backlog_documents", "watcher_engine_ready 1.0"):
         assert name in metrics
