@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import zlib
 from collections.abc import Sequence
 
 from fpdf import FPDF
@@ -47,27 +46,3 @@ def make_tiff(pages: Sequence[Sequence[str]]) -> bytes:
                    compression="tiff_deflate")
     return buf.getvalue()
 
-
-def pdf_bomb(operators: int) -> bytes:
-    """A one-page PDF whose few hundred kilobytes of content stream inflate to `operators`
-    path operators (14 bytes each): 20 million make PDFium want gigabytes to load the
-    page, and abort when it cannot have them."""
-    compressor = zlib.compressobj(9)
-    chunk = b"0 0 m 1 1 l S\n" * 100_000
-    data = b"".join(compressor.compress(chunk) for _ in range(operators // 100_000)) + compressor.flush()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R >>",
-        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream",
-    ]
-    out = bytearray(b"%PDF-1.7\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)

@@ -530,6 +530,21 @@ def _stream(data: bytes, extra: bytes = b"") -> bytes:
     return b"<< /Length %d%s >>\nstream\n" % (len(data), extra) + data + b"\nendstream"
 
 
+def pdf_bomb(operators: int) -> bytes:
+    """A one-page PDF whose few hundred kilobytes of content stream inflate to `operators`
+    path operators (14 bytes each): 20 million make PDFium want gigabytes to load the
+    page, and abort when it cannot have them."""
+    compressor = zlib.compressobj(9)
+    chunk = b"0 0 m 1 1 l S\n" * 100_000
+    data = b"".join(compressor.compress(chunk) for _ in range(operators // 100_000)) + compressor.flush()
+    return hand_pdf([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R >>",
+        _stream(data, b" /Filter /FlateDecode"),
+    ])
+
+
 def pdf_nonembedded_font(lines: Sequence[str] = CYRILLIC_ONLY, size: float = 16,
                          base_font: str = "NoSuchFont-Regular") -> bytes:
     """One A4 page whose text uses a Type0/CIDFontType2 font (Identity-H) that is NOT embedded

@@ -16,14 +16,15 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import FAKES, leftovers, make_settings, object_exists, pid_alive
-from docgen import pdf_bomb
 from PIL import Image, ImageColor
+from rudocs import pdf_bomb
 from vlm_fake import FakeVlmServer
 from waiting import eventually
 
@@ -57,6 +58,22 @@ async def vlm() -> AsyncIterator[FakeVlmServer]:
     server = await FakeVlmServer().start()
     yield server
     await server.stop()
+
+
+@dataclass
+class Probes:
+    """What /health answered while a daemon worked."""
+
+    latencies: list[float] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def pids(self) -> set[int]:
+        return {body["pid"] for body in self.bodies}
+
+    def summary(self) -> str:
+        ordered = sorted(self.latencies)
+        return (f"{len(ordered)} probes, max {ordered[-1] * 1000:.1f} ms, "
+                f"p50 {ordered[len(ordered) // 2] * 1000:.1f} ms")
 
 
 class DaemonProcess:
@@ -108,6 +125,22 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGTERM)
         return await self.finish()
 
+    async def probe_until(self, session: aiohttp.ClientSession, s3: Any, bucket: str, keys: list[str],
+                          timeout: float, every: float) -> Probes:
+        """Probe /health all along, until every one of `keys` is in the bucket."""
+        probes = Probes()
+
+        async def done() -> bool:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                status, health, seconds = await self.health(session)
+                assert status == 200
+                probes.latencies.append(seconds)
+                probes.bodies.append(health)
+            return all(await asyncio.gather(*(asyncio.to_thread(object_exists, s3, bucket, k) for k in keys)))
+
+        await eventually(done, timeout, f"{len(keys)} outputs", every=every)
+        return probes
+
     def events(self) -> list[dict[str, Any]]:
         lines = self.output.decode(errors="replace").splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
@@ -140,27 +173,12 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
     ).start()
     expected = [f"output/{n}.png.json" for n in docs if n not in ("hang", "abort")]
     expected += ["output/hang.png.error.json", "output/abort.png.error.json"]
-    latencies: list[float] = []
-    daemon_pids: set[int] = set()
-    seen_workers: set[int] = set()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def all_finished() -> bool:
-                # /health is probed all along: it answers, from the one daemon, while
-                # workers hang, abort and leak.
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    status, health, seconds = await daemon.health(session)
-                    assert status == 200
-                    latencies.append(seconds)
-                    daemon_pids.add(health["pid"])
-                    seen_workers.update(w["pid"] for w in health["engine"]["workers"] if w["pid"])
-                done = await asyncio.gather(
-                    *(asyncio.to_thread(object_exists, s3, bucket, k) for k in expected))
-                return all(done)
-
+            # /health is probed all along: it answers, from the one daemon, while workers
+            # hang, abort and leak.
             try:
-                await eventually(all_finished, 180, "every document to finish", every=0.05)
+                probes = await daemon.probe_until(session, s3, bucket, expected, 180, every=0.05)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}: {daemon.events()[-5:]}") from None
             metrics = await daemon.metrics(session)
@@ -168,7 +186,8 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.output[-3000:]
-    assert daemon_pids == {daemon.proc.pid if daemon.proc else 0}  # one daemon all along
+    assert probes.pids() == {daemon.proc.pid if daemon.proc else 0}  # one daemon all along
+    seen_workers = {w["pid"] for body in probes.bodies for w in body["engine"]["workers"] if w["pid"]}
     restarts = {reason: float(line.split()[-1]) for line in metrics.splitlines()
                 for reason in ("timeout", "crash", "memory")
                 if line.startswith(f'watcher_engine_restarts_total{{reason="{reason}"}}')}
@@ -187,8 +206,7 @@ async def test_hangs_aborts_and_leaks_restart_workers_while_the_daemon_serves_on
     assert leak["pages"][0]["blocks"][0]["text"] == "Fake PaddleOCR-VL page"
     for pid in worker_pids(log):  # drained: no worker outlives the daemon
         assert not pid_alive(pid), pid
-    print(f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms, "
-          f"p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+    print(f"/health: {probes.summary()}")
 
 
 async def test_a_document_that_kills_the_pod_is_given_up_after_max_attempts(
@@ -295,33 +313,20 @@ async def test_a_pdf_that_aborts_pdfium_costs_a_decode_worker_never_the_daemon(
     outputs = ["output/bomb.pdf.error.json", "output/fine.png.json"]
     daemon = await DaemonProcess(weed, bucket, vlm, tmp_path / "paddle.jsonl", WATCHER_MAX_ATTEMPTS="2",
                                  WATCHER_DECODE_MAX_MB="1024").start()
-    latencies: list[float] = []
-    pids: set[int] = set()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def finished() -> bool:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    status, health, seconds = await daemon.health(session)
-                    assert status == 200
-                    latencies.append(seconds)
-                    pids.add(health["pid"])
-                return all(await asyncio.gather(
-                    *(asyncio.to_thread(object_exists, s3, bucket, k) for k in outputs)))
-
-            await eventually(finished, 120, "both documents to finish", every=0.02)
+            probes = await daemon.probe_until(session, s3, bucket, outputs, 120, every=0.02)
             _, health, _ = await daemon.health(session)
     finally:
         code = await daemon.stop()
-    assert code == 0 and daemon.proc is not None and pids == {daemon.proc.pid}, daemon.output[-3000:]
+    assert code == 0 and daemon.proc is not None and probes.pids() == {daemon.proc.pid}, daemon.output[-3000:]
     error = error_record(s3, bucket, "output/bomb.pdf.error.json")["error"]
     assert error["code"] == "engine_failed"
     assert "while decoding" in error["message"] and "SIGABRT" in error["message"], error["message"]
     workers = health["decoding"]["workers"]
     assert sum(w["restarts"] for w in workers) >= 1 and health["decoding"]["state"] == "ready"
-    assert max(latencies) < 0.25, sorted(latencies)[-5:]
-    print(f"/health while PDFium aborted: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms, "
-          f"p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+    assert max(probes.latencies) < 0.25, sorted(probes.latencies)[-5:]
+    print(f"/health while PDFium aborted: {probes.summary()}")
 
 
 async def test_sigterm_with_a_hung_page_drains_releases_and_exits(

@@ -344,26 +344,8 @@ class SupervisedEngine(Engine):
 
     async def _life(self, worker: _Worker) -> bool:
         """Start, warm and serve one worker process; True when the slot is to end for good
-        (its reader cannot work with these settings)."""
-        backoff = 1.0
-        while not self._closing:
-            try:
-                await self._start_process(worker)
-                await self._call(worker, ("warm",), self.warm_timeout)
-            except _Misconfigured as exc:
-                await self._give_up(worker, str(exc))
-                return True
-            except (_WorkerGone, _CallTimeout, _EngineRaised, _DocumentRejected, OSError) as exc:
-                worker.error = f"warm-up failed: {exc}"
-                log.error("engine_worker_warm_failed", engine=self.name, worker=worker.index,
-                          error=worker.error, retry_in_seconds=backoff)
-                await self._stop_process(worker)
-                self._set_state(worker, WorkerState.FAILED)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_WARM_BACKOFF_SECONDS)
-                continue
-            break
-        else:
+        (its reader cannot work with these settings, or the engine is closing)."""
+        if not await self._started(worker):
             return True
         worker.error = None
         self._set_state(worker, WorkerState.READY)
@@ -373,6 +355,28 @@ class SupervisedEngine(Engine):
         # Only a worker recycled for memory is healthy enough to be asked to stop.
         await self._stop_process(worker, kill=reason != "memory")
         self._record_restart(worker, reason, detail)
+        return False
+
+    async def _started(self, worker: _Worker) -> bool:
+        """A worker process started and warm, retried with backoff; False when its reader
+        cannot work with these settings, or the engine closed meanwhile."""
+        backoff = 1.0
+        while not self._closing:
+            try:
+                await self._start_process(worker)
+                await self._call(worker, ("warm",), self.warm_timeout)
+                return True
+            except _Misconfigured as exc:
+                await self._give_up(worker, str(exc))
+                return False
+            except (_WorkerGone, _CallTimeout, _EngineRaised, _DocumentRejected, OSError) as exc:
+                worker.error = f"warm-up failed: {exc}"
+                log.error("engine_worker_warm_failed", engine=self.name, worker=worker.index,
+                          error=worker.error, retry_in_seconds=backoff)
+                await self._stop_process(worker)
+                self._set_state(worker, WorkerState.FAILED)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_WARM_BACKOFF_SECONDS)
         return False
 
     async def _give_up(self, worker: _Worker, message: str) -> None:

@@ -37,7 +37,8 @@ BATCH = 500
 # A lease not renewed for this many lease periods has no living holder.
 STALE_LEASE_PERIODS = 3
 # A marker is removed with its source only when written this long before the listing
-# that missed the source: S3's clock and ours may differ a little.
+# that missed the source, and a lease counts as written before this process started up
+# to this long after it: S3's clock and ours may differ a little.
 ORPHAN_MARKER_SLACK_SECONDS = 300.0
 
 
@@ -51,6 +52,7 @@ class Discovery:
         self.clock = clock
         # Leases.holder_is_dead: a holder known gone (this replica's earlier process).
         self.holder_is_dead = holder_is_dead
+        self._started = clock()
         # Under `move` and `delete` a source still in the input prefix is not settled yet,
         # marked or not: it is offered, and the claim stage settles a marked one.
         self._settles = settings.source_action is not SourceAction.KEEP
@@ -164,7 +166,8 @@ class Discovery:
             etag = current.get(key)
             if etag is not None and not self._done(key, etag, marked):
                 continue
-            if lease.last_modified.timestamp() <= cutoff or await self._left_by_the_dead(lease.key):
+            written = lease.last_modified.timestamp()
+            if written <= cutoff or await self._left_by_the_dead(lease.key, written):
                 stale.append(lease)
         for lease in stale:
             try:
@@ -174,10 +177,11 @@ class Discovery:
                 continue
             log.info("stale_lease_removed", lease=lease.key)
 
-    async def _left_by_the_dead(self, key: str) -> bool:
-        """A lease of a done version whose holder is known dead (one GET; such leases are
-        rare: a holder killed between its marker and letting go)."""
-        if self.holder_is_dead is None:
+    async def _left_by_the_dead(self, key: str, written: float) -> bool:
+        """A lease of a done version whose holder is known dead: one GET, only for leases
+        written before this process started (a dead predecessor's, give or take the
+        clocks), so that the released records of finished work are not read every poll."""
+        if self.holder_is_dead is None or written > self._started + ORPHAN_MARKER_SLACK_SECONDS:
             return False
         found = await self.storage.get_bytes(key)
         record = LeaseRecord.parse(found[0]) if found else None
