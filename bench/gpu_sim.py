@@ -58,6 +58,7 @@ class GpuSimulator:
     last_response: float | None = None
     max_queued: int = 0
     max_inflight: int = 0
+    first_full: float | None = None  # when every slot was first busy: the client's ramp ends
     _queued: int = 0
     _inflight: int = 0
     _runner: web.AppRunner | None = None
@@ -126,6 +127,8 @@ class GpuSimulator:
             self._inflight += 1
             self.max_inflight = max(self.max_inflight, self._inflight)
             started = time.perf_counter()
+            if self.first_full is None and self._inflight >= self.slots and counted:
+                self.first_full = started
             await asyncio.sleep(self.service_time + self.per_running * self._inflight)
             finished = time.perf_counter()
         finally:
@@ -154,10 +157,20 @@ class GpuSimulator:
     def utilisation_while_backlogged(self) -> float:
         """Utilisation from the first counted arrival to the last one: while the client
         still had work to send, any idle slot is the client's doing, not the tail's."""
-        if self.first_request is None or self.last_arrival is None:
-            return 0.0
-        begin, end = self.first_request, self.last_arrival
-        if end <= begin:
+        return self.utilisation_between(self.first_request, self.last_arrival)
+
+    def utilisation_after_ramp(self) -> float:
+        """The same from the moment every slot was first busy: the client's steady state,
+        its ramp (`ramp_seconds`) left out."""
+        return self.utilisation_between(self.first_full, self.last_arrival)
+
+    def ramp_seconds(self) -> float | None:
+        if self.first_full is None or self.first_request is None:
+            return None
+        return self.first_full - self.first_request
+
+    def utilisation_between(self, begin: float | None, end: float | None) -> float:
+        if begin is None or end is None or end <= begin:
             return 0.0
         busy = sum(max(0.0, min(f, end) - max(s, begin)) for s, f in self._busy)
         return busy / (self.slots * (end - begin))

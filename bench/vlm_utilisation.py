@@ -1,15 +1,22 @@
 """How well the watcher keeps a VLM server busy, at default settings, for several GPU sizes.
 
 For each simulated GPU size (`--slots`, sequence slots), uploads a backlog of multi-page
-PDFs to an embedded SeaweedFS, runs the real daemon with WATCHER_ENGINE=openai-vlm
-against bench/gpu_sim.py in batching mode (service time = --service-time +
---per-running x requests running; vLLM's gauges on /metrics unless --no-metrics), and
-reports per size:
+PDFs to an embedded SeaweedFS, runs the real daemon with WATCHER_ENGINE=openai-vlm (one
+request per page) or `--engine paddleocr-vl` (PaddleOCR-VL's pipeline in the engine's
+worker processes: the labelled fake in tests/fakes/fake_paddleocr.py, which sends every
+block of the pages of a call to the server at once, `--blocks` per page, after
+`--layout-seconds` of "layout detection" per page) against bench/gpu_sim.py in batching
+mode (service time = --service-time + --per-running x requests running; vLLM's gauges
+on /metrics unless --no-metrics), and reports per size:
 
 * utilisation_while_backlogged: busy slot-seconds / (S x time from the first page's
   arrival to the last page's arrival): the part the daemon is responsible for;
+* utilisation_after_ramp: the same from the moment every slot was first busy (the
+  client's steady state), with `ramp_seconds` from the first request to that moment:
+  a limit that grows from its start value needs a few service rounds (paddleocr-vl: a
+  few calls, since a worker's batch changes only between calls);
 * utilisation_whole_run: the same up to the last answer, tail included;
-* pages per second against the ideal S / (service time + per_running x S);
+* requests per second against the ideal S / (service time + per_running x S);
 * pages that took longer than WATCHER_VLM_TIMEOUT at the server (the daemon gave up).
 
 The daemon runs at its defaults: WATCHER_VLM_MAX_CONCURRENCY, WATCHER_MAX_INFLIGHT_DOCUMENTS
@@ -17,6 +24,7 @@ and WATCHER_PAGE_CONCURRENCY are only set when given on the command line.
 
     python bench/vlm_utilisation.py                       # sizes 4, 64, 256
     python bench/vlm_utilisation.py --slots 4 --docs 8    # a quick check
+    python bench/vlm_utilisation.py --engine paddleocr-vl --slots 64,256
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -33,6 +42,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# The labelled fake `paddleocr` package, for --engine paddleocr-vl (spawned engine
+# workers inherit this path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fakes"))
 
 from docgen import make_pdf
 from gpu_sim import GpuSimulator
@@ -47,6 +59,7 @@ TUNING = {
     "vlm_concurrency": "vlm_max_concurrency",
     "inflight_documents": "max_inflight_documents",
     "page_concurrency": "page_concurrency",
+    "engine_concurrency": "engine_concurrency",
 }
 
 
@@ -57,13 +70,17 @@ def count_results(s3: Any, bucket: str) -> int:
     return done
 
 
+def requests_per_page(args: argparse.Namespace) -> int:
+    return int(args.blocks) if args.engine == "paddleocr-vl" else 1
+
+
 def documents_for(slots: int, args: argparse.Namespace) -> int:
     if args.docs is not None:
         return int(args.docs)
     # Several service rounds of the whole GPU, so the start-up ramp and the tail do not
     # decide the figure.
-    pages: int = args.pages
-    return max(40, math.ceil(slots * 6 / pages))
+    pages: int = args.pages * requests_per_page(args)
+    return max(40, math.ceil(slots * args.rounds / pages))
 
 
 async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +101,7 @@ async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dic
         settings = load_settings(
             s3_endpoint=weed.endpoint, s3_bucket=bucket, s3_access_key=weed.access_key,
             s3_secret_key=weed.secret_key, http_port=0, http_host="127.0.0.1",
-            poll_interval=1.0, engine="openai-vlm", vlm_url=sim.url, render_dpi=args.dpi,
+            poll_interval=1.0, engine=args.engine, vlm_url=sim.url, render_dpi=args.dpi,
             log_level="WARNING", **tuning,
         )
         # The daemon gives up on a page after WATCHER_VLM_TIMEOUT: slower is a timeout.
@@ -100,9 +117,12 @@ async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dic
     return {
         "slots": slots,
         "utilisation_while_backlogged": round(sim.utilisation_while_backlogged(), 4),
+        "utilisation_after_ramp": round(sim.utilisation_after_ramp(), 4),
+        "ramp_seconds": None if (ramp := sim.ramp_seconds()) is None else round(ramp, 1),
         "utilisation_whole_run": round(sim.utilisation(), 4),
-        "pages_per_second": round(sim.requests / wall, 2) if wall > 0 else 0.0,
-        "ideal_pages_per_second": round(slots / (args.service_time + args.per_running * slots), 2),
+        "engine": args.engine,
+        "requests_per_second": round(sim.requests / wall, 2) if wall > 0 else 0.0,
+        "ideal_requests_per_second": round(slots / (args.service_time + args.per_running * slots), 2),
         "timeouts": sim.timeouts,
         "max_inflight": sim.max_inflight,
         "max_queued": sim.max_queued,
@@ -115,6 +135,9 @@ async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dic
             "per_running_seconds": args.per_running,
             "server_metrics": args.metrics,
             "pages_per_document": args.pages,
+            "requests_per_page": requests_per_page(args),
+            "layout_seconds_per_page": args.layout_seconds if args.engine == "paddleocr-vl" else None,
+            "WATCHER_ENGINE_CONCURRENCY": settings.engine_concurrency,
             "WATCHER_VLM_TIMEOUT": settings.vlm_timeout,
             "WATCHER_VLM_MAX_CONCURRENCY": settings.vlm_max_concurrency,
             "WATCHER_MAX_INFLIGHT_DOCUMENTS": settings.max_inflight_documents,
@@ -127,6 +150,11 @@ async def run_size(weed: SeaweedS3, slots: int, args: argparse.Namespace) -> dic
 
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     configure_logging("WARNING", "json")
+    if args.engine == "paddleocr-vl":
+        # Read by the fake pipeline in the engine's worker processes.
+        os.environ.update({"FAKE_PADDLEOCR_SEND_BLOCKS": "1",
+                           "FAKE_PADDLEOCR_BLOCKS": str(args.blocks),
+                           "FAKE_PADDLEOCR_LAYOUT_SECONDS": str(args.layout_seconds)})
     results = []
     with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
         weed = SeaweedS3(data_dir=Path(tmp) / "weed", buckets=())
@@ -141,9 +169,11 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     columns = [
-        ("slots", "slots"), ("utilisation_while_backlogged", "util. backlogged"),
-        ("utilisation_whole_run", "util. whole run"), ("pages_per_second", "pages/s"),
-        ("ideal_pages_per_second", "ideal pages/s"), ("timeouts", "timeouts"),
+        ("engine", "engine"), ("slots", "slots"),
+        ("utilisation_while_backlogged", "util. backlogged"),
+        ("utilisation_after_ramp", "util. after ramp"), ("ramp_seconds", "ramp s"),
+        ("utilisation_whole_run", "util. whole run"), ("requests_per_second", "requests/s"),
+        ("ideal_requests_per_second", "ideal requests/s"), ("timeouts", "timeouts"),
         ("max_inflight", "max running"), ("max_queued", "max queued"),
         ("documents", "docs"), ("wall_seconds", "wall s"),
     ]
@@ -165,11 +195,21 @@ def slot_list(text: str) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--engine", choices=["openai-vlm", "paddleocr-vl"], default="openai-vlm")
+    parser.add_argument("--blocks", type=int, default=8,
+                        help="paddleocr-vl: blocks per page the fake pipeline sends (default 8)")
+    parser.add_argument("--layout-seconds", type=float, default=0.03,
+                        help="paddleocr-vl: the fake's layout detection per page (default 0.03)")
+    parser.add_argument("--engine-concurrency", type=int, default=None,
+                        help="WATCHER_ENGINE_CONCURRENCY (default: the daemon's)")
     parser.add_argument("--slots", type=slot_list, default=[4, 64, 256],
                         help="simulated GPU sizes, comma-separated (default 4,64,256)")
     parser.add_argument("--docs", type=int, default=None,
-                        help="documents per size (default max(40, ceil(slots x 6 / pages)))")
+                        help="documents per size (default max(40, ceil(slots x rounds / requests "
+                        "per document)))")
     parser.add_argument("--pages", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="backlog in full service rounds of the GPU (default 6)")
     parser.add_argument("--service-time", type=float, default=1.0)
     parser.add_argument("--per-running", type=float, default=0.04)
     parser.add_argument("--no-metrics", dest="metrics", action="store_false",

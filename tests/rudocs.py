@@ -512,6 +512,81 @@ def pdf_garbage_text_layer(lines: Sequence[str],
     return raw.tobytes()
 
 
+# What an OCR that knew no Russian made of Cyrillic letters: the Latin shapes nearest to
+# them, as old scanners' and archive digitisers' text layers show (`Hanorosa:t` for
+# «Налоговая»).
+_FOREIGN_OCR = dict(zip(
+    "абвгдеёжзийклмнопрстуфхцчшщъыьэюяАБВГДЕЁЖЗИЙКЛМНОПРСТУФХЦЧШЩЪЫЬЭЮЯ",
+    ["a", "6", "B", "r", "A", "e", "e", ">K", "3", "u", "u", "k", "n", "M", "H", "o", "n", "p",
+     "c", "T", "y", "qp", "x", "u,", "4", "w", "w,", "b", "bI", "b", "3", "IO", ":t",
+     "A", "6", "B", "F", "A", "E", "E", "X", "3", "N", "N", "K", "JI", "M", "H", "O", "II", "P",
+     "C", "T", "Y", "O", "X", "U", "4", "W", "W", "b", "bI", "b", "3", "IO", "R"], strict=True))
+# Cyrillic letters and the Latin ones drawn the same.
+LOOKALIKE = dict(zip("АВЕКМНОРСТХаеорсух", "ABEKMHOPCTXaeopcyx", strict=True))
+
+
+def foreign_ocr(line: str) -> str:
+    return "".join(_FOREIGN_OCR.get(ch, ch) for ch in line)
+
+
+def ocr_layer_scan_pdf(lines: Sequence[str], layer: Sequence[str] | None = None,
+                       dpi: int = 150) -> bytes:
+    """One A4 page as an archive digitiser makes it: a scan of `lines` covering the page and,
+    over it, an invisible text layer (render mode 3) with `layer`, line for line where the
+    scan shows them; by default what an OCR that knew no Russian read (`foreign_ocr`).
+    Ground truth (what the page shows): `lines`."""
+    scan = render_pages(ru_pdf([lines]), dpi)[0]
+    pdf = _fpdf("DejaVuSans.ttf", 12)
+    pdf.add_page()
+    pdf.image(io.BytesIO(image_bytes(scan, "JPEG", quality=85)), x=0, y=0, w=_A4_MM[0], h=_A4_MM[1])
+    pdf.text_mode = "INVISIBLE"
+    layer_lines = [foreign_ocr(line) for line in lines] if layer is None else list(layer)
+    step = 12 * 1.5 / _MM
+    for i, line in enumerate(layer_lines):
+        pdf.text(_LEFT_MM, _TOP_MM + 12 / _MM + i * step, line)
+    return bytes(pdf.output())
+
+
+def pdf_lookalike_text_layer(lines: Sequence[str]) -> bytes:
+    """One A4 page that renders `lines` right but whose text layer gives the Latin letter
+    for every Cyrillic one drawn the same (`Пocтавщик`): a font mapped to the wrong
+    alphabet. Ground truth (what OCR should read): `lines`."""
+    raw = _RawPdf(ru_pdf([lines]))
+    found = raw.find(rb"/ToUnicode (\d+) 0 R")
+    assert found, "fpdf2 wrote no /ToUnicode"
+    latin = {ord(k): ord(v) for k, v in LOOKALIKE.items()}
+
+    def remap(cmap: bytes) -> bytes:
+        def one(entry: re.Match[bytes]) -> bytes:
+            code = int(entry.group(2), 16)
+            return entry.group(1) + b"<%04X>" % latin.get(code, code)
+
+        return re.sub(rb"(<[0-9A-Fa-f]{4}> )<([0-9A-Fa-f]{4})>", one, cmap)
+
+    for _font_num, m in found:
+        raw.edit_stream(int(m.group(1)), remap)
+    return raw.tobytes()
+
+
+def pdf_broken_page_tree(pages: Sequence[Sequence[str]],
+                         how: Literal["pages_ref", "root_ref", "no_tree"] = "pages_ref") -> bytes:
+    """A born-digital PDF whose page tree cannot be reached, while every page object is
+    intact (pdf.js and browsers show it; PDFium and qpdf find no pages). how="pages_ref":
+    the catalog's /Pages names an object that is not there; "root_ref": the trailer's /Root
+    does; "no_tree": the page tree node itself is gone (the pages' /Parent points nowhere).
+    Ground truth: `pages`."""
+    raw = _RawPdf(ru_pdf(pages))
+    if how == "root_ref":
+        raw.trailer = re.sub(rb"/Root \d+ 0 R", b"/Root 9998 0 R", raw.trailer)
+    elif how == "no_tree":
+        del raw.objects[raw.pages_root()]
+    else:
+        root_m = re.search(rb"/Root (\d+) 0 R", raw.trailer)
+        assert root_m is not None
+        raw.edit(int(root_m.group(1)), lambda head: re.sub(rb"/Pages \d+ 0 R", b"/Pages 9999 0 R", head))
+    return raw.tobytes()
+
+
 def hand_pdf(objects: Sequence[bytes]) -> bytes:
     """A PDF from object bodies numbered 1..n; object 1 is the catalog."""
     out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")

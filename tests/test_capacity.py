@@ -18,7 +18,14 @@ import pytest
 from aiohttp import web
 from waiting import eventually
 
+from watcher.core.pages import Block, PageResult
 from watcher.engines.capacity import AdaptiveLimit, parse_vllm_gauges, poll_server_gauges
+from watcher.engines.paddleocr_vl import (
+    FIXED_BATCH_PAGES,
+    INITIAL_BLOCKS_PER_PAGE,
+    MAX_BATCH_PAGES,
+    PageBatches,
+)
 from watcher.service.http import serve_app
 
 
@@ -210,6 +217,57 @@ async def test_metrics_mode_settles_against_a_fixed_capacity_server(capacity: in
     settled = seen[-30:]
     assert len(set(settled)) == 1, f"no oscillation: {settled}"
     assert capacity + queue / 2 <= settled[0] <= capacity + queue
+
+
+async def test_a_client_that_sends_from_elsewhere_grows_on_what_it_reports_in_use() -> None:
+    clock = Clock()
+    in_use = 10
+    limit = AdaptiveLimit(upper=256, initial=32, clock=clock, in_use=lambda: in_use)
+    limit.observe_server(running=10, waiting=0)
+    assert limit.limit == 32  # not using its limit: no growth, whatever its own slots say
+    in_use = 31
+    limit.observe_server(running=31, waiting=0)
+    assert limit.limit == 64
+
+
+async def test_a_wave_client_keeps_a_queue_as_deep_as_its_share() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(upper=1024, initial=512, clock=clock, in_use=lambda: 512,
+                          queue_share=1.0)
+    limit.observe_server(running=256, waiting=250)  # one wave waits behind the running one
+    assert limit.limit == 512
+    limit.observe_server(running=256, waiting=300)
+    assert limit.limit == 256 + 256
+
+
+# --- paddleocr-vl's pages per call --------------------------------------------------------
+def page_with(labels: list[str]) -> PageResult:
+    return PageResult(index=0, width=100, height=100,
+                      blocks=[Block(type=label, bbox=[0, 0, 1, 1], text="x") for label in labels],
+                      markdown="")
+
+
+def test_pages_per_call_fill_the_limit_with_the_blocks_a_page_sends() -> None:
+    batches = PageBatches(workers=2, per_worker=128, upper=256, timeout=120)
+    assert batches.size() == FIXED_BATCH_PAGES  # no gauges yet: the fixed batch
+    batches.limit.observe_server(running=0, waiting=0)
+    assert batches.limit.mode == "metrics"
+    assert batches.size() == math.ceil(batches.limit.limit / 2 / INITIAL_BLOCKS_PER_PAGE)
+    for _ in range(40):  # pages of 3 text blocks and 2 pictures, which are not sent
+        batches.observe(page_with(["text", "text", "table", "image", "chart"]))
+    assert batches.blocks_per_page == pytest.approx(3, abs=0.05)
+    batches.limit.limit = 240
+    assert batches.size() == 40  # 120 requests per worker, 3 per page
+    batches.limit.limit = 10_000
+    assert batches.size() == MAX_BATCH_PAGES
+
+
+def test_requests_in_flight_are_estimated_from_the_calls_and_capped_per_pipeline() -> None:
+    batches = PageBatches(workers=2, per_worker=50, upper=256, timeout=120)
+    for _ in range(40):
+        batches.observe(page_with(["text"] * 10))
+    batches.pages_in_calls = lambda: [2, 30]
+    assert batches.in_flight() == pytest.approx(20 + 50, abs=1)  # 300 capped at 50
 
 
 # --- latency mode ------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from watcher.cli.embedded import SeaweedS3
 from watcher.core.errors import DocumentError, ErrorCode, scrub
 from watcher.core.pages import RenderedPage
 from watcher.core.refs import ObjectRef
-from watcher.engines.cpu import CpuReader, settle_scripts
+from watcher.engines.cpu import CpuReader, find_tessdata, settle_scripts
+from watcher.pipeline import repair
 from watcher.pipeline.decode import Limits, open_document
 from watcher.pipeline.recognise import unreadable
 from watcher.pipeline.result import error_record
@@ -312,3 +313,128 @@ async def test_text_mode_never_sends_a_pdf_page_to_the_engine(weed: SeaweedS3, b
     assert [w["code"] for w in scan["warnings"]] == ["no_text"]
     garbled = _json(s3, bucket, "output/garbled.pdf.json")
     assert [w["code"] for w in garbled["warnings"]] == ["text_layer_untrusted"]
+
+
+# --- text layers judged by their words ---------------------------------------------------------
+
+async def test_a_text_layer_that_is_not_words_is_replaced_by_the_engines_reading(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    docs = {
+        # An archive scan with an invisible layer by an OCR that knew no Russian.
+        "foreign-ocr.pdf": rudocs.ocr_layer_scan_pdf(PAGE),
+        # The same scan whose invisible layer is right: taken as it is, not OCRed.
+        "good-ocr.pdf": rudocs.ocr_layer_scan_pdf(PAGE, PAGE),
+        # Born digital, a font that maps Cyrillic glyphs to the Latin letters drawn alike.
+        "lookalike.pdf": rudocs.pdf_lookalike_text_layer(PAGE),
+        # Its page tree cannot be reached: repaired, and said so.
+        "lost-tree.pdf": rudocs.pdf_broken_page_tree([PAGE], "pages_ref"),
+    }
+    for name, body in docs.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{name}", Body=body)
+    engine = CountingEngine()
+    settings = make_settings(weed, bucket, render_dpi=150, max_inflight_documents=1)
+    async with daemon_running(settings, engine):
+        await wait_for_keys(s3, bucket, [f"output/{n}.json" for n in docs])
+    results = {n: _json(s3, bucket, f"output/{n}.json") for n in docs}
+    for result in results.values():
+        jsonschema.validate(result, RESULT_SCHEMA)
+
+    foreign = results["foreign-ocr.pdf"]
+    assert foreign["pages"][0]["text_source"] == "ocr"
+    assert rudocs.similarity(TRUTH, foreign["pages"][0]["markdown"]) > 0.9
+    replaced = [w for w in foreign["warnings"] if w["code"] == "text_layer_replaced"]
+    assert len(replaced) == 1 and "earlier OCR" in replaced[0]["message"], foreign["warnings"]
+    assert "rus+eng" in replaced[0]["message"]
+
+    good = results["good-ocr.pdf"]
+    assert good["pages"][0]["text_source"] == "text_layer" and good["warnings"] == []
+    assert rudocs.similarity(TRUTH, good["pages"][0]["markdown"]) == 1.0
+
+    lookalike = results["lookalike.pdf"]
+    assert lookalike["pages"][0]["text_source"] == "ocr"
+    assert rudocs.similarity(TRUTH, lookalike["pages"][0]["markdown"]) > 0.95
+    assert [w["code"] for w in lookalike["warnings"]] == ["text_layer_replaced"]
+    assert "mix Latin and Cyrillic" in lookalike["warnings"][0]["message"]
+    lost = results["lost-tree.pdf"]
+    assert lost["pages"][0]["text_source"] == "text_layer"
+    assert rudocs.similarity(TRUTH, lost["pages"][0]["markdown"]) == 1.0
+    assert [(w["code"], w["page"]) for w in lost["warnings"]] == [("repaired", 0)]
+    assert len(engine.calls) == 2  # the good layer cost no OCR
+
+
+# --- damaged PDFs repaired ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["pages_ref", "root_ref", "no_tree"])
+def test_a_pdf_whose_page_tree_cannot_be_reached_is_repaired(tmp_path: Path, how: str) -> None:
+    mixed = rudocs.MIXED_TEXT[0]
+    doc = opened(tmp_path, rudocs.pdf_broken_page_tree([PAGE, mixed], how))
+    assert doc.page_count == 2
+    assert [w["code"] for w in doc.warnings] == ["repaired"]
+    assert "new catalog" in doc.warnings[0]["message"]
+    found = doc.text_layer(1)
+    assert found.trusted and rudocs.similarity("\n".join(mixed), found.result.markdown) == 1.0
+    assert doc.render(0).width > 0
+    doc.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.pdf"]  # no repaired copy left
+
+
+def test_qpdf_rewrites_what_it_can_read_and_gives_up_on_the_rest(tmp_path: Path) -> None:
+    good = rudocs.ru_pdf([PAGE, rudocs.MIXED_TEXT[0]])
+    damaged_xref = good[:good.rfind(b"xref")] + b"xref\n0 3\nzzzz\ntrailer\n<< >>\nstartxref\n12\n%%EOF\n"
+    (tmp_path / "xref.pdf").write_bytes(damaged_xref)
+    rewritten = repair.with_qpdf(tmp_path / "xref.pdf")
+    assert rewritten is not None
+    copy = opened(tmp_path, rewritten.read_bytes(), "copy.pdf")
+    assert copy.page_count == 2 and copy.warnings == []
+    copy.close()
+    # No page tree (qpdf finds none), a password, no PDF objects at all: nothing to rewrite.
+    (tmp_path / "lost.pdf").write_bytes(rudocs.pdf_broken_page_tree([PAGE], "root_ref"))
+    (tmp_path / "locked.pdf").write_bytes(rudocs.ru_pdf([PAGE], password="sekret"))
+    (tmp_path / "junk.pdf").write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 8)
+    for name in ("lost.pdf", "locked.pdf", "junk.pdf"):
+        assert repair.with_qpdf(tmp_path / name) is None, name
+    assert repair.with_new_catalog(tmp_path / "junk.pdf") is None
+    with pytest.raises(DocumentError) as locked:
+        opened(tmp_path, rudocs.ru_pdf([PAGE], password="sekret"), "locked-again.pdf")
+    assert locked.value.code is ErrorCode.ENCRYPTED  # never "repaired"
+    with pytest.raises(DocumentError) as junk:
+        opened(tmp_path, (tmp_path / "junk.pdf").read_bytes(), "junk-again.pdf")
+    assert junk.value.code is ErrorCode.CORRUPT
+
+
+# --- pages in a script the configured languages do not write ------------------------------------
+
+GREEK = ["Η σύμβαση προμήθειας υπογράφεται από τα δύο μέρη",
+         "Ο προμηθευτής παραδίδει τα εμπορεύματα εντός δέκα ημερών",
+         "Η πληρωμή γίνεται με τραπεζική μεταφορά στον λογαριασμό"] * 3
+
+
+def page_of(lines: list[str]) -> RenderedPage:
+    image = rudocs.render_pages(rudocs.ru_pdf([lines]), 150)[0]
+    return RenderedPage(0, image, *image.size)
+
+
+def test_a_page_in_a_script_not_configured_is_read_with_its_language_when_installed() -> None:
+    english_only = CpuReader(languages="eng")
+    result = english_only.recognise(page_of(PAGE))
+    assert [w["code"] for w in result.warnings] == ["language_not_covered"]
+    message = result.warnings[0]["message"]
+    assert "Cyrillic" in message and "read with `rus`" in message and "WATCHER_OCR_LANGUAGES=eng" in message
+    assert rudocs.similarity(TRUTH, result.markdown) > 0.95
+
+
+def test_a_page_in_a_script_with_no_language_installed_says_which_package_reads_it(
+    tmp_path: Path, reader: CpuReader
+) -> None:
+    assert reader.recognise(page_of(PAGE)).warnings == []  # Cyrillic: rus+eng covers it
+    assert reader.recognise(page_of(rudocs.MIXED_TEXT[0])).warnings == []
+    # Tesseract's data without Greek, wherever this machine keeps its languages.
+    tessdata = tmp_path / "tessdata"
+    tessdata.mkdir()
+    for lang in ("rus", "eng", "osd"):
+        (tessdata / f"{lang}.traineddata").symlink_to(find_tessdata("rus+eng") / f"{lang}.traineddata")
+    result = CpuReader(languages="rus+eng", tessdata=str(tessdata)).recognise(page_of(GREEK))
+    assert [w["code"] for w in result.warnings] == ["language_not_covered"]
+    message = result.warnings[0]["message"]
+    assert "Greek" in message and "tesseract-ocr-ell" in message and "`ell`" in message

@@ -24,7 +24,7 @@ from watcher.core.settings import DEFAULT_PIPELINE_VERSION, PADDLEOCR_VL_MODELS,
 from watcher.engines import create_engine
 from watcher.engines.base import EngineState
 from watcher.engines.doctags import parse_doctags, text_page
-from watcher.engines.openai_vlm import OpenAIVlmEngine
+from watcher.engines.openai_vlm import REPETITION_PENALTY, OpenAIVlmEngine
 
 SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
 MODEL = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
@@ -365,3 +365,64 @@ async def test_a_vlm_server_this_container_runs_gone_past_the_limit_fails_livene
         await fake.start()
         await wait_for_keys(s3, bucket, ["output/f.png.json"], timeout=60)
         assert (await get(health_url))[0] == 200
+
+
+async def test_on_a_born_digital_page_text_blocks_take_the_layers_exact_text(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    lines = rudocs.RUSSIAN_TEXT[0][:4]
+    s3.put_object(Bucket=bucket, Key="input/contract.pdf", Body=rudocs.ru_pdf([lines]))
+
+    def misread(width: int, height: int) -> str:
+        # DocTags on the 0..500 grid: a text block over the first two lines, read with
+        # Latin letters and a wrong digit, and a table over the next two.
+        def grid(px: float, size: int) -> int:
+            return round(px / size * 500)
+        text = "\n".join(rudocs.foreign_ocr(line) for line in lines[:2]).replace("4", "9")
+        return (f"<doctag><text><loc_{grid(40, width)}><loc_{grid(115, height)}>"
+                f"<loc_{grid(width - 40, width)}><loc_{grid(195, height)}>{text}</text>"
+                f"<otsl><loc_{grid(40, width)}><loc_{grid(200, height)}><loc_{grid(width - 40, width)}>"
+                f"<loc_{grid(265, height)}><fcel>Сторона<fcel>Подпись<nl></otsl></doctag>")
+
+    fake.answer = misread
+    settings = vlm_settings(weed, bucket, fake, render_dpi=150, vlm_prompt_preset="granite-docling")
+    async with daemon_running(settings, create_engine(settings)):
+        await wait_for_keys(s3, bucket, ["output/contract.pdf.json"], timeout=90)
+    result = load_json(s3, bucket, "output/contract.pdf.json")
+    jsonschema.validate(result, SCHEMA)
+    page = result["pages"][0]
+    text, table = page["blocks"]
+    assert (text["text_source"], table["text_source"]) == ("text_layer", "engine")
+    assert text["text"] == "\n".join(" ".join(line.split()) for line in lines[:2])
+    assert table["type"] == "otsl" and "Сторона" in table["text"]  # the VLM's reading stays
+    assert rudocs.foreign_ocr(lines[0]) not in result["markdown"]
+    assert " ".join(lines[0].split()) in result["markdown"] and "Сторона" in result["markdown"]
+    assert page["text_source"] == "ocr"  # the layout is the engine's
+
+
+@pytest.mark.parametrize("loops_again", [False, True])
+async def test_a_looping_answer_is_cut_early_asked_again_and_warned_of(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer, loops_again: bool
+) -> None:
+    s3.put_object(Bucket=bucket, Key="input/receipt.png", Body=make_image(["Receipt 17"], "PNG"))
+    fake.answer = lambda _w, _h: "Итого по договору: 1 250,00 руб.\n"
+    fake.loop = "Сумма прописью, "
+    fake.loop_when_penalised = loops_again
+    settings = vlm_settings(weed, bucket, fake)
+    async with daemon_running(settings, create_engine(settings)):
+        await wait_for_keys(s3, bucket, ["output/receipt.png.json"], timeout=90)
+    result = load_json(s3, bucket, "output/receipt.png.json")
+    jsonschema.validate(result, SCHEMA)
+    # Asked once plainly, then once with a repetition penalty.
+    assert fake.penalties == [None, REPETITION_PENALTY]
+    # The loop was cut after a few hundred characters, not at max_tokens (4096 tokens):
+    # the server saw the client hang up.
+    looped = fake.streamed_chars[-2:] if loops_again else fake.streamed_chars[-2:-1]
+    assert all(sent < 4000 for sent in looped), fake.streamed_chars
+    text = result["pages"][0]["markdown"]
+    assert text.startswith("Итого по договору: 1 250,00 руб.")
+    if loops_again:
+        assert [w["code"] for w in result["warnings"]] == ["repetition_cut"]
+        assert text.count("Сумма прописью") == 1  # one unit of the loop is kept
+    else:
+        assert result["warnings"] == [] and "Сумма прописью" not in text

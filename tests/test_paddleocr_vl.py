@@ -28,6 +28,7 @@ from watcher.engines import create_engine
 from watcher.engines.base import EngineState
 from watcher.engines.child import EngineMisconfigured
 from watcher.engines.paddleocr_vl import (
+    FIXED_BATCH_PAGES,
     PaddleOcrVlEngine,
     layout_device_errors,
     map_page,
@@ -38,6 +39,9 @@ from watcher.engines.paddleocr_vl import (
 
 pytestmark = pytest.mark.e2e  # engine worker processes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from gpu_sim import GpuSimulator  # noqa: E402 - the benchmark's labelled fake of a vLLM GPU
+
 FIXTURES = Path(__file__).parent / "fixtures" / "paddleocr_vl"
 
 
@@ -46,6 +50,8 @@ def fixture(name: str) -> Any:
 
 
 def settings_for(weed: SeaweedS3, url: str = "http://127.0.0.1:9/v1", **overrides: Any) -> Settings:
+    # One pipeline unless a test says otherwise: the fake's log is then one process's.
+    overrides.setdefault("engine_concurrency", 1)
     return make_settings(weed, "unused-bucket", engine="paddleocr-vl", vlm_url=url,
                          vlm_startup_timeout=10, **overrides)
 
@@ -128,6 +134,11 @@ def test_pipeline_kwargs_are_paddleocr_argument_names(weed: SeaweedS3) -> None:
     split = settings_for(weed, vlm_max_concurrency=24, engine_concurrency=3, vlm_api_key="k-1")
     kwargs = pipeline_kwargs(split)
     assert kwargs["vl_rec_max_concurrency"] == 8 and kwargs["vl_rec_api_key"] == "k-1"
+    # Two pipelines unless told otherwise, so that one detects layout while the other's
+    # blocks are at the server.
+    default = make_settings(weed, "unused-bucket", engine="paddleocr-vl", vlm_max_concurrency=24)
+    assert default.engine_concurrency == 2 and pipeline_kwargs(default)["vl_rec_max_concurrency"] == 12
+    assert make_settings(weed, "unused-bucket").engine_concurrency == 1  # the CPU engine's
 
 
 def test_only_a_gpu_layout_device_turns_paddlex_device_fallback_off(weed: SeaweedS3) -> None:
@@ -213,6 +224,8 @@ async def test_pages_reach_predict_in_batches_and_the_document_is_restructured(
     assert "vl_rec_server_url" in init[0]["kwargs"]
     batches = [c["pages"] for c in log if c["event"] == "predict"][1:]  # after the warm-up
     assert sum(batches) == 6 and max(batches) <= 4
+    # A block that loops stops at WATCHER_VLM_MAX_TOKENS.
+    assert {json.dumps(c["kwargs"]) for c in log if c["event"] == "predict"} == {'{"max_new_tokens": 4096}'}
     assert [c for c in log if c["event"] == "restructure"] == [
         {"event": "restructure", "pid": init[0]["pid"], "pages": 6, "merge_tables": True,
          "relevel_titles": True, "concatenate_pages": False}]
@@ -316,3 +329,51 @@ async def test_a_cpu_layout_device_runs_where_paddle_sees_no_gpu(
         await engine.close()
     (init,) = [c for c in calls(fake_log) if c["event"] == "init"]
     assert init["device"] == "cpu" and init["fallback_disabled"] is False
+
+
+# --- pages per call, steered from vLLM's gauges ------------------------------------------------
+@pytest.fixture
+def blocks_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake pipeline sends its blocks to the server, as the real one does."""
+    monkeypatch.setenv("FAKE_PADDLEOCR_SEND_BLOCKS", "1")
+    monkeypatch.setenv("FAKE_PADDLEOCR_BLOCKS", "2")
+
+
+async def test_pages_per_call_grow_until_the_server_is_full(
+    weed: SeaweedS3, fake_log: Path, blocks_sent: None
+) -> None:
+    # A LABELLED FAKE of a vLLM GPU (bench/gpu_sim.py): 128 sequence slots, vLLM's gauges.
+    sim = await GpuSimulator(slots=128, service_time=0.3).start()
+    settings = settings_for(weed, sim.url, vlm_max_concurrency=256, engine_concurrency=2)
+    engine = PaddleOcrVlEngine(settings, pipeline_factory=FAKE)
+    await engine.start()
+    try:
+        assert engine.state is EngineState.READY, engine.error
+        pages = await asyncio.gather(*(engine.recognise(page_of(i, size=(400, 300)))
+                                       for i in range(500)))
+        health = engine.snapshot()["vlm_requests"]
+    finally:
+        await engine.close()
+        await sim.stop()
+    assert all(p.blocks[1].text == "Simulated text of a 320x40 page" for p in pages)
+    assert sim.requests == 2 * 500
+    # With its fixed 4 pages per call, two pipelines would keep 2 x 4 x 2 = 16 requests at
+    # the server; steered, every slot was busy.
+    assert sim.max_inflight == 128
+    assert max(c["pages"] for c in calls(fake_log) if c["event"] == "predict") > 4
+    assert health["mode"] == "metrics" and health["blocks_per_page"] == 2.0
+
+
+async def test_without_gauges_a_call_keeps_its_fixed_pages(
+    weed: SeaweedS3, fake_log: Path, blocks_sent: None
+) -> None:
+    sim = await GpuSimulator(slots=128, service_time=0.05, metrics=False).start()
+    engine = PaddleOcrVlEngine(settings_for(weed, sim.url, engine_concurrency=2), pipeline_factory=FAKE)
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.recognise(page_of(i, size=(400, 300))) for i in range(40)))
+        assert engine.snapshot()["vlm_requests"]["mode"] == "latency"
+    finally:
+        await engine.close()
+        await sim.stop()
+    assert max(c["pages"] for c in calls(fake_log) if c["event"] == "predict") <= FIXED_BATCH_PAGES

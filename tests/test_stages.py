@@ -44,7 +44,7 @@ from watcher.pipeline.fate import Fate, classify
 from watcher.pipeline.publish import Publisher, Superseded
 from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, Reading, ReadPlan, Recogniser, unreadable
 from watcher.pipeline.settle import Settled, settle
-from watcher.pipeline.textlayer import TextLayer
+from watcher.pipeline.textlayer import TextLayer, take_exact_text
 from watcher.service.hooks import HeldRetry, LastOutcomes
 
 BUCKET = "stages"
@@ -158,8 +158,11 @@ ROWS = {
     "plain engine sees nothing, the layer is garbled: no text, said so":
         Row(TextLayerMode.AUTO, False, layer(False, "garbled"), "", TextSource.OCR, "", 1,
             ("damaged", "no_text")),
-    "structured engine reads even a trusted layer's page":
+    "structured engine reads even a trusted layer's page; a block with no location keeps its reading":
         Row(TextLayerMode.AUTO, True, layer(True), ENGINE_TEXT, TextSource.OCR, ENGINE_TEXT, 1, ("damaged",)),
+    "structured engine on an untrusted layer's page: its own reading":
+        Row(TextLayerMode.AUTO, True, layer(False, "mostly_image"), ENGINE_TEXT, TextSource.OCR,
+            ENGINE_TEXT, 1, ("damaged",)),
     "structured engine sees nothing: the trusted layer, said so":
         Row(TextLayerMode.AUTO, True, layer(True), "", TextSource.TEXT_LAYER, LAYER_TEXT, 1,
             ("damaged", "engine_read_nothing")),
@@ -185,6 +188,33 @@ def test_recognise_takes_each_page_from_the_right_source(name: str) -> None:
     assert (result.text_source, result.text, engine.calls) == (row.source.value, row.text, row.engine_calls)
     assert tuple(w["code"] for w in result.warnings) == row.warnings
     assert result.error is None
+
+
+def test_vlm_text_blocks_take_the_exact_layer_text_inside_their_boxes() -> None:
+    lines = ["Договор поставки № 17", "Поставщик передаёт товар,", "а покупатель его оплачивает.",
+             "Итого 1 250,00 руб."]
+    layer_page = PageResult(index=0, width=1000, height=1000, markdown="\n".join(lines),
+                            text_source=TextSource.TEXT_LAYER.value, blocks=[
+                                Block("text", [100, 100 + 50 * i, 900, 130 + 50 * i], line)
+                                for i, line in enumerate(lines)])
+    read = PageResult(index=0, width=500, height=500, blocks=[  # the VLM saw it at half the size
+        Block("doc_title", [40, 45, 460, 70], "Договор поставки № 1?"),
+        Block("text", [40, 75, 460, 115], "Поставщик передаёт тoвар,\nа покупатель ero оплачивает."),
+        Block("table", [40, 120, 460, 145], "Итого 1 250,00 руб."),
+        Block("text", [40, 200, 460, 230], "Подпись"),  # no layer line inside: the VLM's
+    ], markdown="# Договор поставки № 1?\n\nПоставщик передаёт тoвар,\nа покупатель ero "
+                "оплачивает.\n\n<table/>\n\nПодпись")
+    assert take_exact_text(read, layer_page) == 2
+    assert [b.extra["text_source"] for b in read.blocks] == ["text_layer", "text_layer", "engine", "engine"]
+    assert read.blocks[1].text == "Поставщик передаёт товар,\nа покупатель его оплачивает."
+    assert read.markdown == ("# Договор поставки № 17\n\nПоставщик передаёт товар,\nа покупатель его "
+                             "оплачивает.\n\n<table/>\n\nПодпись")
+    no_location = PageResult(index=0, width=500, height=500, markdown="Поставщик передаёт тoвар",
+                             blocks=[Block("text", [0, 0, 500, 500], "Поставщик передаёт тoвар")])
+    assert take_exact_text(no_location, layer_page) == 0
+    assert no_location.blocks[0].extra["text_source"] == "engine"
+    turned = replace(read, rotation=90)
+    assert take_exact_text(turned, layer_page) == 0  # another frame: nothing is matched
 
 
 def test_a_page_that_cannot_be_rendered_keeps_its_error_on_the_page() -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import rudocs
 from docgen import make_image, make_pdf, make_tiff
 from PIL import Image
 
@@ -19,6 +20,7 @@ from watcher.core.logs import REDACTED, SecretScrubber
 from watcher.core.pages import Block
 from watcher.core.settings import SettingsError, load_settings
 from watcher.engines.cpu import paragraphs_to_markdown
+from watcher.pipeline import words
 from watcher.pipeline.decode import Format, Limits, open_document, sniff
 from watcher.pipeline.fetch import prepare_work_dir
 
@@ -196,3 +198,18 @@ def test_download_dirs_of_dead_daemons_are_removed_and_live_ones_kept(tmp_path: 
     assert (live / "watcher-y.pdf").exists()  # another live daemon's download is left alone
     assert sibling.exists() and not restarted.exists()
     assert mine.parent == root and mine.name.startswith(f"{os.getpid()}-") and mine.is_dir()
+
+
+# --- words of the configured languages (pipeline/words.py) -------------------------------------
+def test_words_tell_a_russian_text_from_a_foreign_ocr_of_it_and_from_look_alikes() -> None:
+    langs = words.languages("rus+eng")
+    assert langs == ("ru", "en")
+    text = "Поставщик обязуется передать товар в собственность покупателя в срок, а покупатель принять"
+    right = words.score(text, langs)
+    assert right.words == 9 and right.known == 1.0 and right.mixed == 0  # words of 3+ letters
+    foreign = words.score(rudocs.foreign_ocr(text), langs)
+    assert foreign.known < 0.3
+    alike = words.score("".join(rudocs.LOOKALIKE.get(c, c) for c in text), langs)
+    assert alike.mixed > 0.5 and alike.known < 0.3
+    assert words.score("Invoice for the delivery of goods under the contract", langs).known == 1.0
+    assert words.languages("chi_sim+jpn") == ()  # no word lists: layers are not judged by words

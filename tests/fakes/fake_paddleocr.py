@@ -13,6 +13,17 @@ colour of a page's top-left pixel (RGB):
     yellow (255, 255, 0)  raise ValueError, as the pipeline does on a bad input
     cyan (0, 255, 255)    raise a connection error, as its VLM client does when vLLM is down
 
+With FAKE_PADDLEOCR_SEND_BLOCKS=1 it also talks to the VLM server as the real pipeline
+does (PaddleX's paddleocr_vl pipeline and DocVLMGenAIClientPredictor): for the pages of
+one `predict` call it first "detects the layout" (FAKE_PADDLEOCR_LAYOUT_SECONDS per page,
+default 0), then sends every text and table block of all of them to
+`vl_rec_server_url`/chat/completions at once, at most `vl_rec_max_concurrency` at a time,
+one block crop per request (PNG; the "OCR:" or "Table Recognition:" prompt), and waits for
+them all before it answers: one wave of requests per call. FAKE_PADDLEOCR_BLOCKS sets the
+blocks per page (default 3: a title, a paragraph and a table). The block text is what the
+server answered. bench/vlm_utilisation.py --engine paddleocr-vl runs it against
+bench/gpu_sim.py.
+
 If FAKE_PADDLEOCR_LOG names a file, every call appends a JSON line there (the pipeline
 runs in a worker process, so the test reads what happened from the file).
 
@@ -26,13 +37,18 @@ reads its flags), and otherwise falls back to the CPU quietly, as PaddleX does.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 WARMUP_SIZE = (640, 200)
 _leaks: list[bytearray] = []
@@ -74,6 +90,19 @@ def _block(n: int, label: str, content: str, bbox: list[int]) -> dict[str, Any]:
             "block_id": n, "block_order": n + 1, "group_id": n}
 
 
+def _blocks(width: int, height: int) -> list[dict[str, Any]]:
+    count = int(os.environ.get("FAKE_PADDLEOCR_BLOCKS", "3"))
+    blocks = [_block(0, "doc_title", "Fake PaddleOCR-VL page", [40, 40, width - 40, 90]),
+              _block(1, "text", f"A page of {width}x{height} pixels.", [40, 120, width - 40, 160]),
+              _block(2, "table", "<table><tr><td>a</td><td>b</td></tr></table>",
+                     [40, 200, width - 40, 260])][:count]
+    row = max(1, (height - 300) // max(1, count))
+    for n in range(len(blocks), count):
+        top = min(height - 2, 280 + (n - 3) * row)
+        blocks.append(_block(n, "text", f"Paragraph {n}.", [40, top, width - 40, min(height, top + row)]))
+    return blocks
+
+
 def _misbehave(rgb: tuple[int, int, int]) -> None:
     if rgb == (255, 0, 0):
         time.sleep(3600)
@@ -107,24 +136,49 @@ class PaddleOCRVL:
                 )
             _log("device_fallback", device="cpu")  # PaddleX only logs a warning
 
-    def predict(self, input: list[np.ndarray]) -> list[FakeResult]:
-        _log("predict", pages=len(input))
-        out = []
+    def predict(self, input: list[np.ndarray], **kwargs: Any) -> list[FakeResult]:
+        _log("predict", pages=len(input), kwargs=kwargs)
+        pages = []
         for image in input:
             height, width = image.shape[:2]
             b, g, r = (int(v) for v in image[0, 0, :3])
             _misbehave((r, g, b))
             if (width, height) == WARMUP_SIZE:
-                out.append(FakeResult(_page(width, height, [
-                    _block(0, "text", "WATCHER WARMUP 2026", [40, 70, 520, 120])])))
-                continue
-            out.append(FakeResult(_page(width, height, [
-                _block(0, "doc_title", "Fake PaddleOCR-VL page", [40, 40, width - 40, 90]),
-                _block(1, "text", f"A page of {width}x{height} pixels.", [40, 120, width - 40, 160]),
-                _block(2, "table", "<table><tr><td>a</td><td>b</td></tr></table>",
-                       [40, 200, width - 40, 260]),
-            ])))
-        return out
+                pages.append(_page(width, height, [
+                    _block(0, "text", "WATCHER WARMUP 2026", [0, 0, width, height])]))
+            else:
+                pages.append(_page(width, height, _blocks(width, height)))
+        if os.environ.get("FAKE_PADDLEOCR_SEND_BLOCKS") == "1":
+            time.sleep(float(os.environ.get("FAKE_PADDLEOCR_LAYOUT_SECONDS", "0")) * len(input))
+            self._send_blocks(input, pages)
+        return [FakeResult(page) for page in pages]
+
+    def _send_blocks(self, images: list[np.ndarray], pages: list[dict[str, Any]]) -> None:
+        blocks = [(image, block) for image, page in zip(images, pages, strict=True)
+                  for block in page["parsing_res_list"]]
+        workers = int(self.kwargs.get("vl_rec_max_concurrency") or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            answers = list(pool.map(lambda item: self._ask(*item), blocks))
+        for (_image, block), text in zip(blocks, answers, strict=True):
+            block["block_content"] = text
+
+    def _ask(self, image: np.ndarray, block: dict[str, Any]) -> str:
+        x0, y0, x1, y1 = (int(v) for v in block["block_bbox"])
+        crop = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1, ::-1]))
+        with io.BytesIO() as buf:
+            crop.save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        prompt = "Table Recognition:" if block["block_label"] == "table" else "OCR:"
+        body = {"model": self.kwargs.get("vl_rec_api_model_name"), "temperature": 0,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": prompt}]}]}
+        request = urllib.request.Request(
+            str(self.kwargs["vl_rec_server_url"]).rstrip("/") + "/chat/completions",
+            data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.loads(response.read())
+        return str(answer["choices"][0]["message"]["content"])
 
     def restructure_pages(self, res_list: list[dict[str, Any]], merge_tables: bool = True,
                           relevel_titles: bool = True, concatenate_pages: bool = False) -> list[Any]:

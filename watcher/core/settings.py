@@ -172,7 +172,8 @@ class Settings(BaseSettings):
     page_concurrency: PositiveInt = Field(default=2, alias="WATCHER_PAGE_CONCURRENCY")
     """pages of one document in flight (and in memory) at once, at most"""
     engine_concurrency: PositiveInt = Field(default=1, alias="WATCHER_ENGINE_CONCURRENCY")
-    """engine worker processes for `cpu` and `paddleocr-vl` (CPU engine: each uses all cores)"""
+    """engine worker processes for `cpu` and `paddleocr-vl` (CPU engine: each uses all cores;
+    `paddleocr-vl`: one pipeline each, with its own layout model on the GPU)"""
     queue_size: PositiveInt = Field(default=1000, alias="WATCHER_QUEUE_SIZE")
     """discovered documents queued in memory; the rest wait for the next poll"""
     max_attempts: PositiveInt = Field(default=3, alias="WATCHER_MAX_ATTEMPTS")
@@ -280,8 +281,8 @@ class Settings(BaseSettings):
     """override the prompt text"""
     # An upper bound: the requests in flight adapt to the server (engines/capacity.py).
     vlm_max_concurrency: PositiveInt = Field(default=512, alias="WATCHER_VLM_MAX_CONCURRENCY")
-    """upper bound of the adaptive number of requests in flight to the VLM server (`openai-vlm`);
-    `paddleocr-vl` passes it to the pipeline as `vl_rec_max_concurrency`"""
+    """upper bound of the adaptive number of requests in flight to the VLM server; `paddleocr-vl`
+    shares it out between its pipelines as `vl_rec_max_concurrency`"""
     vlm_timeout: PositiveFloat = Field(default=120.0, alias="WATCHER_VLM_TIMEOUT")
     """seconds per request"""
     vlm_max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
@@ -444,6 +445,10 @@ class Settings(BaseSettings):
             self.page_concurrency = 8
         if "max_inflight_documents" not in self.model_fields_set:
             self.max_inflight_documents = self.vlm_max_concurrency
+        if self.engine is EngineName.PADDLEOCR_VL and "engine_concurrency" not in self.model_fields_set:
+            # One pipeline sends a call's blocks in one wave and then detects the next
+            # call's layout while the server idles; a second one fills that gap.
+            self.engine_concurrency = 2
         return self
 
     def secrets(self) -> list[str]:
@@ -468,6 +473,7 @@ _SHOWN_DEFAULTS = {
     "replica_id": "host name + random",
     "max_inflight_documents": "`2` (VLM engines: `WATCHER_VLM_MAX_CONCURRENCY`)",
     "page_concurrency": "`2` (VLM engines: `8`)",
+    "engine_concurrency": "`1` (`paddleocr-vl`: `2`)",
     "temp_dir": "system temp",
     "tessdata_dir": "Debian's tessdata",
     "vlm_model": f"`{PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]}` (the served name of "

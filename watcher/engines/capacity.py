@@ -11,7 +11,10 @@ The limit runs in one of two modes.
 **metrics** (while the server's gauges are fresh, polled from vLLM's `/metrics` by
 `poll_server_gauges`): the server says how many requests it runs and how many wait.
 Let Q = max(2, ceil(0.1 x running)) be the queue we want waiting at the server, about a
-tenth of a service round.
+tenth of a service round. (A client whose requests leave in waves, as PaddleOCR-VL's
+pipeline sends a call's blocks all at once and waits for them all, wants a deeper queue:
+one wave's worth, so that the server stays full while a worker is between calls. It
+sets `queue_share`, and says what it has in flight through `in_use`.)
 
 * waiting > Q: the queue is longer than wanted; limit = min(limit, ceil(running + Q)).
   It is idempotent, so gauges that lag while the server works through what we already
@@ -87,6 +90,7 @@ MIN_WINDOW = 4
 # there by a stale baseline must still be able to refresh it.
 BASELINE_LOAD_FLOOR = 4
 RECENT_WEIGHT = 0.7
+QUEUE_SHARE = 0.1
 ERROR_LOG_EVERY = 60.0
 
 
@@ -122,6 +126,8 @@ class AdaptiveLimit:
         timeout: float = 120.0,
         *,
         clock: Callable[[], float] = time.monotonic,
+        in_use: Callable[[], int] | None = None,
+        queue_share: float = QUEUE_SHARE,
     ) -> None:
         if lower < 1 or upper < lower:
             raise ValueError(f"need 1 <= lower <= upper, got lower={lower}, upper={upper}")
@@ -136,6 +142,12 @@ class AdaptiveLimit:
         self.baseline_latency: float | None = None
         self._baseline_load = 0
         self._clock = clock
+        # Requests of ours the server holds now. A client that sends them itself counts
+        # its slots; one whose requests leave from elsewhere (PaddleOCR-VL's pipeline in
+        # a worker process) says what it has in flight.
+        self._in_use = in_use or (lambda: self.inflight)
+        # The queue wanted at the server, as a share of what it runs (Q in the docstring).
+        self.queue_share = queue_share
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._gauges_at: float | None = None
         self._last_decrease = -math.inf
@@ -221,12 +233,12 @@ class AdaptiveLimit:
 
     def observe_server(self, running: float, waiting: float) -> None:
         self._gauges_at = self._clock()
-        queue = max(2, math.ceil(0.1 * running))
+        queue = max(2, math.ceil(self.queue_share * running))
         if waiting > queue:
             target = math.ceil(running + queue)
             if target < self.limit:
                 self._set_limit(target)
-        elif (waiting <= queue / 2 and self.inflight >= self.limit - 1 and self._may_grow()
+        elif (waiting <= queue / 2 and self._in_use() >= self.limit - 1 and self._may_grow()
               and not self._too_slow()):
             self._set_limit(max(self.limit + queue, math.ceil(self.limit * GROWTH)))
 

@@ -45,6 +45,42 @@ SURE_ORIENTATION_CONFIDENCE = 6.0
 MIN_SYMBOL_LINE_CONFIDENCE = 60.0
 
 
+# OSD names the script too (script_conf ~3-5 on a clean page of text). A page in a script
+# none of WATCHER_OCR_LANGUAGES writes comes out as confident noise in theirs: it is said,
+# and read with the script's language where its data is installed.
+MIN_SCRIPT_CONFIDENCE = 2.0
+# Tesseract languages by script; any other language is taken to be written in Latin.
+SCRIPT_OF_LANGUAGES = {
+    "Cyrillic": {"rus", "ukr", "bel", "bul", "srp", "mkd", "kaz", "kir", "tgk", "mon", "tat", "bak", "chv"},
+    "Greek": {"ell", "grc"},
+    "Han": {"chi_sim", "chi_tra", "chi_sim_vert", "chi_tra_vert", "jpn", "jpn_vert"},
+    "Japanese": {"jpn", "jpn_vert"},
+    "Korean": {"kor", "kor_vert"},
+    "Hangul": {"kor", "kor_vert"},
+    "Arabic": {"ara", "fas", "urd", "pus", "uig"},
+    "Hebrew": {"heb", "yid"},
+    "Devanagari": {"hin", "mar", "nep", "san"},
+    "Thai": {"tha"},
+    "Armenian": {"hye"},
+    "Georgian": {"kat", "kat_old"},
+}
+# The language that reads a script best when none configured does (its Debian package is
+# tesseract-ocr-<code with - for _>).
+READER_OF_SCRIPT = {
+    "Greek": "ell", "Han": "chi_sim", "Japanese": "jpn", "Korean": "kor", "Hangul": "kor",
+    "Arabic": "ara", "Hebrew": "heb", "Devanagari": "hin", "Thai": "tha", "Armenian": "hye",
+    "Georgian": "kat", "Cyrillic": "rus", "Latin": "eng",
+}
+
+
+def script_of(language: str) -> str:
+    return next((script for script, langs in SCRIPT_OF_LANGUAGES.items() if language in langs), "Latin")
+
+
+def debian_package(language: str) -> str:
+    return "tesseract-ocr-" + language.replace("_", "-").lower()
+
+
 class TessdataMissing(RuntimeError):
     pass
 
@@ -95,14 +131,19 @@ class CpuReader:
         self._tesserocr = tesserocr
         path = str(find_tessdata(languages, tessdata))
         self.languages = languages
+        self._path = path
         self._api = tesserocr.PyTessBaseAPI(path=path, lang=languages, psm=tesserocr.PSM.AUTO)
         self._osd = tesserocr.PyTessBaseAPI(path=path, lang="osd", psm=tesserocr.PSM.OSD_ONLY)
+        self._scripts = {script_of(lang) for lang in languages.split("+")}
+        self._other_readers: dict[str, Any] = {}
 
     def warm(self) -> None:
         check_warm_page(self.recognise(synthetic_page()))
 
     def recognise(self, page: RenderedPage) -> PageResult:
-        reading, rotation = self._upright(page.image)
+        found = self._detect(page.image)
+        api, warning = self._reader_for(page.index, found)
+        reading, rotation = self._upright(page.image, found, api)
         width, height = (page.height, page.width) if rotation in (90, 270) else (page.width, page.height)
         return PageResult(
             index=page.index,
@@ -111,19 +152,48 @@ class CpuReader:
             blocks=reading.blocks,
             markdown=reading.markdown,
             rotation=rotation,
+            warnings=[warning] if warning else [],
         )
 
-    def _upright(self, image: Image.Image) -> tuple[Reading, int]:
+    def _upright(self, image: Image.Image, found: dict[str, Any] | None, api: Any) -> tuple[Reading, int]:
         """The page read upright, and the rotation (degrees counter-clockwise) that did it."""
-        proposed, confidence = self._orientation(image)
+        proposed, confidence = _orientation(found)
         if not proposed:
-            return self._read(image), 0
+            return self._read(image, api), 0
         # PIL rotates counter-clockwise; OSD's angle is the one that rights the page.
-        turned = self._read(image.rotate(proposed, expand=True))
+        turned = self._read(image.rotate(proposed, expand=True), api)
         if confidence >= SURE_ORIENTATION_CONFIDENCE:
             return turned, proposed
-        as_is = self._read(image)
+        as_is = self._read(image, api)
         return (turned, proposed) if turned.weight >= as_is.weight else (as_is, 0)
+
+    def _reader_for(self, index: int, found: dict[str, Any] | None) -> tuple[Any, dict[str, str] | None]:
+        """The Tesseract to read the page with, and a warning when its script is not one
+        of the configured languages'."""
+        script = str((found or {}).get("script_name") or "")
+        confidence = float((found or {}).get("script_conf") or 0.0)
+        if (confidence < MIN_SCRIPT_CONFIDENCE or script in self._scripts
+                or script not in READER_OF_SCRIPT):
+            return self._api, None
+        language = READER_OF_SCRIPT[script]
+        reader = self._other_reader(language)
+        said = (f"page {index + 1}: the page is written in {script} script, which "
+                f"WATCHER_OCR_LANGUAGES={self.languages} does not cover; ")
+        if reader is not None:
+            said += (f"it was read with `{language}`; add it to WATCHER_OCR_LANGUAGES to read "
+                     "such pages always")
+        else:
+            said += (f"its text below is unreliable. Install the Debian package {debian_package(language)} "
+                     f"and add `{language}` to WATCHER_OCR_LANGUAGES")
+        return reader or self._api, {"code": "language_not_covered", "message": said}
+
+    def _other_reader(self, language: str) -> Any:
+        if language not in self._other_readers:
+            data = Path(self._path) / f"{language}.traineddata"
+            self._other_readers[language] = (
+                self._tesserocr.PyTessBaseAPI(path=self._path, lang=language, psm=self._tesserocr.PSM.AUTO)
+                if data.is_file() else None)
+        return self._other_readers[language]
 
     def recognise_pages(self, pages: list[RenderedPage]) -> list[PageResult]:
         return [self.recognise(page) for page in pages]
@@ -131,17 +201,14 @@ class CpuReader:
     def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
         return pages
 
-    def _orientation(self, image: Image.Image) -> tuple[int, float]:
+    def _detect(self, image: Image.Image) -> dict[str, Any] | None:
+        """Tesseract's orientation and script detection on the page."""
         self._osd.SetImage(image)
         found: dict[str, Any] | None = self._osd.DetectOrientationScript()
-        confidence = float(found.get("orient_conf", 0.0)) if found else 0.0
-        if not found or confidence < MIN_ORIENTATION_CONFIDENCE:
-            return 0, confidence
-        return int(found.get("orient_deg", 0)) % 360, confidence
+        return found
 
-    def _read(self, image: Image.Image) -> Reading:
+    def _read(self, image: Image.Image, api: Any) -> Reading:
         tess = self._tesserocr
-        api = self._api
         api.SetImage(image)
         api.Recognize()
         blocks: list[Block] = []
@@ -170,6 +237,13 @@ class CpuReader:
         for block in blocks:
             block.text = settle_scripts(block.text, page_script)
         return Reading(blocks, paragraphs_to_markdown(blocks), _mean_confidence(blocks))
+
+
+def _orientation(found: dict[str, Any] | None) -> tuple[int, float]:
+    confidence = float(found.get("orient_conf", 0.0)) if found else 0.0
+    if not found or confidence < MIN_ORIENTATION_CONFIDENCE:
+        return 0, confidence
+    return int(found.get("orient_deg", 0)) % 360, confidence
 
 
 # Letters drawn alike in Latin and Cyrillic. Tesseract with two scripts loaded picks

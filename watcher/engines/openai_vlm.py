@@ -16,6 +16,12 @@ because each needs a different answer:
 * other 4xx (the page is too large for the context, ...): a problem with this page; it
   counts as an engine crash, so the worker retries then records `engine_failed`.
 
+Answers are streamed, and a request whose output starts to loop (engines/repetition.py)
+is stopped there: closing the stream makes vLLM abort the request, so a loop costs a few
+hundred characters, not `max_tokens`. The page is asked once more with a repetition
+penalty; if it loops again, what was read before the loop is kept, with a
+`repetition_cut` warning.
+
 Output: with the `paddleocr-vl` preset the model answers Markdown/plain text without
 coordinates, so each paragraph becomes a `text` block whose bbox is the whole page.
 With `granite-docling` the answer is DocTags, whose elements carry locations on a
@@ -50,6 +56,7 @@ from watcher.engines import vlm_server
 from watcher.engines.base import Engine, EngineState, check_warm_page, synthetic_page
 from watcher.engines.capacity import AdaptiveLimit, poll_server_gauges
 from watcher.engines.doctags import doctags_page, text_page
+from watcher.engines.repetition import CHECK_EVERY, loop_cut
 
 log = get_logger("watcher.engine")
 
@@ -60,6 +67,8 @@ PRESET_PROMPTS = {
 
 # Statuses that mean "this deployment is misconfigured", not "this page is bad".
 _CONFIG_STATUSES = {401, 403, 404}
+# vLLM's sampling parameter, asked for when a page looped once (1.0 is none).
+REPETITION_PENALTY = 1.1
 
 
 class _Transient(Exception):
@@ -224,13 +233,27 @@ class OpenAIVlmEngine(Engine):
         image_b64 = await asyncio.to_thread(encode_png_b64, page.image)
         index, width, height = page.index, page.width, page.height
         del page  # hundreds of pages may wait on the server: keep their PNGs, not bitmaps
-        text = await self.complete(image_b64)
-        if self.preset == "granite-docling":
-            return doctags_page(index, width, height, text)
-        return text_page(index, width, height, text)
+        text, looped = await self.complete(image_b64)
+        warnings = []
+        if looped:
+            log.warning("vlm_output_looped", engine=self.name, page=index, kept_chars=len(text))
+            again, looped_again = await self.complete(image_b64, REPETITION_PENALTY)
+            if not looped_again:
+                text = again
+            else:
+                text = max(text, again, key=len)
+                warnings.append({"code": "repetition_cut", "message": (
+                    f"page {index + 1}: the VLM repeated itself in a loop, also when asked again "
+                    f"with a repetition penalty; the text read before the loop is kept "
+                    f"({len(text)} characters) and the rest of the page may be missing")})
+        page_result = (doctags_page(index, width, height, text) if self.preset == "granite-docling"
+                       else text_page(index, width, height, text))
+        page_result.warnings.extend(warnings)
+        return page_result
 
-    async def complete(self, image_b64: str) -> str:
-        payload = {
+    async def complete(self, image_b64: str, repetition_penalty: float | None = None) -> tuple[str, bool]:
+        """The page's text, and whether it was cut where the model started to loop."""
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": [{
                 "role": "user",
@@ -241,7 +264,10 @@ class OpenAIVlmEngine(Engine):
             }],
             "max_tokens": self.max_tokens,
             "temperature": 0,
+            "stream": True,
         }
+        if repetition_penalty is not None:
+            payload["repetition_penalty"] = repetition_penalty
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             # Full jitter: many pages failing together must not retry in lockstep.
@@ -253,21 +279,21 @@ class OpenAIVlmEngine(Engine):
         try:
             async for attempt in retrying:
                 with attempt:
-                    text = await self._post(payload)
+                    answer = await self._post(payload)
         except _Transient as exc:
             reason = (f"VLM server {self.url} still failing after {self.max_retries + 1} "
                       f"attempts: {exc}")
             self.mark_unavailable(reason)
             raise EngineUnavailable(reason) from exc
         self.mark_available()
-        return text
+        return answer
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         log.warning("vlm_request_retry", engine=self.name, attempt=state.attempt_number,
                     error=str(exc))
 
-    async def _post(self, payload: dict[str, Any]) -> str:
+    async def _post(self, payload: dict[str, Any]) -> tuple[str, bool]:
         session = self._http()
         headers = vlm_server.auth_headers(self.api_key)
         # The slot is held for the request only, never across a backoff sleep.
@@ -276,6 +302,9 @@ class OpenAIVlmEngine(Engine):
                 async with session.post(f"{self.url}/chat/completions", json=payload,
                                         headers=headers, timeout=self.request_timeout) as resp:
                     status = resp.status
+                    if status == 200 and resp.content_type == "text/event-stream":
+                        # Leaving the block closes the stream: vLLM aborts a loop there.
+                        return await _streamed(resp)
                     body = await resp.text()
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 self.requests.record_failure()
@@ -294,7 +323,8 @@ class OpenAIVlmEngine(Engine):
             content = data["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise VlmRequestRejected(f"unexpected answer from the VLM server: {body[:200]!r}") from exc
-        return str(content or "")
+        # A server that does not stream answers whole: a loop is cut after the fact.
+        return _cut(str(content or ""))
 
     def _config_failed(self, status: int, message: str) -> None:
         if status == 404:
@@ -308,3 +338,34 @@ class OpenAIVlmEngine(Engine):
         self.state = EngineState.FAILED
         self.error = error
         raise EngineUnavailable(error)
+
+
+async def _streamed(resp: aiohttp.ClientResponse) -> tuple[str, bool]:
+    """An OpenAI-style event stream read until it ends or its text starts to loop."""
+    parts: list[str] = []
+    size = checked = 0
+    async for raw in resp.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            break
+        try:
+            choice = json.loads(data)["choices"][0]
+            delta = str((choice.get("delta") or {}).get("content") or "")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise VlmRequestRejected(f"unexpected event from the VLM server: {data[:200]!r}") from exc
+        parts.append(delta)
+        size += len(delta)
+        if size - checked >= CHECK_EVERY:
+            checked = size
+            text, looped = _cut("".join(parts))
+            if looped:
+                return text, True
+    return _cut("".join(parts))
+
+
+def _cut(text: str) -> tuple[str, bool]:
+    at = loop_cut(text)
+    return (text, False) if at is None else (text[:at], True)

@@ -9,6 +9,17 @@ batch_pages`, so a 500-page PDF never sits in memory whole. When a document's la
 is back, `restructure_pages` runs over all of its pages' JSON: it merges tables that
 continue across pages and re-levels titles (PaddleX rebuilds its blocks from that JSON).
 
+How many pages go per call is steered from vLLM's gauges (`engines/capacity.py`): the
+pipeline sends every text, table and formula block of the pages it is given to the VLM
+at once (up to `vl_rec_max_concurrency`, WATCHER_VLM_MAX_CONCURRENCY split between the
+workers), so a call of B pages puts about B x (blocks per page) requests on the server.
+The engine keeps an `AdaptiveLimit` of requests that the server's running/waiting gauges
+steer exactly as for `openai-vlm`, learns the blocks per page from the pages it reads,
+and hands each worker ceil(limit / workers / blocks per page) pages per call (1..64), so
+that a 64- or a 256-slot server stays full while work waits (bench/vlm_utilisation.py
+--engine paddleocr-vl). Without gauges (a server with no /metrics) it keeps 4 pages per
+call, the fixed batch it always had.
+
 Paddle is heavy, native and absent from the base install: `paddleocr` is imported only
 inside the supervised worker processes (watcher/engines/supervisor.py), one pipeline
 per process, WATCHER_ENGINE_CONCURRENCY processes.
@@ -34,7 +45,7 @@ import importlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -45,6 +56,7 @@ from watcher.core.pages import Block, PageResult, RenderedPage
 from watcher.core.settings import Settings
 from watcher.engines import vlm_server
 from watcher.engines.base import check_warm_page, synthetic_page
+from watcher.engines.capacity import AdaptiveLimit, poll_server_gauges
 from watcher.engines.child import EngineMisconfigured, ReaderSpec
 from watcher.engines.supervisor import SupervisedEngine
 
@@ -55,6 +67,14 @@ FORMULA_LABELS = {"formula", "display_formula", "inline_formula"}
 _TITLE_LEVELS = {"doc_title": 1, "paragraph_title": 2}
 # Images carry no text; their crops are referenced by the pipeline's own Markdown only.
 _NO_MARKDOWN = {"image", "chart", "seal", "header_image", "footer_image", "number"}
+# Blocks the pipeline does not send to the VLM: PaddleX's IMAGE_LABELS, and charts and
+# seals, whose recognition we leave off (paddleocr_vl/pipeline.py, image_labels).
+NOT_SENT_TO_VLM = {"image", "header_image", "footer_image", "chart", "seal"}
+FIXED_BATCH_PAGES = 4
+MAX_BATCH_PAGES = 64
+# A guess for the first pages, before any was read: a page of running text.
+INITIAL_BLOCKS_PER_PAGE = 8.0
+BLOCKS_WEIGHT = 0.2
 
 
 # PaddleX (paddlex/utils/flags.py, read when paddlex is imported): with it true, a model
@@ -123,6 +143,14 @@ def pipeline_kwargs(settings: Settings) -> dict[str, Any]:
     if settings.vlm_api_key is not None:
         kwargs["vl_rec_api_key"] = settings.vlm_api_key.get_secret_value()
     return kwargs
+
+
+def predict_kwargs(settings: Settings) -> dict[str, Any]:
+    """Arguments of every `PaddleOCRVL.predict` call. A block whose reading loops stops at
+    `max_new_tokens` (WATCHER_VLM_MAX_TOKENS), and PaddleX then cuts the repeated tail off
+    itself (`truncate_repetitive_content`, in its paddleocr_vl pipeline): the limits its API
+    offers against repetition loops."""
+    return {"max_new_tokens": settings.vlm_max_tokens}
 
 
 def result_json(result: Any) -> dict[str, Any]:
@@ -254,9 +282,11 @@ class PaddleVlReader:
     labelled fake of the same interface.
     """
 
-    batch_pages = 4
+    batch_pages = FIXED_BATCH_PAGES
 
-    def __init__(self, pipeline_kwargs: dict[str, Any], factory: str = "paddleocr:PaddleOCRVL") -> None:
+    def __init__(self, pipeline_kwargs: dict[str, Any], factory: str = "paddleocr:PaddleOCRVL",
+                 predict_kwargs: dict[str, Any] | None = None) -> None:
+        self.predict_kwargs = predict_kwargs or {}
         module, _, attr = factory.partition(":")
         self.device = str(pipeline_kwargs.get("device") or "")
         pipeline_class = getattr(importlib.import_module(module), attr)  # heavy: paddle
@@ -274,7 +304,7 @@ class PaddleVlReader:
         images = [np.ascontiguousarray(np.asarray(page.image.convert("RGB"))[:, :, ::-1])
                   for page in pages]
         with layout_device_errors(self.device):  # in case a model is built lazily
-            results = list(self.pipeline.predict(images))
+            results = list(self.pipeline.predict(images, **self.predict_kwargs))
         if len(results) != len(pages):
             raise RuntimeError(f"PaddleOCR-VL returned {len(results)} results for {len(pages)} pages")
         return [_onto(page, result) for page, result in zip(pages, results, strict=True)]
@@ -298,6 +328,39 @@ class PaddleVlReader:
         return out
 
 
+class PageBatches:
+    """Pages per call, so that the blocks the pipeline sends fill the request limit.
+
+    `limit` is the engine's AdaptiveLimit; `in_flight` (its load) estimates the requests
+    the busy workers have at the server from the pages of their calls.
+    """
+
+    def __init__(self, workers: int, per_worker: int, upper: int, timeout: float) -> None:
+        self.workers = workers
+        self.per_worker = per_worker  # vl_rec_max_concurrency of each pipeline
+        self.blocks_per_page = INITIAL_BLOCKS_PER_PAGE
+        self.pages_in_calls: Callable[[], list[int]] = list
+        initial = math.ceil(workers * FIXED_BATCH_PAGES * INITIAL_BLOCKS_PER_PAGE)
+        # Each worker is between calls now and then (layout, the pipe, the next batch):
+        # a queue at the server of one worker's share keeps it full meanwhile.
+        self.limit = AdaptiveLimit(upper=upper, initial=initial, timeout=timeout,
+                                   in_use=self.in_flight, queue_share=1.0)
+
+    def observe(self, page: PageResult) -> None:
+        sent = sum(1 for block in page.blocks if block.type not in NOT_SENT_TO_VLM)
+        self.blocks_per_page += BLOCKS_WEIGHT * (max(1, sent) - self.blocks_per_page)
+
+    def size(self) -> int:
+        if self.limit.mode != "metrics":
+            return FIXED_BATCH_PAGES
+        share = self.limit.limit / self.workers
+        return min(MAX_BATCH_PAGES, max(1, math.ceil(share / self.blocks_per_page)))
+
+    def in_flight(self) -> int:
+        return sum(min(self.per_worker, math.ceil(pages * self.blocks_per_page))
+                   for pages in self.pages_in_calls())
+
+
 class PaddleOcrVlEngine(SupervisedEngine):
     structured = True
     uses_vlm_server = True
@@ -310,7 +373,8 @@ class PaddleOcrVlEngine(SupervisedEngine):
     ) -> None:
         super().__init__(
             ReaderSpec("watcher.engines.paddleocr_vl:PaddleVlReader",
-                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory},
+                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory,
+                        "predict_kwargs": predict_kwargs(settings)},
                        env=worker_env(settings)),
             name="paddleocr-vl",
             model=f"PaddleOCR-VL {settings.pipeline_version} ({settings.vlm_model} via vLLM)",
@@ -327,6 +391,29 @@ class PaddleOcrVlEngine(SupervisedEngine):
         self._session: aiohttp.ClientSession | None = None
         self._probe: asyncio.Task[None] | None = None
         self.api_key = settings.vlm_api_key.get_secret_value() if settings.vlm_api_key else None
+        self.batches = PageBatches(
+            workers=settings.engine_concurrency,
+            per_worker=pipeline_kwargs(settings)["vl_rec_max_concurrency"],
+            upper=settings.vlm_max_concurrency, timeout=settings.vlm_timeout)
+        self.batches.pages_in_calls = self.pages_in_calls
+        self._gauges: asyncio.Task[None] | None = None
+
+    def batch_limit(self) -> int:
+        return self.batches.size()
+
+    def request_limit(self) -> int:
+        return self.batches.limit.limit
+
+    def snapshot(self) -> dict[str, Any]:
+        limit = self.batches.limit
+        return {**super().snapshot(), "vlm_requests": {
+            "limit": limit.limit,
+            "upper_bound": limit.upper,
+            "inflight": self.batches.in_flight(),
+            "mode": limit.mode,
+            "pages_per_call": self.batches.size(),
+            "blocks_per_page": round(self.batches.blocks_per_page, 1),
+        }}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -339,6 +426,11 @@ class PaddleOcrVlEngine(SupervisedEngine):
             self._probe = asyncio.create_task(
                 vlm_server.probe_forever(self, session, self.url, self.probe_interval),
                 name="vlm-probe",
+            )
+        if self._gauges is None:
+            self._gauges = asyncio.create_task(
+                poll_server_gauges(self.batches.limit, session, self.url, api_key=self.api_key),
+                name="vlm-gauges",
             )
         # The workers' warm-up needs the VLM: wait for the server before starting them.
         await vlm_server.wait_for_health(session, self.url, self.settings.vlm_startup_timeout,
@@ -353,6 +445,7 @@ class PaddleOcrVlEngine(SupervisedEngine):
             await self._unless_server_down(exc)
             raise
         self.mark_available()
+        self.batches.observe(result)
         return result
 
     async def finish_document(self, pages: list[PageResult]) -> list[PageResult]:
@@ -373,6 +466,11 @@ class PaddleOcrVlEngine(SupervisedEngine):
             raise EngineUnavailable(reason) from exc
 
     async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
         await vlm_server.close_probe_and_session(self._probe, self._session)
         self._probe, self._session = None, None
         await super().close()

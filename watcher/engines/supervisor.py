@@ -26,8 +26,9 @@ module owns them:
   pages waiting are handed back as unavailable, uncharged. A warm-up that fails for any
   other reason (the VLM server late, a crash) is retried with backoff.
 
-Pages reach the workers through one queue; a worker takes up to `batch_pages` of them
-per call (PaddleOCR-VL predicts better in small batches). Nothing unbounded crosses the
+Pages reach the workers through one queue; a worker takes up to `batch_limit()` of them
+per call (a fixed `batch_pages`, or what the engine steers it to: PaddleOCR-VL's follows
+the VLM server's gauges). Nothing unbounded crosses the
 pipe: rendered pages go one batch at a time, results come back per batch.
 """
 
@@ -201,7 +202,15 @@ class SupervisedEngine(Engine):
 
     def pages_wanted(self) -> int:
         # Each worker busy with one batch and the next one rendered and waiting.
-        return len(self.workers) * (self.batch_pages + 1) * 2
+        return len(self.workers) * (self.batch_limit() + 1) * 2
+
+    def batch_limit(self) -> int:
+        """Pages a worker takes per call now; engines that steer it override this."""
+        return self.batch_pages
+
+    def pages_in_calls(self) -> list[int]:
+        """Pages of the call each busy worker is in now."""
+        return [len(w.batch) for w in self.workers if w.state is WorkerState.BUSY]
 
     def _needs_finish(self, pages: list[PageResult]) -> bool:
         """Readers without cross-page work skip the round trip; see PaddleOcrVlEngine."""
@@ -241,7 +250,7 @@ class SupervisedEngine(Engine):
         full calls per batch queued ahead of it per worker. Past it the page is handed
         back as unavailable (retried later, no attempt used)."""
         assert self._jobs is not None
-        ahead = self._jobs.qsize() / (self.batch_pages * len(self.workers))
+        ahead = self._jobs.qsize() / (self.batch_limit() * len(self.workers))
         return self.warm_timeout + self.timeout * 2 * (1 + ahead)
 
     async def _submit(self, op: str, payload: Any) -> Any:
@@ -271,18 +280,21 @@ class SupervisedEngine(Engine):
                 return job
 
     def _take_more(self, first: _Job, worker: _Worker) -> list[_Job]:
-        """`first` plus whatever pages are already queued, up to the batch size."""
+        """`first` plus whatever pages are already queued, up to the batch size. Calls
+        that go alone (a document's finish, a page retried alone) are not let cut the
+        batch short: the worker keeps them for its next calls."""
         assert self._jobs is not None
         batch = [first]
         if first.op != "pages" or first.solo:
             return batch
-        while len(batch) < self.batch_pages and not self._jobs.empty():
+        size = self.batch_limit()
+        while len(batch) < size and not self._jobs.empty():
             job = self._jobs.get_nowait()
             if job.future.done():
                 continue
             if job.op != "pages" or job.solo:
                 worker.carry.append(job)
-                break
+                continue
             batch.append(job)
         return batch
 

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,6 +30,7 @@ from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 
 from watcher.core.errors import DocumentError, ErrorCode, scrub
 from watcher.core.pages import RenderedPage
+from watcher.pipeline import repair
 
 if TYPE_CHECKING:
     from watcher.pipeline.textlayer import TextLayer
@@ -91,6 +92,8 @@ class Document:
 
     format: Format
     page_count: int
+    # What the document as a whole warns of (a PDF read from a repaired copy).
+    warnings: Sequence[dict[str, str]] = ()
 
     def render(self, index: int) -> RenderedPage:
         raise NotImplementedError
@@ -138,11 +141,40 @@ _PDFIUM_LOAD_ERRORS = {
 }
 
 
+def _load_repaired(path: Path, damage: DocumentError) -> tuple[pdfium.PdfDocument, str]:
+    """A PDF PDFium could not read, loaded from a repaired copy (pipeline/repair.py), and
+    how it was repaired; `damage` again when no repair helps."""
+    for fix, how in ((repair.with_qpdf, "rewritten by qpdf"),
+                     (repair.with_new_catalog, "given a new catalog over its pages")):
+        fixed = fix(path)
+        if fixed is None:
+            continue
+        try:
+            pdf = _load_pdf(fixed)
+        except DocumentError:
+            continue
+        finally:
+            # PDFium keeps the file open: the copy's space is freed when the document closes.
+            fixed.unlink(missing_ok=True)
+        return pdf, how
+    raise damage
+
+
 class PdfDocument(Document):
     def __init__(self, path: Path, limits: Limits) -> None:
         self.format = Format.PDF
         self.limits = limits
-        self.pdf = _load_pdf(path)
+        try:
+            self.pdf = _load_pdf(path)
+        except DocumentError as damage:
+            if damage.code is not ErrorCode.CORRUPT:
+                raise
+            self.pdf, how = _load_repaired(path, damage)
+            self.warnings = [{
+                "code": "repaired",
+                "message": f"{damage.message}; it was {how} and read from the repaired copy, "
+                "which may differ from what other readers show",
+            }]
         self.page_count = len(self.pdf)
 
     def _page(self, index: int) -> pdfium.PdfPage:

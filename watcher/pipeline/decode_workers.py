@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import resource
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class DecodeReader:
         self._forget_removed()
         doc = self._document(request)
         if request.op == "open":
-            return doc.format, doc.page_count
+            return doc.format, doc.page_count, doc.warnings
         if request.op == "render":
             return doc.render(request.index)
         if request.op == "text_layer":
@@ -109,6 +110,7 @@ class RemoteDocument(Document):
     request: DecodeRequest
     format: Format
     page_count: int
+    warnings: Sequence[dict[str, str]] = ()
 
     def close(self) -> None:
         pass
@@ -129,8 +131,8 @@ class ProcessDecoder(Decoder):
 
     async def open(self, path: Path, size: int, limits: Limits, key: str) -> Document:
         request = DecodeRequest("open", str(path), size, limits, key)
-        fmt, pages = await self._call(request)
-        return RemoteDocument(request, fmt, pages)
+        fmt, pages, warnings = await self._call(request)
+        return RemoteDocument(request, fmt, pages, warnings)
 
     async def render(self, doc: Document, index: int) -> RenderedPage:
         assert isinstance(doc, RemoteDocument)

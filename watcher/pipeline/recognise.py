@@ -4,9 +4,18 @@
 
 - `auto` (default): a PDF page whose text layer can be trusted (watcher/pipeline/textlayer.py) is
   taken from it, exactly and without rendering, when the engine reads plain text (`cpu`).
+  A layer whose words do not read as the configured languages (watcher/pipeline/words.py)
+  is doubtful: an earlier OCR's invisible text over a scan that has fewer than 70 % real
+  words, or any layer with fewer than 30 % or with Latin and Cyrillic letters mixed in
+  its words (a font mapped to the wrong letters). The engine then reads the page too, and
+  the reading with more real words wins; when it is the engine's, a
+  `text_layer_replaced` warning says why.
   The VLM engines read every page, because their layout, tables and formulas are what they
-  are for; a page where they find nothing although its text layer holds text (a font that
-  is not embedded renders blank) takes the text layer instead.
+  are for; where the page's text layer is trusted, their text blocks then take the exact
+  text of the layer lines inside their boxes (tables, formulas and figures keep the VLM's
+  reading; each block says which in `text_source`). A page where they find nothing
+  although its text layer holds text (a font that is not embedded renders blank) takes
+  the text layer instead.
 - `ocr`: every page goes to the engine.
 - `text`: PDF pages are never sent to the engine; their text layer is all there is.
   Images have no text layer and are always read by the engine.
@@ -31,10 +40,11 @@ from watcher.core.pages import PageResult
 from watcher.core.refs import ObjectRef
 from watcher.core.settings import Settings, TextLayerMode
 from watcher.engines.base import Engine
+from watcher.pipeline import words
 from watcher.pipeline.budget import PageBudget, Ticket
 from watcher.pipeline.checkpoint import Checkpoints
 from watcher.pipeline.decode import Decoder, Document, Limits
-from watcher.pipeline.textlayer import TextLayer
+from watcher.pipeline.textlayer import TextLayer, take_exact_text
 
 T = TypeVar("T")
 log = get_logger("watcher.pipeline.recognise")
@@ -59,11 +69,35 @@ async def engine_call(call: Awaitable[T]) -> T:
         raise EngineCrashed("error", f"{type(exc).__name__}: {exc}") from exc
 
 
+# When a text layer's words make it doubtful (see the module docstring).
+MIN_KNOWN_OCR_LAYER = 0.7
+MIN_KNOWN_LAYER = 0.3
+MAX_MIXED_WORDS = 0.1
+MIN_WORDS_TO_JUDGE = 8
+
+
+def is_doubtful(layer: TextLayer, found: words.WordScore) -> bool:
+    """Whether a trusted layer's words make it doubtful (see the module docstring)."""
+    if found.words < MIN_WORDS_TO_JUDGE:
+        return False
+    least = MIN_KNOWN_OCR_LAYER if layer.left_by_an_ocr else MIN_KNOWN_LAYER
+    return found.known < least or found.mixed > MAX_MIXED_WORDS
+
+
+def engine_reads_better(layer_score: words.WordScore, engine_score: words.WordScore) -> bool:
+    """The engine's reading replaces a doubtful layer only with more real words: on a tie
+    the layer, exact where it is right, stays."""
+    return engine_score.known > layer_score.known
+
+
 class Recogniser:
-    def __init__(self, decoder: Decoder, engine: Engine, mode: TextLayerMode) -> None:
+    def __init__(self, decoder: Decoder, engine: Engine, mode: TextLayerMode,
+                 ocr_languages: str = "rus+eng") -> None:
         self.decoder = decoder
         self.engine = engine
         self.mode = mode
+        self.languages = words.languages(ocr_languages)
+        self.language_names = ocr_languages
 
     async def page(self, doc: Document, index: int, timer: StageTimer) -> PageResult:
         """Page `index` read; a fault of the page itself is kept on the page."""
@@ -80,10 +114,15 @@ class Recogniser:
         layer: TextLayer | None = None
         text_first = self.mode is TextLayerMode.TEXT or (
             self.mode is TextLayerMode.AUTO and not self.engine.structured)
+        doubt: words.WordScore | None = None
         if text_first:
             layer = await self._text_layer(doc, index, timer)
-            if layer is not None and (self.mode is TextLayerMode.TEXT or layer.trusted):
+            if layer is not None and self.mode is TextLayerMode.TEXT:
                 return _from_layer(layer, "it is used as it is because WATCHER_TEXT_LAYER=text")
+            if layer is not None and layer.trusted:
+                doubt = await self._doubt(layer)
+                if doubt is None:
+                    return layer.result
         with timer.stage("decode"):
             rendered = await self.decoder.render(doc, index)
         call = engine_call(self.engine.recognise(rendered))
@@ -92,6 +131,10 @@ class Recogniser:
         with timer.stage("engine"):
             result = await call
         result.warnings[:0] = warnings
+        if doubt is not None and layer is not None:
+            return await self._better(layer, doubt, result)
+        if result.text.strip() and self.engine.structured and self.mode is TextLayerMode.AUTO:
+            await self._exact_text(doc, index, timer, result)
         if result.text.strip() or self.mode is TextLayerMode.OCR:
             return result
         # The engine saw nothing: a structured engine's page reads its text layer only now.
@@ -108,9 +151,54 @@ class Recogniser:
         }]
         return fallback
 
+    async def _exact_text(self, doc: Document, index: int, timer: StageTimer, read: PageResult) -> None:
+        """A VLM's text blocks take the exact text of a trusted layer (tables, formulas and
+        figures keep the VLM's reading): VLMs misread letters that a born-digital PDF has."""
+        layer = await self._text_layer(doc, index, timer)
+        if layer is None or not layer.trusted or await self._doubt(layer) is not None:
+            return
+        taken = take_exact_text(read, layer.result)
+        if taken:
+            log.info("text_from_layer", page=index, blocks=taken)
+
+    async def _doubt(self, layer: TextLayer) -> words.WordScore | None:
+        """The layer's word score when its words make it doubtful, else None."""
+        if not self.languages:
+            return None
+        found = await asyncio.to_thread(words.score, layer.result.text, self.languages)
+        return found if is_doubtful(layer, found) else None
+
+    async def _better(self, layer: TextLayer, doubt: words.WordScore, read: PageResult) -> PageResult:
+        """The doubtful layer or the engine's reading of the page, whichever has more real
+        words; the layer, exact where it is right, on a tie."""
+        engine_score = await asyncio.to_thread(words.score, read.text, self.languages)
+        index = layer.result.index
+        if not engine_reads_better(doubt, engine_score):
+            log.info("text_layer_kept", page=index, layer_words=round(doubt.known, 3),
+                     engine_words=round(engine_score.known, 3))
+            return layer.result
+        kind = ("left by an earlier OCR (invisible text over the scan)" if layer.left_by_an_ocr
+                else "of the PDF")
+        mixed = (f", and {round(100 * doubt.mixed)} % of them mix Latin and Cyrillic letters"
+                 if doubt.mixed > MAX_MIXED_WORDS else "")
+        read.warnings.append({
+            "code": "text_layer_replaced",
+            "message": f"page {index + 1}: the text layer {kind} has only {doubt.percent()} "
+            f"real words in {self.language_names}{mixed}; the engine's reading of the page, "
+            f"with {engine_score.percent()}, is used instead",
+        })
+        return read
+
     async def _text_layer(self, doc: Document, index: int, timer: StageTimer) -> TextLayer | None:
         with timer.stage("decode"):
             return await self.decoder.text_layer(doc, index)
+
+
+def _warn_of_document(doc: Document, pages: list[PageResult]) -> None:
+    """What the document as a whole warns of goes on its first page's warnings, once
+    (a page kept from an earlier attempt may carry it already)."""
+    first = pages[0]
+    first.warnings[:0] = [w for w in doc.warnings if w not in first.warnings]
 
 
 def _usable(layer: TextLayer) -> bool:
@@ -218,7 +306,7 @@ class DocumentReader:
         self.metrics = metrics
         self.page_concurrency = settings.page_concurrency
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
-        self.recogniser = Recogniser(decoder, engine, settings.text_layer)
+        self.recogniser = Recogniser(decoder, engine, settings.text_layer, settings.ocr_languages)
 
     def engine_id(self) -> dict[str, str]:
         return {"name": self.engine.name, "model": self.engine.model}
@@ -237,6 +325,7 @@ class DocumentReader:
             failure = unreadable(pages)
             if failure is not None:
                 raise failure
+            _warn_of_document(doc, pages)
             await plan.on_page(None)
             with timer.stage("engine"):
                 pages = await engine_call(self.engine.finish_document(pages))

@@ -34,6 +34,8 @@ MIN_PLAIN_SHARE = 0.85
 # A page whose pictures cover this much of it is a scan unless its text covers them.
 IMAGE_PAGE_SHARE = 0.5
 MIN_TEXT_OVER_IMAGES = 0.02
+# Text this share of which is invisible or on pictures was left by an OCR over a scan.
+HIDDEN_LAYER_SHARE = 0.5
 # Many more drawn paths than characters: text drawn as outlines (a CAD export, a logo page).
 PATHS_PER_CHAR = 3
 MIN_PATHS_SUSPECT = 500
@@ -44,6 +46,7 @@ class Char:
     text: str
     box: tuple[float, float, float, float] | None  # left, bottom, right, top in PDF points
     broken: bool
+    invisible: bool = False  # text render mode 3: drawn over a scan by an OCR, not shown
 
 
 @dataclass
@@ -55,6 +58,12 @@ class TextLayer:
     reason: str
     chars: int
     stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def left_by_an_ocr(self) -> bool:
+        """Most of its text is invisible or lies on pictures: an earlier OCR's reading of a
+        scan, as good as that OCR was, not the author's text."""
+        return self.stats.get("hidden_share", 0.0) >= HIDDEN_LAYER_SHARE
 
 
 def read_text_layer(page: pdfium.PdfPage, index: int, width: int, height: int) -> TextLayer:
@@ -109,12 +118,15 @@ def _chars(textpage: pdfium.PdfTextPage) -> list[Char]:
         else:
             text = chr(code) if 0 < code <= 0x10FFFF else "\ufffd"
         broken = bool(pdfium_c.FPDFText_HasUnicodeMapError(textpage, i))
+        obj = pdfium_c.FPDFText_GetTextObject(textpage, i)
+        invisible = bool(obj) and (pdfium_c.FPDFTextObj_GetTextRenderMode(obj)
+                                   == pdfium_c.FPDF_TEXTRENDERMODE_INVISIBLE)
         box = None
         if not text.isspace() and pdfium_c.FPDFText_GetCharBox(
             textpage, i, ctypes.byref(left), ctypes.byref(right), ctypes.byref(bottom), ctypes.byref(top)
         ):
             box = (left.value, bottom.value, right.value, top.value)
-        out.append(Char(text, box, broken))
+        out.append(Char(text, box, broken, invisible))
     return out
 
 
@@ -227,7 +239,8 @@ def _verdict(page: pdfium.PdfPage, visible: list[Char]) -> tuple[bool, str, dict
     images, paths = _drawn(page)
     page_area = max(page.get_width() * page.get_height(), 1.0)
     image_share = min(sum(_area(b) for b in images) / page_area, 1.0)
-    stats.update(image_share=round(image_share, 3), paths=len(paths))
+    hidden = sum(c.invisible or _on_picture(c, images) for c in visible) / count
+    stats.update(image_share=round(image_share, 3), paths=len(paths), hidden_share=round(hidden, 3))
     if image_share >= IMAGE_PAGE_SHARE:
         over = _text_over(visible, images) / max(sum(_area(b) for b in images), 1.0)
         stats["text_over_images"] = round(over, 3)
@@ -261,14 +274,63 @@ def _area(box: Box) -> float:
     return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
 
 
+def _on_picture(char: Char, images: list[Box]) -> bool:
+    if char.box is None:
+        return False
+    cx = (char.box[0] + char.box[2]) / 2
+    cy = (char.box[1] + char.box[3]) / 2
+    return any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in images)
+
+
 def _text_over(chars: list[Char], images: list[Box]) -> float:
     """The area of character boxes that lie on pictures (invisible OCR text over a scan)."""
-    total = 0.0
-    for char in chars:
-        if char.box is None:
+    return sum(_area(char.box) for char in chars if char.box is not None and _on_picture(char, images))
+
+
+# Blocks whose reading is the VLM's to give: structure the text layer does not have.
+ENGINE_READS = {"table", "otsl", "formula", "display_formula", "inline_formula", "image", "chart", "seal",
+                "header_image", "footer_image", "picture", "figure"}
+BOX_SLACK = 2.0  # pixels: a line's centre on a block's edge is still in it
+WHOLE_PAGE_SHARE = 0.9  # a block this big is the page: its model gave no location
+
+
+def take_exact_text(read: PageResult, layer: PageResult) -> int:
+    """The engine's text blocks take their text from the layer lines inside their boxes
+    (the layer is exact where it is trusted; the VLM may misread a letter); each block
+    records where its text came from in `text_source`. Returns how many blocks took it.
+    The engine's Markdown follows, block by block.
+
+    Each line goes to the smallest block its centre lies in; a line inside a table,
+    formula or figure is theirs, and they keep the engine's reading. Blocks that span the
+    whole page carry no location (a model that answers without coordinates) and keep the
+    engine's reading too."""
+    if read.rotation != layer.rotation or not layer.width or not layer.height:
+        return 0
+    sx, sy = read.width / layer.width, read.height / layer.height
+    page_area = max(read.width * read.height, 1)
+    located = [b for b in read.blocks if _box_area(b.bbox) < WHOLE_PAGE_SHARE * page_area]
+    owned: dict[int, list[str]] = {}
+    for line in layer.blocks:
+        cx = (line.bbox[0] + line.bbox[2]) / 2 * sx
+        cy = (line.bbox[1] + line.bbox[3]) / 2 * sy
+        inside = [b for b in located if b.bbox[0] - BOX_SLACK <= cx <= b.bbox[2] + BOX_SLACK
+                  and b.bbox[1] - BOX_SLACK <= cy <= b.bbox[3] + BOX_SLACK]
+        if inside:
+            owner = min(inside, key=lambda b: _box_area(b.bbox))
+            owned.setdefault(id(owner), []).append(line.text)
+    taken = 0
+    for block in read.blocks:
+        lines = owned.get(id(block))
+        if block.type in ENGINE_READS or not lines:
+            block.extra["text_source"] = "engine"
             continue
-        cx = (char.box[0] + char.box[2]) / 2
-        cy = (char.box[1] + char.box[3]) / 2
-        if any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in images):
-            total += _area(char.box)
-    return total
+        old, block.text = block.text, "\n".join(lines)
+        block.extra["text_source"] = "text_layer"
+        taken += 1
+        if old.strip() and old.strip() in read.markdown:
+            read.markdown = read.markdown.replace(old.strip(), block.text, 1)
+    return taken
+
+
+def _box_area(bbox: list[float]) -> float:
+    return max(bbox[2] - bbox[0], 0.0) * max(bbox[3] - bbox[1], 0.0)
