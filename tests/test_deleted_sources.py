@@ -58,15 +58,18 @@ async def test_results_outlive_their_deleted_source_by_default(weed: SeaweedS3, 
 async def test_results_of_deleted_sources_are_removed_on_request(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
-    results = upload(s3, bucket)
-    settings = make_settings(weed, bucket, results_of_deleted_sources="delete")
+    results = [*upload(s3, bucket), "output/gone.png.chunks.jsonl", "output/stays.png.chunks.jsonl"]
+    settings = make_settings(weed, bucket, results_of_deleted_sources="delete", chunks=True)
     async with daemon_running(settings):
         await wait_for_keys(s3, bucket, results)
         s3.delete_object(Bucket=bucket, Key="input/gone.png")
         # Missing from one listing is not enough; from two in a row it is.
         await eventually(lambda: not object_exists(s3, bucket, "output/gone.png.json"), 30,
                          "the result of the deleted source to be removed", every=0.3)
+        await eventually(lambda: not object_exists(s3, bucket, "output/gone.png.chunks.jsonl"), 30,
+                         "its chunks to be removed", every=0.3)
     assert not object_exists(s3, bucket, "output/gone.png.md")
+    assert object_exists(s3, bucket, "output/stays.png.chunks.jsonl")
     assert object_exists(s3, bucket, "output/stays.png.json")
     assert object_exists(s3, bucket, "output/stays.png.md")
     assert object_exists(s3, bucket, "output/notes.txt")  # not a result: never touched

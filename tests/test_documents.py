@@ -250,6 +250,14 @@ async def test_real_shaped_documents_through_the_daemon(weed: SeaweedS3, bucket:
 
     born = results["born-digital.pdf"]
     assert [p["text_source"] for p in born["pages"]] == ["text_layer", "text_layer"]
+    for page in born["pages"]:  # boxes that travel: the resolution, and shares of the page
+        assert page["dpi"] == 150
+        for block in page["blocks"]:
+            for share, pixels, side in zip(block["bbox_norm"], block["bbox"], ("width", "height") * 2,
+                                           strict=True):
+                assert abs(share * page[side] - pixels) < 0.01 * page[side]
+            assert block["kind"] == "paragraph" and block["id"].startswith(f"p{page['index'] + 1}-b")
+    assert results["blank.png"]["pages"][0]["dpi"] is None  # the PNG says no resolution
     assert rudocs.similarity(TRUTH, born["pages"][0]["markdown"]) == 1.0
     assert rudocs.similarity("\n".join(mixed), born["pages"][1]["markdown"]) == 1.0
 
@@ -386,7 +394,7 @@ def test_qpdf_rewrites_what_it_can_read_and_gives_up_on_the_rest(tmp_path: Path)
     rewritten = repair.with_qpdf(tmp_path / "xref.pdf")
     assert rewritten is not None
     copy = opened(tmp_path, rewritten.read_bytes(), "copy.pdf")
-    assert copy.page_count == 2 and copy.warnings == []
+    assert copy.page_count == 2 and not copy.warnings
     copy.close()
     # No page tree (qpdf finds none), a password, no PDF objects at all: nothing to rewrite.
     (tmp_path / "lost.pdf").write_bytes(rudocs.pdf_broken_page_tree([PAGE], "root_ref"))
@@ -438,3 +446,26 @@ def test_a_page_in_a_script_with_no_language_installed_says_which_package_reads_
     assert [w["code"] for w in result.warnings] == ["language_not_covered"]
     message = result.warnings[0]["message"]
     assert "Greek" in message and "tesseract-ocr-ell" in message and "`ell`" in message
+
+
+async def test_chunks_of_a_long_document_follow_its_pages_and_stay_within_size(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    pages = [PAGE, rudocs.MIXED_TEXT[0], PAGE]
+    s3.put_object(Bucket=bucket, Key="input/contract.pdf", Body=rudocs.ru_pdf(pages))
+    settings = make_settings(weed, bucket, render_dpi=150, chunks=True, chunk_tokens=120)
+    async with daemon_running(settings, CountingEngine()):
+        await wait_for_keys(s3, bucket, ["output/contract.pdf.json", "output/contract.pdf.chunks.jsonl"])
+    result = _json(s3, bucket, "output/contract.pdf.json")
+    body = s3.get_object(Bucket=bucket, Key="output/contract.pdf.chunks.jsonl")["Body"].read()
+    chunks = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+    blocks = {b["id"]: (p["index"], b) for p in result["pages"] for b in p["blocks"]}
+    assert all(c["tokens"] <= 120 for c in chunks)
+    # Every block's text is in exactly one chunk, in reading order, with its page and box.
+    assert [i for c in chunks for i in c["block_ids"]] == list(blocks)
+    for chunk in chunks:
+        for block_id, box in zip(chunk["block_ids"], chunk["boxes"], strict=True):
+            page, block = blocks[block_id]
+            assert box == {"page": page, "bbox_norm": block["bbox_norm"]} and page in chunk["pages"]
+            assert block["text"] in chunk["text"]
+    assert {p for c in chunks for p in c["pages"]} == {0, 1, 2}

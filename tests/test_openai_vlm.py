@@ -393,6 +393,8 @@ async def test_on_a_born_digital_page_text_blocks_take_the_layers_exact_text(
     page = result["pages"][0]
     text, table = page["blocks"]
     assert (text["text_source"], table["text_source"]) == ("text_layer", "engine")
+    assert (text["kind"], table["kind"]) == ("paragraph", "table")
+    assert (text["id"], table["id"]) == ("p1-b1", "p1-b2") and page["dpi"] == 150
     assert text["text"] == "\n".join(" ".join(line.split()) for line in lines[:2])
     assert table["type"] == "otsl" and "Сторона" in table["text"]  # the VLM's reading stays
     assert rudocs.foreign_ocr(lines[0]) not in result["markdown"]

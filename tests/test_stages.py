@@ -284,6 +284,29 @@ def test_a_commit_fences_writes_markdown_then_json_then_marks_done() -> None:
     run_virtual(main, clock)
 
 
+def test_chunks_are_written_before_the_json_and_removed_with_the_result() -> None:
+    clock = VirtualClock()
+
+    async def main() -> None:
+        store = MemoryS3()
+        parts = parts_for(store, clock)
+        etag = store.put("input/a.pdf", b"%PDF-1.7 v1")
+        ref = ObjectRef(BUCKET, "input/a.pdf", etag, 11)
+        publisher = Publisher(parts.storage, parts.names, parts.done, chunk_tokens=512)
+        lease = await parts.leases.acquire(ref)
+        assert isinstance(lease, Lease)
+        since = len(store.requests)
+        await publisher.result(ref, lease, b"{}", b"# a", b'{"id": "c1"}\n')
+        puts = [key for op, key in applied(store, "replica", since) if op == "put"]
+        assert puts.index("output/a.pdf.chunks.jsonl") < puts.index("output/a.pdf.json")
+        # The same version failing later (a repair run): its error record replaces all of it.
+        await publisher.error(ref, lease, {"error": {"code": "corrupt", "message": "x"}})
+        assert store.keys("output/") == ["output/a.pdf.error.json"]
+        await lease.finish()
+
+    run_virtual(main, clock)
+
+
 def test_a_commit_for_a_replaced_source_writes_nothing() -> None:
     clock = VirtualClock()
 

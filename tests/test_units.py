@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rudocs
@@ -17,12 +19,14 @@ from watcher.bucket.names import Names, shard_of
 from watcher.core.errors import DocumentError, ErrorCode
 from watcher.core.identity import INCARNATION
 from watcher.core.logs import REDACTED, SecretScrubber
-from watcher.core.pages import Block
+from watcher.core.pages import Block, PageResult
 from watcher.core.settings import SettingsError, load_settings
 from watcher.engines.cpu import paragraphs_to_markdown
 from watcher.pipeline import words
+from watcher.pipeline.chunks import chunks_of, to_jsonl
 from watcher.pipeline.decode import Format, Limits, open_document, sniff
 from watcher.pipeline.fetch import prepare_work_dir
+from watcher.pipeline.structure import normalised, structured_blocks
 
 LIMITS = Limits(max_pages=10, max_page_pixels=10_000_000, render_dpi=100)
 REQUIRED = {"s3_endpoint": "http://127.0.0.1:9", "s3_bucket": "docs",
@@ -112,6 +116,12 @@ def test_layout_keys_keep_the_relative_path() -> None:
     assert not names.is_document_key("input/folder/")
     assert not names.is_document_key("input/")
     assert names.is_document_key(key)
+    # A name whose result fits the store's 255-byte segments but whose chunks would not:
+    # refused only where chunks are written.
+    long_key = "input/" + "a" * 240 + ".pdf"
+    assert names.result_keys_fit(long_key)
+    assert not Names("input/", "output/", ".watcher/leases/", "done/", chunks=True).result_keys_fit(long_key)
+    assert names.sources_of("output/x.pdf.chunks.jsonl") == ["input/x.pdf"]
 
 
 def test_shards_are_stable_and_cover_every_key() -> None:
@@ -213,3 +223,69 @@ def test_words_tell_a_russian_text_from_a_foreign_ocr_of_it_and_from_look_alikes
     assert alike.mixed > 0.5 and alike.known < 0.3
     assert words.score("Invoice for the delivery of goods under the contract", langs).known == 1.0
     assert words.languages("chi_sim+jpn") == ()  # no word lists: layers are not judged by words
+
+
+# --- structure: kinds, ids, heading paths, boxes that travel (pipeline/structure.py) -----------
+def test_blocks_get_one_vocabulary_ids_and_heading_paths_across_pages() -> None:
+    def blocks(*labels: tuple[str, str]) -> list[Block]:
+        return [Block(label, [10.0 * n, 20.0, 10.0 * n + 50, 40.0], text)
+                for n, (label, text) in enumerate(labels)]
+
+    first = PageResult(index=0, width=200, height=100, markdown="", blocks=blocks(
+        ("doc_title", "Договор поставки"), ("paragraph_title", "1. Предмет договора"),
+        ("text", "Поставщик передаёт товар."), ("table", "<table/>")))
+    second = PageResult(index=1, width=200, height=100, markdown="", blocks=blocks(
+        ("header", "ООО «Север»"), ("text", "Покупатель оплачивает товар."),
+        ("section_header_level_1", "2. Цена"), ("picture", ""), ("number", "2")))
+    pages = structured_blocks([first, second])
+    assert [b["id"] for b in pages[1]] == ["p2-b1", "p2-b2", "p2-b3", "p2-b4", "p2-b5"]
+    assert [b["order"] for b in pages[1]] == [0, 1, 2, 3, 4]
+    assert [(b["kind"], b.get("level")) for b in pages[0]] == [
+        ("title", 1), ("heading", 2), ("paragraph", None), ("table", None)]
+    assert [b["kind"] for b in pages[1]] == ["header", "paragraph", "heading", "figure", "page_number"]
+    assert pages[1][0]["furniture"] and pages[1][4]["furniture"] and "furniture" not in pages[1][1]
+    # The paragraph at the top of page 2 is still in section 1; section 2 replaces it.
+    assert pages[0][0]["heading_path"] == []
+    assert pages[0][1]["heading_path"] == ["Договор поставки"]
+    assert pages[1][1]["heading_path"] == ["Договор поставки", "1. Предмет договора"]
+    assert pages[1][2]["heading_path"] == ["Договор поставки"]
+    assert pages[1][3]["heading_path"] == ["Договор поставки", "2. Цена"]
+    assert pages[1][4]["heading_path"] == ["Договор поставки", "2. Цена"]
+    assert pages[0][2]["bbox_norm"] == [0.1, 0.2, 0.35, 0.4]
+    assert normalised([0, 0, 300, 50], 200, 100) == [0.0, 0.0, 1.0, 0.5]  # clamped to the page
+    assert normalised([1, 2, 3, 4], 0, 0) == [0.0, 0.0, 0.0, 0.0]  # a page in error
+
+
+# --- chunks (pipeline/chunks.py) -----------------------------------------------------------------
+def test_chunks_keep_to_their_section_never_split_a_table_and_stay_within_size() -> None:
+    def block(n: int, kind: str, text: str, **more: Any) -> dict[str, Any]:
+        return {"id": f"p1-b{n}", "kind": kind, "text": text, "bbox_norm": [0, n / 10, 1, n / 10 + 0.05],
+                **more}
+    words = " ".join(f"слово{i}" for i in range(30))  # 30 tokens
+    result = {"pages": [
+        {"index": 0, "blocks": [
+            block(1, "header", "ООО «Север»", furniture=True, heading_path=[]),
+            block(2, "title", "Договор", level=1, heading_path=[]),
+            block(3, "paragraph", words, heading_path=["Договор"]),
+            block(4, "paragraph", words, heading_path=["Договор"]),
+            block(5, "paragraph", words, heading_path=["Договор"]),
+            block(6, "table", "Сторона Подпись " + words * 3, heading_path=["Договор"]),
+            block(7, "heading", "1. Цена", level=2, heading_path=["Договор"]),
+        ]},
+        {"index": 1, "blocks": [
+            {**block(1, "paragraph", "Цена 100 руб.", heading_path=["Договор", "1. Цена"]), "id": "p2-b1"},
+            {**block(2, "page_number", "2", furniture=True, heading_path=[]), "id": "p2-b2"},
+        ]},
+    ]}
+    chunks = chunks_of(result, max_tokens=64)
+    assert [c["block_ids"] for c in chunks] == [["p1-b3", "p1-b4"], ["p1-b5"], ["p1-b6"], ["p2-b1"]]
+    assert all(c["tokens"] <= 64 for c in chunks if "p1-b6" not in c["block_ids"])
+    assert chunks[2]["tokens"] > 64  # a table is never split, whatever its size
+    assert chunks[3]["heading_path"] == ["Договор", "1. Цена"] and chunks[3]["pages"] == [1]
+    assert chunks[3]["contextualized_text"] == "Договор > 1. Цена\n\nЦена 100 руб."
+    assert chunks[0]["boxes"] == [{"page": 0, "bbox_norm": [0, 3 / 10, 1, 3 / 10 + 0.05]},
+                                  {"page": 0, "bbox_norm": [0, 4 / 10, 1, 4 / 10 + 0.05]}]
+    assert [c["id"] for c in chunks] == ["c1", "c2", "c3", "c4"]
+    assert all("ООО" not in c["text"] for c in chunks)  # furniture is in no chunk
+    lines = to_jsonl(chunks).decode().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["c1", "c2", "c3", "c4"]

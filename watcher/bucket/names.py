@@ -30,12 +30,13 @@ class Names:
     output_prefix: str
     lease_prefix: str
     done_prefix: str
+    chunks: bool = False  # WATCHER_CHUNKS: results come with a chunks file, whose name must fit too
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Names:
         return cls(
             settings.input_prefix, settings.output_prefix, settings.lease_prefix,
-            settings.done_prefix,
+            settings.done_prefix, settings.chunks,
         )
 
     def relative(self, key: str) -> str:
@@ -50,6 +51,9 @@ class Names:
 
     def result_markdown(self, key: str) -> str:
         return f"{self.output_prefix}{self.relative(key)}.md"
+
+    def result_chunks(self, key: str) -> str:
+        return f"{self.output_prefix}{self.relative(key)}.chunks.jsonl"
 
     def error_json(self, key: str) -> str:
         return f"{self.output_prefix}{self.relative(key)}{ERROR_SUFFIX}.json"
@@ -89,7 +93,7 @@ class Names:
         (`y.png.error.json` is y.png's error record or y.png.error's result)."""
         rel = output_key[len(self.output_prefix):] if output_key.startswith(self.output_prefix) else ""
         return [f"{self.input_prefix}{rel[: -len(suffix)]}"
-                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md")
+                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md", ".chunks.jsonl")
                 if rel.endswith(suffix) and len(rel) > len(suffix)]
 
     @property
@@ -124,7 +128,10 @@ class Names:
         return f"{self.marker_dir(key)}{etag}{ERROR_MARKER if error else ''}"
 
     def result_keys_fit(self, key: str) -> bool:
-        return key_fits(self.result_json(key)) and key_fits(self.result_markdown(key))
+        names = [self.result_json(key), self.result_markdown(key)]
+        if self.chunks:
+            names.append(self.result_chunks(key))
+        return all(key_fits(name) for name in names)
 
     def done(self, key: str) -> str:
         return f"{self.done_prefix}{self.relative(key)}"

@@ -23,6 +23,9 @@ class RenderedPage:
     height: int
     # [{"code", "message"}]: what the decoder reported while making this image.
     warnings: list[dict[str, str]] = field(default_factory=list)
+    # Pixels per inch of the page as drawn (a PDF page's render scale; an image's own
+    # resolution when it says one); None when unknown.
+    dpi: float | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class PageResult:
     error: dict[str, str] | None = None
     # [{"code", "message"}]: damage the decoder reported, no text found, and so on.
     warnings: list[dict[str, str]] = field(default_factory=list)
+    # The resolution the boxes' pixels are at (RenderedPage.dpi); None when unknown.
+    dpi: float | None = None
 
     @property
     def text(self) -> str:

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     )
     """what happens to a result when its source is deleted: `keep` it, or `delete` it (seen
     missing on two listings in a row; only with `WATCHER_SOURCE_ACTION=keep`)"""
+    chunks: bool = Field(default=False, alias="WATCHER_CHUNKS")
+    """also write `<result>.chunks.jsonl`: chunks for vector databases (never across a heading, never
+    splitting a table)"""
+    chunk_tokens: Annotated[int, Field(ge=32, le=8192)] = Field(default=512, alias="WATCHER_CHUNK_TOKENS")
+    """the most tokens (words and punctuation marks) in a chunk"""
 
     # --- discovery and claims ---
     poll_interval: PositiveFloat = Field(default=5.0, alias="WATCHER_POLL_INTERVAL")

@@ -228,15 +228,17 @@ class PdfDocument(Document):
             bitmap.close()
         finally:
             page.close()
-        return RenderedPage(index, image, image.width, image.height, warnings)
+        return RenderedPage(index, image, image.width, image.height, warnings, dpi=round(scale * 72, 2))
 
     def text_layer(self, index: int) -> TextLayer | None:
         from watcher.pipeline.textlayer import read_text_layer  # it builds on the engine's types
 
         page = self._page(index)
         try:
-            _, width, height, _ = self._frame(page, index)
-            return read_text_layer(page, index, width, height)
+            scale, width, height, _ = self._frame(page, index)
+            layer = read_text_layer(page, index, width, height)
+            layer.result.dpi = round(scale * 72, 2)
+            return layer
         finally:
             page.close()
 
@@ -281,7 +283,7 @@ class ImageDocument(Document):
             ) from None
         reported = [{"code": "decoder_warning", "message": f"page {index + 1}: {scrub(message)}"}
                     for message in [*(str(w.message) for w in caught), *said]]
-        return RenderedPage(index, image, image.width, image.height, reported)
+        return RenderedPage(index, image, image.width, image.height, reported, dpi=_image_dpi(self.image))
 
     def close(self) -> None:
         self.image.close()
@@ -310,6 +312,16 @@ def native_stderr() -> Iterator[list[str]]:
                 os.write(2, said.encode("utf-8"))
             # libtiff starts with the file or function name: keep only the message.
             lines.extend(line.split(": ", 1)[-1] for line in said.splitlines() if line.strip())
+
+
+def _image_dpi(image: Image.Image) -> float | None:
+    """The resolution an image file says it has (JPEG, PNG, TIFF), if it says one."""
+    dpi: Any = image.info.get("dpi")
+    try:
+        value = float(dpi[0] if isinstance(dpi, tuple) else dpi)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return round(value, 2) if math.isfinite(value) and value > 1 else None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -83,7 +83,8 @@ class DocumentPipeline:
         self.budget = budget
         self.work_dir = work_dir
         self.claimer = Claimer(parts.leases, parts.done)
-        self.publisher = Publisher(parts.storage, parts.names, parts.done)
+        self.publisher = Publisher(parts.storage, parts.names, parts.done,
+                                   settings.chunk_tokens if settings.chunks else None)
         self._refused: BoundedSet[tuple[str, str]] = BoundedSet(REFUSED_REMEMBERED)
         self.isolation = Isolation()
 
@@ -246,10 +247,11 @@ class DocumentPipeline:
         if not lease.valid():
             raise LeaseLost(ref.key)
         with timer.stage("render"):
-            markdown, result = await asyncio.to_thread(
-                build_result, ref, self.reader.engine_id(), reading.format, reading.pages, timer.seconds)
+            markdown, result, chunks = await asyncio.to_thread(
+                build_result, ref, self.reader.engine_id(), reading.format, reading.pages,
+                timer.seconds, self.publisher.chunk_tokens)
         with timer.stage("publish"):
-            await self.publisher.result(ref, lease, result, markdown)
+            await self.publisher.result(ref, lease, result, markdown, chunks)
         if plan.alone or self.checkpoints.wanted(len(reading.pages)):
             await self.checkpoints.clear(ref)
         log.info("document_done", pages=len(reading.pages), outcome="done",

@@ -126,11 +126,12 @@ class Recogniser:
         with timer.stage("decode"):
             rendered = await self.decoder.render(doc, index)
         call = engine_call(self.engine.recognise(rendered))
-        warnings = rendered.warnings
+        warnings, dpi = rendered.warnings, rendered.dpi
         del rendered  # the engine decides how long the bitmap lives
         with timer.stage("engine"):
             result = await call
         result.warnings[:0] = warnings
+        result.dpi = dpi
         if doubt is not None and layer is not None:
             return await self._better(layer, doubt, result)
         if result.text.strip() and self.engine.structured and self.mode is TextLayerMode.AUTO:

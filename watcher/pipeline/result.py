@@ -12,8 +12,10 @@ from watcher import __version__
 from watcher.core.errors import ErrorCode, scrub
 from watcher.core.pages import PageResult
 from watcher.core.refs import ObjectRef
+from watcher.pipeline.chunks import chunks_of, to_jsonl
+from watcher.pipeline.structure import structured_blocks
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 ERROR_SCHEMA_VERSION = "1.1"
 
 
@@ -34,10 +36,11 @@ def source_fields(ref: ObjectRef) -> dict[str, Any]:
     return fields
 
 
-def _block(block: Any) -> dict[str, Any]:
+def _block(block: Any, structure: dict[str, Any]) -> dict[str, Any]:
     data = asdict(block)
     extra = data.pop("extra") or {}
     data.update(extra)
+    data.update(structure)
     return {k: v for k, v in data.items() if v is not None}
 
 
@@ -75,12 +78,13 @@ def result_of(
         "created_at": now(),
         "watcher_version": __version__,
     }
-    for page in pages:
+    for page, structure in zip(pages, structured_blocks(pages), strict=True):
         entry: dict[str, Any] = {
             "index": page.index,
             "width": page.width,
             "height": page.height,
-            "blocks": [_block(b) for b in page.blocks],
+            "dpi": page.dpi,
+            "blocks": [_block(b, s) for b, s in zip(page.blocks, structure, strict=True)],
             "markdown": page.markdown,
             "text_source": page.text_source,
             "rotation": page.rotation,
@@ -122,11 +126,17 @@ def build_result(
     doc_format: str,
     pages: list[PageResult],
     seconds: dict[str, float],
-) -> tuple[bytes, bytes]:
-    """Markdown and result JSON, encoded; CPU-bound for long documents, so run off the loop.
-    `render_seconds` is the time taken to put the Markdown together."""
+    chunk_tokens: int | None = None,
+) -> tuple[bytes, bytes, bytes | None]:
+    """Markdown, result JSON and (with `chunk_tokens`) chunks, encoded; CPU-bound for long
+    documents, so run off the loop. `render_seconds` is the time taken to put the Markdown
+    together."""
     started = time.perf_counter()
     markdown = markdown_of(pages)
     timings = {**timings_of(seconds), "render_seconds": time.perf_counter() - started}
     result = result_of(ref, engine, doc_format, pages, markdown, timings)
-    return markdown.encode("utf-8"), to_json_bytes(result)
+    return markdown.encode("utf-8"), to_json_bytes(result), chunks_bytes(result, chunk_tokens)
+
+
+def chunks_bytes(result: dict[str, Any], chunk_tokens: int | None) -> bytes | None:
+    return None if chunk_tokens is None else to_jsonl(chunks_of(result, chunk_tokens))
