@@ -58,8 +58,10 @@ async def test_results_outlive_their_deleted_source_by_default(weed: SeaweedS3, 
 async def test_results_of_deleted_sources_are_removed_on_request(
     weed: SeaweedS3, bucket: str, s3: Any
 ) -> None:
-    results = [*upload(s3, bucket), "output/gone.png.chunks.jsonl", "output/stays.png.chunks.jsonl"]
-    settings = make_settings(weed, bucket, results_of_deleted_sources="delete", chunks=True)
+    results = [*upload(s3, bucket), "output/gone.png.chunks.jsonl", "output/stays.png.chunks.jsonl",
+               "output/gone.png.docling.json"]
+    settings = make_settings(weed, bucket, results_of_deleted_sources="delete", chunks=True,
+                             outputs="docling")
     async with daemon_running(settings):
         await wait_for_keys(s3, bucket, results)
         s3.delete_object(Bucket=bucket, Key="input/gone.png")
@@ -69,6 +71,7 @@ async def test_results_of_deleted_sources_are_removed_on_request(
         await eventually(lambda: not object_exists(s3, bucket, "output/gone.png.chunks.jsonl"), 30,
                          "its chunks to be removed", every=0.3)
     assert not object_exists(s3, bucket, "output/gone.png.md")
+    assert not object_exists(s3, bucket, "output/gone.png.docling.json")
     assert object_exists(s3, bucket, "output/stays.png.chunks.jsonl")
     assert object_exists(s3, bucket, "output/stays.png.json")
     assert object_exists(s3, bucket, "output/stays.png.md")

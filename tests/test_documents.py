@@ -453,9 +453,10 @@ async def test_chunks_of_a_long_document_follow_its_pages_and_stay_within_size(
 ) -> None:
     pages = [PAGE, rudocs.MIXED_TEXT[0], PAGE]
     s3.put_object(Bucket=bucket, Key="input/contract.pdf", Body=rudocs.ru_pdf(pages))
-    settings = make_settings(weed, bucket, render_dpi=150, chunks=True, chunk_tokens=120)
+    settings = make_settings(weed, bucket, render_dpi=150, chunks=True, chunk_tokens=120, outputs="docling")
     async with daemon_running(settings, CountingEngine()):
-        await wait_for_keys(s3, bucket, ["output/contract.pdf.json", "output/contract.pdf.chunks.jsonl"])
+        await wait_for_keys(s3, bucket, ["output/contract.pdf.json", "output/contract.pdf.chunks.jsonl",
+                                         "output/contract.pdf.docling.json"])
     result = _json(s3, bucket, "output/contract.pdf.json")
     body = s3.get_object(Bucket=bucket, Key="output/contract.pdf.chunks.jsonl")["Body"].read()
     chunks = [json.loads(line) for line in body.decode("utf-8").splitlines()]
@@ -469,3 +470,18 @@ async def test_chunks_of_a_long_document_follow_its_pages_and_stay_within_size(
             assert box == {"page": page, "bbox_norm": block["bbox_norm"]} and page in chunk["pages"]
             assert block["text"] in chunk["text"]
     assert {p for c in chunks for p in c["pages"]} == {0, 1, 2}
+    # The Docling export loads with docling-core, and holds the same text on the same pages.
+    from docling_core.types.doc import DoclingDocument
+
+    exported = s3.get_object(Bucket=bucket, Key="output/contract.pdf.docling.json")["Body"].read()
+    docling = DoclingDocument.model_validate_json(exported)
+    assert sorted(docling.pages) == [1, 2, 3]
+    texts = [item.text for item in docling.texts]
+    assert texts == [b["text"] for p in result["pages"] for b in p["blocks"]]
+    for item in docling.texts:
+        (prov,) = item.prov
+        page = docling.pages[prov.page_no]
+        assert 0 <= prov.bbox.l < prov.bbox.r <= page.size.width + 1  # points, top-left origin
+        assert 0 <= prov.bbox.t < prov.bbox.b <= page.size.height + 1
+    assert abs(docling.pages[1].size.width - 595.3) < 1  # an A4 page, in points
+    assert " ".join(PAGE[0].split()) in docling.export_to_markdown()

@@ -385,9 +385,11 @@ async def test_on_a_born_digital_page_text_blocks_take_the_layers_exact_text(
                 f"<loc_{grid(265, height)}><fcel>Сторона<fcel>Подпись<nl></otsl></doctag>")
 
     fake.answer = misread
-    settings = vlm_settings(weed, bucket, fake, render_dpi=150, vlm_prompt_preset="granite-docling")
+    settings = vlm_settings(weed, bucket, fake, render_dpi=150, vlm_prompt_preset="granite-docling",
+                            chunks=True, outputs="docling")
     async with daemon_running(settings, create_engine(settings)):
-        await wait_for_keys(s3, bucket, ["output/contract.pdf.json"], timeout=90)
+        await wait_for_keys(s3, bucket, ["output/contract.pdf.json", "output/contract.pdf.docling.json",
+                                         "output/contract.pdf.chunks.jsonl"], timeout=90)
     result = load_json(s3, bucket, "output/contract.pdf.json")
     jsonschema.validate(result, SCHEMA)
     page = result["pages"][0]
@@ -400,6 +402,15 @@ async def test_on_a_born_digital_page_text_blocks_take_the_layers_exact_text(
     assert rudocs.foreign_ocr(lines[0]) not in result["markdown"]
     assert " ".join(lines[0].split()) in result["markdown"] and "Сторона" in result["markdown"]
     assert page["text_source"] == "ocr"  # the layout is the engine's
+    # The table is a chunk of its own, and a table in the Docling export.
+    body = s3.get_object(Bucket=bucket, Key="output/contract.pdf.chunks.jsonl")["Body"].read()
+    assert [c["block_ids"] for c in map(json.loads, body.decode().splitlines())] == [["p1-b1"], ["p1-b2"]]
+    from docling_core.types.doc import DoclingDocument
+
+    exported = s3.get_object(Bucket=bucket, Key="output/contract.pdf.docling.json")["Body"].read()
+    docling = DoclingDocument.model_validate_json(exported)
+    assert [item.text for item in docling.texts] == [text["text"]]
+    assert len(docling.tables) == 1 and docling.tables[0].data.num_rows >= 1
 
 
 @pytest.mark.parametrize("loops_again", [False, True])

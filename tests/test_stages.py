@@ -41,6 +41,7 @@ from watcher.pipeline.checkpoint import CHECKPOINT_MIN_PAGES, Checkpoints
 from watcher.pipeline.decode import Decoder, Document
 from watcher.pipeline.document import DocumentPipeline, Parts
 from watcher.pipeline.fate import Fate, classify
+from watcher.pipeline.outputs import outputs_of
 from watcher.pipeline.publish import Publisher, Superseded
 from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, Reading, ReadPlan, Recogniser, unreadable
 from watcher.pipeline.settle import Settled, settle
@@ -292,11 +293,11 @@ def test_chunks_are_written_before_the_json_and_removed_with_the_result() -> Non
         parts = parts_for(store, clock)
         etag = store.put("input/a.pdf", b"%PDF-1.7 v1")
         ref = ObjectRef(BUCKET, "input/a.pdf", etag, 11)
-        publisher = Publisher(parts.storage, parts.names, parts.done, chunk_tokens=512)
+        publisher = Publisher(parts.storage, parts.names, parts.done, outputs_of(settings(chunks=True)))
         lease = await parts.leases.acquire(ref)
         assert isinstance(lease, Lease)
         since = len(store.requests)
-        await publisher.result(ref, lease, b"{}", b"# a", b'{"id": "c1"}\n')
+        await publisher.result(ref, lease, b"{}", b"# a", {".chunks.jsonl": b'{"id": "c1"}\n'})
         puts = [key for op, key in applied(store, "replica", since) if op == "put"]
         assert puts.index("output/a.pdf.chunks.jsonl") < puts.index("output/a.pdf.json")
         # The same version failing later (a repair run): its error record replaces all of it.

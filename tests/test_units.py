@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from watcher.engines.cpu import paragraphs_to_markdown
 from watcher.pipeline import words
 from watcher.pipeline.chunks import chunks_of, to_jsonl
 from watcher.pipeline.decode import Format, Limits, open_document, sniff
+from watcher.pipeline.docling_export import docling_document
 from watcher.pipeline.fetch import prepare_work_dir
 from watcher.pipeline.structure import normalised, structured_blocks
 
@@ -120,7 +122,8 @@ def test_layout_keys_keep_the_relative_path() -> None:
     # refused only where chunks are written.
     long_key = "input/" + "a" * 240 + ".pdf"
     assert names.result_keys_fit(long_key)
-    assert not Names("input/", "output/", ".watcher/leases/", "done/", chunks=True).result_keys_fit(long_key)
+    with_chunks = Names("input/", "output/", ".watcher/leases/", "done/", extras=(".chunks.jsonl",))
+    assert not with_chunks.result_keys_fit(long_key)
     assert names.sources_of("output/x.pdf.chunks.jsonl") == ["input/x.pdf"]
 
 
@@ -289,3 +292,25 @@ def test_chunks_keep_to_their_section_never_split_a_table_and_stay_within_size()
     assert all("ООО" not in c["text"] for c in chunks)  # furniture is in no chunk
     lines = to_jsonl(chunks).decode().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["c1", "c2", "c3", "c4"]
+
+
+def test_a_docling_table_keeps_the_html_cells_and_their_spans() -> None:
+    block = {"kind": "table", "text": "x", "bbox": [0, 0, 10, 10],
+             "html": "<table><tr><th colspan=\"2\">Сторона</th></tr>"
+                     "<tr><td rowspan=2>ООО</td><td>1 &amp; 2</td></tr><tr><td>3</td></tr></table>"}
+    result = {"source": {"key": "input/a.pdf"}, "pages": [
+        {"index": 0, "width": 100, "height": 100, "dpi": 72, "blocks": [block]}]}
+    table = docling_document(result).tables[0].data
+    assert (table.num_rows, table.num_cols) == (3, 2)
+    cells = {(c.start_row_offset_idx, c.start_col_offset_idx): c for c in table.table_cells}
+    assert cells[(0, 0)].col_span == 2 and cells[(0, 0)].column_header
+    assert cells[(1, 0)].row_span == 2 and cells[(1, 1)].text == "1 & 2" and cells[(2, 1)].text == "3"
+
+
+def test_the_docling_output_needs_docling_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "docling_core" else real(name, *a))
+    with pytest.raises(SettingsError, match="docling"):
+        load_settings(s3_endpoint="http://x.invalid", s3_bucket="b", s3_access_key="a",
+                      s3_secret_key="s", outputs="docling")

@@ -24,19 +24,31 @@ def key_fits(key: str) -> bool:
     )
 
 
+CHUNKS_SUFFIX = ".chunks.jsonl"
+DOCLING_SUFFIX = ".docling.json"
+EXTRA_SUFFIXES = (CHUNKS_SUFFIX, DOCLING_SUFFIX)
+
+
+def extra_suffixes(settings: Settings) -> tuple[str, ...]:
+    """The files the settings ask for beside each result."""
+    return ((CHUNKS_SUFFIX,) if settings.chunks else ()) + (
+        (DOCLING_SUFFIX,) if "docling" in settings.output_formats() else ())
+
+
 @dataclass(frozen=True)
 class Names:
     input_prefix: str
     output_prefix: str
     lease_prefix: str
     done_prefix: str
-    chunks: bool = False  # WATCHER_CHUNKS: results come with a chunks file, whose name must fit too
+    # Files written beside each result (WATCHER_CHUNKS, WATCHER_OUTPUTS): their names must fit too.
+    extras: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Names:
         return cls(
             settings.input_prefix, settings.output_prefix, settings.lease_prefix,
-            settings.done_prefix, settings.chunks,
+            settings.done_prefix, extra_suffixes(settings),
         )
 
     def relative(self, key: str) -> str:
@@ -52,8 +64,9 @@ class Names:
     def result_markdown(self, key: str) -> str:
         return f"{self.output_prefix}{self.relative(key)}.md"
 
-    def result_chunks(self, key: str) -> str:
-        return f"{self.output_prefix}{self.relative(key)}.chunks.jsonl"
+    def result_extra(self, key: str, suffix: str) -> str:
+        """A file written beside the result (`.chunks.jsonl`, `.docling.json`)."""
+        return f"{self.output_prefix}{self.relative(key)}{suffix}"
 
     def error_json(self, key: str) -> str:
         return f"{self.output_prefix}{self.relative(key)}{ERROR_SUFFIX}.json"
@@ -93,7 +106,7 @@ class Names:
         (`y.png.error.json` is y.png's error record or y.png.error's result)."""
         rel = output_key[len(self.output_prefix):] if output_key.startswith(self.output_prefix) else ""
         return [f"{self.input_prefix}{rel[: -len(suffix)]}"
-                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md", ".chunks.jsonl")
+                for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md", *EXTRA_SUFFIXES)
                 if rel.endswith(suffix) and len(rel) > len(suffix)]
 
     @property
@@ -128,9 +141,8 @@ class Names:
         return f"{self.marker_dir(key)}{etag}{ERROR_MARKER if error else ''}"
 
     def result_keys_fit(self, key: str) -> bool:
-        names = [self.result_json(key), self.result_markdown(key)]
-        if self.chunks:
-            names.append(self.result_chunks(key))
+        names = [self.result_json(key), self.result_markdown(key),
+                 *(self.result_extra(key, suffix) for suffix in self.extras)]
         return all(key_fits(name) for name in names)
 
     def done(self, key: str) -> str:

@@ -7,6 +7,7 @@ value itself, because some of them are secrets.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -136,6 +137,10 @@ class Settings(BaseSettings):
     splitting a table)"""
     chunk_tokens: Annotated[int, Field(ge=32, le=8192)] = Field(default=512, alias="WATCHER_CHUNK_TOKENS")
     """the most tokens (words and punctuation marks) in a chunk"""
+    outputs: Annotated[str, Field(pattern=r"^\s*(docling)?(\s*,\s*docling)*\s*$")] = Field(
+        default="", alias="WATCHER_OUTPUTS")
+    """more formats beside each result, comma-separated: `docling` (`<result>.docling.json`, a
+    DoclingDocument; needs the `docling` extra)"""
 
     # --- discovery and claims ---
     poll_interval: PositiveFloat = Field(default=5.0, alias="WATCHER_POLL_INTERVAL")
@@ -456,6 +461,16 @@ class Settings(BaseSettings):
             self.engine_concurrency = 2
         return self
 
+    def output_formats(self) -> set[str]:
+        return {part.strip() for part in self.outputs.split(",") if part.strip()}
+
+    @model_validator(mode="after")
+    def _docling_installed(self) -> Settings:
+        if "docling" in self.output_formats() and importlib.util.find_spec("docling_core") is None:
+            raise ValueError("WATCHER_OUTPUTS=docling needs docling-core: install the watcher with "
+                             "its `docling` extra (pip install 'watcher[docling]'), or leave docling out")
+        return self
+
     def secrets(self) -> list[str]:
         """Values that must never reach logs, results or /health."""
         values = [self.s3_secret_key.get_secret_value(), self.s3_access_key.get_secret_value()]
@@ -479,6 +494,7 @@ _SHOWN_DEFAULTS = {
     "max_inflight_documents": "`2` (VLM engines: `WATCHER_VLM_MAX_CONCURRENCY`)",
     "page_concurrency": "`2` (VLM engines: `8`)",
     "engine_concurrency": "`1` (`paddleocr-vl`: `2`)",
+    "outputs": "none",
     "temp_dir": "system temp",
     "tessdata_dir": "Debian's tessdata",
     "vlm_model": f"`{PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]}` (the served name of "

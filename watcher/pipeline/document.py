@@ -41,6 +41,7 @@ from watcher.pipeline.decode import Decoder
 from watcher.pipeline.fate import Fate, classify
 from watcher.pipeline.fetch import fetch, prepare_work_dir
 from watcher.pipeline.isolation import Entry, Isolation
+from watcher.pipeline.outputs import outputs_of
 from watcher.pipeline.publish import Publisher, Superseded
 from watcher.pipeline.recognise import EVERYTHING_AT_ONCE, DocumentReader, Reader, ReadPlan
 from watcher.pipeline.result import build_result, error_record, timings_of
@@ -83,8 +84,7 @@ class DocumentPipeline:
         self.budget = budget
         self.work_dir = work_dir
         self.claimer = Claimer(parts.leases, parts.done)
-        self.publisher = Publisher(parts.storage, parts.names, parts.done,
-                                   settings.chunk_tokens if settings.chunks else None)
+        self.publisher = Publisher(parts.storage, parts.names, parts.done, outputs_of(settings))
         self._refused: BoundedSet[tuple[str, str]] = BoundedSet(REFUSED_REMEMBERED)
         self.isolation = Isolation()
 
@@ -247,11 +247,11 @@ class DocumentPipeline:
         if not lease.valid():
             raise LeaseLost(ref.key)
         with timer.stage("render"):
-            markdown, result, chunks = await asyncio.to_thread(
+            markdown, result, extras = await asyncio.to_thread(
                 build_result, ref, self.reader.engine_id(), reading.format, reading.pages,
-                timer.seconds, self.publisher.chunk_tokens)
+                timer.seconds, self.publisher.outputs)
         with timer.stage("publish"):
-            await self.publisher.result(ref, lease, result, markdown, chunks)
+            await self.publisher.result(ref, lease, result, markdown, extras)
         if plan.alone or self.checkpoints.wanted(len(reading.pages)):
             await self.checkpoints.clear(ref)
         log.info("document_done", pages=len(reading.pages), outcome="done",

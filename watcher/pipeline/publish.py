@@ -28,11 +28,11 @@ from watcher.bucket.leases import Lease, LeaseLost
 from watcher.bucket.names import SOURCE_ETAG_META, SOURCE_SHA256_META, Names
 from watcher.bucket.storage import PreconditionFailed, Storage
 from watcher.core.refs import ObjectRef, clean_etag
-from watcher.pipeline.result import chunks_bytes, now, source_fields, to_json_bytes
+from watcher.pipeline.outputs import Output, build_outputs
+from watcher.pipeline.result import now, source_fields, to_json_bytes
 
 JSON = "application/json; charset=utf-8"
 MARKDOWN = "text/markdown; charset=utf-8"
-JSONL = "application/jsonl; charset=utf-8"
 # Commits that found the output changed under them before giving up (for now).
 COMMIT_TRIES = 3
 
@@ -57,29 +57,30 @@ def _meta(ref: ObjectRef) -> dict[str, str]:
 
 class Publisher:
     def __init__(self, storage: Storage, names: Names, done: DoneMarkers,
-                 chunk_tokens: int | None = None) -> None:
+                 outputs: tuple[Output, ...] = ()) -> None:
         self.storage = storage
         self.names = names
         self.done = done
-        # WATCHER_CHUNKS: chunks are written with each result and removed with it. Off, the
-        # commit does not look for them (no request per document for a feature not used),
-        # so chunks written while it was on stay until their result is replaced with it on.
-        self.chunk_tokens = chunk_tokens
+        # Chunks and other formats are written with each result and removed with it. One not
+        # asked for is not looked for (no request per document for a feature not used), so
+        # files written while it was on stay until their result is replaced with it on.
+        self.outputs = outputs
 
     async def result(self, ref: ObjectRef, lease: Lease | None, result_json: bytes,
-                     markdown: bytes, chunks: bytes | None = None) -> None:
+                     markdown: bytes, extras: dict[str, bytes] | None = None) -> None:
         # Everything else is written before the JSON: once the JSON is there, all of it is.
         writes = [_Write(self.names.result_markdown(ref.key), markdown, MARKDOWN)]
-        if chunks is not None:
-            writes.append(_Write(self.names.result_chunks(ref.key), chunks, JSONL))
+        for output in self.outputs:
+            if extras and output.suffix in extras:
+                writes.append(_Write(self.names.result_extra(ref.key, output.suffix),
+                                     extras[output.suffix], output.content_type))
         writes.append(_Write(self.names.result_json(ref.key), result_json, JSON))
         # An earlier version's failure no longer describes this source.
         await self._commit(ref, lease, writes, [self.names.error_json(ref.key)])
 
     async def error(self, ref: ObjectRef, lease: Lease | None, record: dict[str, Any]) -> None:
         removes = [self.names.result_json(ref.key), self.names.result_markdown(ref.key)]
-        if self.chunk_tokens is not None:
-            removes.append(self.names.result_chunks(ref.key))
+        removes += [self.names.result_extra(ref.key, output.suffix) for output in self.outputs]
         if self.names.shadowed_by(ref.key) is not None and record["error"]["code"] == "name_collision":
             removes = []  # its result name belongs to the other source's error record: leave it
         await self._commit(ref, lease, [
@@ -106,7 +107,7 @@ class Publisher:
         result["source"] = source_fields(ref)
         result["reused"] = {"from_etag": previous, "at": now()}
         await self.result(ref, lease, to_json_bytes(result), markdown[0],
-                          chunks_bytes(result, self.chunk_tokens))
+                          build_outputs(self.outputs, result))
         return previous
 
     async def _commit(self, ref: ObjectRef, lease: Lease | None, writes: list[_Write],

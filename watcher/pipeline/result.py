@@ -12,7 +12,7 @@ from watcher import __version__
 from watcher.core.errors import ErrorCode, scrub
 from watcher.core.pages import PageResult
 from watcher.core.refs import ObjectRef
-from watcher.pipeline.chunks import chunks_of, to_jsonl
+from watcher.pipeline.outputs import Output, build_outputs
 from watcher.pipeline.structure import structured_blocks
 
 SCHEMA_VERSION = "1.2"
@@ -126,17 +126,13 @@ def build_result(
     doc_format: str,
     pages: list[PageResult],
     seconds: dict[str, float],
-    chunk_tokens: int | None = None,
-) -> tuple[bytes, bytes, bytes | None]:
-    """Markdown, result JSON and (with `chunk_tokens`) chunks, encoded; CPU-bound for long
+    outputs: tuple[Output, ...] = (),
+) -> tuple[bytes, bytes, dict[str, bytes]]:
+    """Markdown, result JSON and the `outputs` beside it, encoded; CPU-bound for long
     documents, so run off the loop. `render_seconds` is the time taken to put the Markdown
     together."""
     started = time.perf_counter()
     markdown = markdown_of(pages)
     timings = {**timings_of(seconds), "render_seconds": time.perf_counter() - started}
     result = result_of(ref, engine, doc_format, pages, markdown, timings)
-    return markdown.encode("utf-8"), to_json_bytes(result), chunks_bytes(result, chunk_tokens)
-
-
-def chunks_bytes(result: dict[str, Any], chunk_tokens: int | None) -> bytes | None:
-    return None if chunk_tokens is None else to_jsonl(chunks_of(result, chunk_tokens))
+    return markdown.encode("utf-8"), to_json_bytes(result), build_outputs(outputs, result)
