@@ -4,6 +4,7 @@ protocol fake of the vLLM server (tests/vlm_fake.py) that OCRs the pages it is s
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from importlib.resources import files
@@ -13,8 +14,9 @@ import aiohttp
 import jsonschema
 import pytest
 import rudocs
-from conftest import daemon_running, make_settings, wait_for_keys
+from conftest import daemon_running, make_settings, object_exists, wait_for_keys
 from docgen import make_image, make_pdf
+from PIL import Image
 from rapidfuzz import fuzz
 from vlm_fake import FakeVlmServer
 from waiting import eventually
@@ -439,3 +441,42 @@ async def test_a_looping_answer_is_cut_early_asked_again_and_warned_of(
         assert text.count("Сумма прописью") == 1  # one unit of the loop is kept
     else:
         assert result["warnings"] == [] and "Сумма прописью" not in text
+
+
+async def test_figures_are_written_beside_the_markdown_and_go_with_their_version(
+    weed: SeaweedS3, bucket: str, s3: Any, fake: FakeVlmServer
+) -> None:
+    lines = rudocs.RUSSIAN_TEXT[0][:3]
+    with_picture = True
+
+    def doctags(width: int, height: int) -> str:
+        # A text block over the first lines and, below it, a picture 400 x 300 pixels.
+        def grid(px: float, size: int) -> int:
+            return round(px / size * 500)
+        text = (f"<text><loc_{grid(40, width)}><loc_{grid(115, height)}><loc_{grid(width - 40, width)}>"
+                f"<loc_{grid(230, height)}>{' '.join(lines)}</text>")
+        picture = (f"<picture><loc_{grid(100, width)}><loc_{grid(400, height)}><loc_{grid(500, width)}>"
+                   f"<loc_{grid(700, height)}></picture>") if with_picture else ""
+        return f"<doctag>{text}{picture}</doctag>"
+
+    fake.answer = doctags
+    s3.put_object(Bucket=bucket, Key="input/deals/contract.pdf", Body=rudocs.ru_pdf([lines]))
+    settings = vlm_settings(weed, bucket, fake, render_dpi=150, vlm_prompt_preset="granite-docling")
+    asset = "output/deals/contract.pdf.assets/page-1-figure-1.png"
+    async with daemon_running(settings, create_engine(settings)):
+        await wait_for_keys(s3, bucket, ["output/deals/contract.pdf.json", asset], timeout=90)
+        result = load_json(s3, bucket, "output/deals/contract.pdf.json")
+        markdown = s3.get_object(Bucket=bucket, Key="output/deals/contract.pdf.md")["Body"].read().decode()
+        png = Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=asset)["Body"].read()))
+        # A new version without the picture: its result no longer has the old figure.
+        with_picture = False
+        s3.put_object(Bucket=bucket, Key="input/deals/contract.pdf", Body=rudocs.ru_pdf([lines[:2]]))
+        await eventually(lambda: not object_exists(s3, bucket, asset), 90,
+                         "the old version's figure to be removed", every=0.3)
+    jsonschema.validate(result, SCHEMA)
+    picture = result["pages"][0]["blocks"][1]
+    assert picture["kind"] == "figure" and picture["asset"] == "contract.pdf.assets/page-1-figure-1.png"
+    assert "](contract.pdf.assets/page-1-figure-1.png)" in markdown  # relative: beside the Markdown
+    assert abs(png.width - 400) <= 4 and abs(png.height - 300) <= 4  # cropped at the page's resolution
+    replaced = load_json(s3, bucket, "output/deals/contract.pdf.json")
+    assert [b["kind"] for b in replaced["pages"][0]["blocks"]] == ["paragraph"]

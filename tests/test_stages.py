@@ -300,6 +300,14 @@ def test_chunks_are_written_before_the_json_and_removed_with_the_result() -> Non
         await publisher.result(ref, lease, b"{}", b"# a", {".chunks.jsonl": b'{"id": "c1"}\n'})
         puts = [key for op, key in applied(store, "replica", since) if op == "put"]
         assert puts.index("output/a.pdf.chunks.jsonl") < puts.index("output/a.pdf.json")
+        # With figures: written first, and a version without them takes them away.
+        await publisher.result(ref, lease, b"{}", b"# a", {".chunks.jsonl": b""},
+                               {"page-1-figure-1.png": b"png1", "page-2-figure-1.png": b"png2"})
+        assert store.keys("output/a.pdf.assets/") == ["output/a.pdf.assets/page-1-figure-1.png",
+                                                      "output/a.pdf.assets/page-2-figure-1.png"]
+        await publisher.result(ref, lease, b"{}", b"# a", {".chunks.jsonl": b""},
+                               {"page-1-figure-1.png": b"png1"})
+        assert store.keys("output/a.pdf.assets/") == ["output/a.pdf.assets/page-1-figure-1.png"]
         # The same version failing later (a repair run): its error record replaces all of it.
         await publisher.error(ref, lease, {"error": {"code": "corrupt", "message": "x"}})
         assert store.keys("output/") == ["output/a.pdf.error.json"]

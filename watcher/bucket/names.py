@@ -9,6 +9,8 @@ from watcher.core.settings import Settings
 
 SOURCE_ETAG_META = "source-etag"  # x-amz-meta-source-etag on every result object
 SOURCE_SHA256_META = "source-sha256"  # the content's SHA-256, for re-pointing identical uploads
+ASSETS_META = "assets"  # on a result JSON: how many figure assets it has under <rel>.assets/
+ASSETS_DIR = ".assets/"
 # S3 caps keys at 1,024 bytes; filer-backed stores (SeaweedFS) also cap each "/" segment
 # at 255 bytes, answering KeyTooLongError.
 ERROR_SUFFIX = ".error"
@@ -64,6 +66,14 @@ class Names:
     def result_markdown(self, key: str) -> str:
         return f"{self.output_prefix}{self.relative(key)}.md"
 
+    def result_assets(self, key: str) -> str:
+        """The folder of the result's figures: `<output prefix><rel>.assets/`."""
+        return f"{self.output_prefix}{self.relative(key)}{ASSETS_DIR}"
+
+    def asset_folder(self, key: str) -> str:
+        """The same folder as the result's Markdown links it: beside it, by its name."""
+        return f"{self.relative(key).rsplit('/', 1)[-1]}{ASSETS_DIR.rstrip('/')}"
+
     def result_extra(self, key: str, suffix: str) -> str:
         """A file written beside the result (`.chunks.jsonl`, `.docling.json`)."""
         return f"{self.output_prefix}{self.relative(key)}{suffix}"
@@ -105,6 +115,8 @@ class Names:
         """The source keys whose result, Markdown or error record `output_key` may be
         (`y.png.error.json` is y.png's error record or y.png.error's result)."""
         rel = output_key[len(self.output_prefix):] if output_key.startswith(self.output_prefix) else ""
+        if ASSETS_DIR in rel:  # a figure of `<rel>.assets/...`
+            return [f"{self.input_prefix}{rel.rsplit(ASSETS_DIR, 1)[0]}"]
         return [f"{self.input_prefix}{rel[: -len(suffix)]}"
                 for suffix in (f"{ERROR_SUFFIX}.json", ".json", ".md", *EXTRA_SUFFIXES)
                 if rel.endswith(suffix) and len(rel) > len(suffix)]

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     )
     """what happens to a result when its source is deleted: `keep` it, or `delete` it (seen
     missing on two listings in a row; only with `WATCHER_SOURCE_ACTION=keep`)"""
+    assets: bool = Field(default=True, alias="WATCHER_ASSETS")
+    """write the figures a VLM engine finds (images, charts, seals) as PNGs under `<result>.assets/`,
+    linked from the Markdown"""
+    assets_max_mb: Annotated[int, Field(ge=1, le=4096)] = Field(default=64, alias="WATCHER_ASSETS_MAX_MB")
+    """the most figure assets one document writes, in MB"""
     chunks: bool = Field(default=False, alias="WATCHER_CHUNKS")
     """also write `<result>.chunks.jsonl`: chunks for vector databases (never across a heading, never
     splitting a table)"""

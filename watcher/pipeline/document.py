@@ -249,9 +249,9 @@ class DocumentPipeline:
         with timer.stage("render"):
             markdown, result, extras = await asyncio.to_thread(
                 build_result, ref, self.reader.engine_id(), reading.format, reading.pages,
-                timer.seconds, self.publisher.outputs)
+                timer.seconds, self.publisher.outputs, self.names.asset_folder(ref.key))
         with timer.stage("publish"):
-            await self.publisher.result(ref, lease, result, markdown, extras)
+            await self.publisher.result(ref, lease, result, markdown, extras, reading.assets)
         if plan.alone or self.checkpoints.wanted(len(reading.pages)):
             await self.checkpoints.clear(ref)
         log.info("document_done", pages=len(reading.pages), outcome="done",

@@ -25,7 +25,7 @@ from typing import Any
 
 from watcher.bucket.done import DoneMarkers
 from watcher.bucket.leases import Lease, LeaseLost
-from watcher.bucket.names import SOURCE_ETAG_META, SOURCE_SHA256_META, Names
+from watcher.bucket.names import ASSETS_META, SOURCE_ETAG_META, SOURCE_SHA256_META, Names
 from watcher.bucket.storage import PreconditionFailed, Storage
 from watcher.core.refs import ObjectRef, clean_etag
 from watcher.pipeline.outputs import Output, build_outputs
@@ -33,6 +33,7 @@ from watcher.pipeline.result import now, source_fields, to_json_bytes
 
 JSON = "application/json; charset=utf-8"
 MARKDOWN = "text/markdown; charset=utf-8"
+PNG = "image/png"
 # Commits that found the output changed under them before giving up (for now).
 COMMIT_TRIES = 3
 
@@ -46,10 +47,11 @@ class _Write:
     key: str
     body: bytes
     content_type: str
+    meta: tuple[tuple[str, str], ...] = ()
 
 
-def _meta(ref: ObjectRef) -> dict[str, str]:
-    meta = {SOURCE_ETAG_META: ref.etag}
+def _meta(ref: ObjectRef, write: _Write) -> dict[str, str]:
+    meta = {SOURCE_ETAG_META: ref.etag, **dict(write.meta)}
     if ref.sha256:
         meta[SOURCE_SHA256_META] = ref.sha256
     return meta
@@ -67,25 +69,41 @@ class Publisher:
         self.outputs = outputs
 
     async def result(self, ref: ObjectRef, lease: Lease | None, result_json: bytes,
-                     markdown: bytes, extras: dict[str, bytes] | None = None) -> None:
+                     markdown: bytes, extras: dict[str, bytes] | None = None,
+                     assets: dict[str, bytes] | None = None) -> None:
         # Everything else is written before the JSON: once the JSON is there, all of it is.
-        writes = [_Write(self.names.result_markdown(ref.key), markdown, MARKDOWN)]
+        folder = self.names.result_assets(ref.key)
+        assets = assets or {}
+        writes = [_Write(f"{folder}{name}", png, PNG) for name, png in sorted(assets.items())]
+        writes.append(_Write(self.names.result_markdown(ref.key), markdown, MARKDOWN))
         for output in self.outputs:
             if extras and output.suffix in extras:
                 writes.append(_Write(self.names.result_extra(ref.key, output.suffix),
                                      extras[output.suffix], output.content_type))
-        writes.append(_Write(self.names.result_json(ref.key), result_json, JSON))
-        # An earlier version's failure no longer describes this source.
-        await self._commit(ref, lease, writes, [self.names.error_json(ref.key)])
+        writes.append(_Write(self.names.result_json(ref.key), result_json, JSON,
+                             ((ASSETS_META, str(len(assets))),) if assets else ()))
+        # An earlier version's failure no longer describes this source, nor do figures of
+        # an earlier version that this one does not have.
+        stale = [key for key in await self._assets_of(ref) if key not in {w.key for w in writes}]
+        await self._commit(ref, lease, writes, [self.names.error_json(ref.key), *stale])
 
     async def error(self, ref: ObjectRef, lease: Lease | None, record: dict[str, Any]) -> None:
         removes = [self.names.result_json(ref.key), self.names.result_markdown(ref.key)]
         removes += [self.names.result_extra(ref.key, output.suffix) for output in self.outputs]
+        removes += await self._assets_of(ref)
         if self.names.shadowed_by(ref.key) is not None and record["error"]["code"] == "name_collision":
             removes = []  # its result name belongs to the other source's error record: leave it
         await self._commit(ref, lease, [
             _Write(self.names.error_json(ref.key), to_json_bytes(record), JSON),
         ], removes, error=True)
+
+    async def _assets_of(self, ref: ObjectRef) -> list[str]:
+        """The figure assets the current result has: listed only when its JSON says it has
+        some, so that documents without figures cost no listing."""
+        head = await self.storage.head(self.names.result_json(ref.key))
+        if not head or not head.get("Metadata", {}).get(ASSETS_META):
+            return []
+        return [item.key async for item in self.storage.list_objects(self.names.result_assets(ref.key))]
 
     async def repoint(self, ref: ObjectRef, lease: Lease, engine: dict[str, str]) -> str | None:
         """When the existing result was made from the same content (an upload of the same
@@ -96,6 +114,8 @@ class Publisher:
         meta = head.get("Metadata", {}) if head else {}
         if not ref.sha256 or meta.get(SOURCE_SHA256_META) != ref.sha256:
             return None
+        if meta.get(ASSETS_META):
+            return None  # its figures were cropped from the pages: read them again
         found = await self.storage.get_bytes(self.names.result_json(ref.key))
         markdown = await self.storage.get_bytes(self.names.result_markdown(ref.key))
         if found is None or markdown is None:
@@ -122,7 +142,7 @@ class Publisher:
             seen = {key: clean_etag(head["ETag"]) if head else None for key, head in heads.items()}
             try:
                 for w in writes:
-                    await self.storage.put(w.key, w.body, w.content_type, _meta(ref),
+                    await self.storage.put(w.key, w.body, w.content_type, _meta(ref, w),
                                            if_none_match=seen[w.key] is None, if_match=seen[w.key])
                 for key in removes:
                     if seen[key] is not None:

@@ -41,6 +41,7 @@ from watcher.core.refs import ObjectRef
 from watcher.core.settings import Settings, TextLayerMode
 from watcher.engines.base import Engine
 from watcher.pipeline import words
+from watcher.pipeline.assets import MB, crop_figures
 from watcher.pipeline.budget import PageBudget, Ticket
 from watcher.pipeline.checkpoint import Checkpoints
 from watcher.pipeline.decode import Decoder, Document, Limits
@@ -260,6 +261,7 @@ def unreadable(pages: list[PageResult]) -> DocumentError | None:
 class Reading:
     format: str
     pages: list[PageResult]
+    assets: dict[str, bytes] = field(default_factory=dict)  # figure PNGs by name (assets.py)
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,7 @@ class DocumentReader:
         self.page_concurrency = settings.page_concurrency
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
         self.recogniser = Recogniser(decoder, engine, settings.text_layer, settings.ocr_languages)
+        self.assets_max = settings.assets_max_mb * MB if settings.assets else None
 
     def engine_id(self) -> dict[str, str]:
         return {"name": self.engine.name, "model": self.engine.model}
@@ -321,6 +324,10 @@ class DocumentReader:
             try:
                 kept = await self.checkpoints.load(ref, doc.page_count, always=plan.alone)
                 pages = await self._pages(ref, doc, timer, kept, ticket, plan)
+                assets = {}
+                if self.assets_max is not None:
+                    with timer.stage("decode"):
+                        assets = await crop_figures(self.decoder, doc, pages, self.assets_max)
             finally:
                 await self.decoder.close(doc)
             failure = unreadable(pages)
@@ -330,7 +337,7 @@ class DocumentReader:
             await plan.on_page(None)
             with timer.stage("engine"):
                 pages = await engine_call(self.engine.finish_document(pages))
-        return Reading(doc.format.value, pages)
+        return Reading(doc.format.value, pages, assets)
 
     async def _pages(self, ref: ObjectRef, doc: Document, timer: StageTimer,
                      kept: dict[int, PageResult], ticket: Ticket, plan: ReadPlan) -> list[PageResult]:

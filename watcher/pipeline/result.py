@@ -12,6 +12,7 @@ from watcher import __version__
 from watcher.core.errors import ErrorCode, scrub
 from watcher.core.pages import PageResult
 from watcher.core.refs import ObjectRef
+from watcher.pipeline.assets import figures, linked
 from watcher.pipeline.outputs import Output, build_outputs
 from watcher.pipeline.structure import structured_blocks
 
@@ -127,11 +128,18 @@ def build_result(
     pages: list[PageResult],
     seconds: dict[str, float],
     outputs: tuple[Output, ...] = (),
+    asset_folder: str = "",
 ) -> tuple[bytes, bytes, dict[str, bytes]]:
     """Markdown, result JSON and the `outputs` beside it, encoded; CPU-bound for long
     documents, so run off the loop. `render_seconds` is the time taken to put the Markdown
-    together."""
+    together. Figure blocks with an asset (assets.py) are linked from the Markdown, and
+    their `asset` is its path from the result, in `asset_folder`."""
     started = time.perf_counter()
+    for page in pages:
+        for block in figures(page):
+            if block.extra.get("asset"):
+                block.extra["asset"] = f"{asset_folder}/{block.extra['asset']}"
+        page.markdown = linked(page.markdown, page.blocks)
     markdown = markdown_of(pages)
     timings = {**timings_of(seconds), "render_seconds": time.perf_counter() - started}
     result = result_of(ref, engine, doc_format, pages, markdown, timings)
