@@ -29,7 +29,7 @@ from watcher.pipeline.textlayer import TextLayer
 
 pytestmark = pytest.mark.e2e  # real OCR through the CPU engine
 
-RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v1.json").read_text())
+RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v2.json").read_text())
 LIMITS = Limits(max_pages=100, max_page_pixels=60_000_000, render_dpi=150)
 PAGE = rudocs.RUSSIAN_TEXT[0]
 TRUTH = "\n".join(PAGE)

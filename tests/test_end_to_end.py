@@ -23,7 +23,7 @@ from watcher.cli.embedded import SeaweedS3
 from watcher.intake.discovery import Discovery
 from watcher.service.daemon import Daemon
 
-SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
+SCHEMA = json.loads((files("watcher") / "schema" / "result-v2.json").read_text())
 
 PDF_PAGES = [
     ["QUARTERLY REPORT ALPHA", "Revenue grew strongly"],

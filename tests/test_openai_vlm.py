@@ -28,7 +28,7 @@ from watcher.engines.base import EngineState
 from watcher.engines.doctags import parse_doctags, text_page
 from watcher.engines.openai_vlm import REPETITION_PENALTY, OpenAIVlmEngine
 
-SCHEMA = json.loads((files("watcher") / "schema" / "result-v1.json").read_text())
+SCHEMA = json.loads((files("watcher") / "schema" / "result-v2.json").read_text())
 MODEL = PADDLEOCR_VL_MODELS[DEFAULT_PIPELINE_VERSION][0]
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,11 @@ def test_the_docling_output_needs_docling_core(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(SettingsError, match="docling"):
         load_settings(s3_endpoint="http://x.invalid", s3_bucket="b", s3_access_key="a",
                       s3_secret_key="s", outputs="docling")
+
+
+def test_the_published_schema_is_the_version_results_carry() -> None:
+    from watcher.pipeline.result import SCHEMA_VERSION
+
+    schema = json.loads((Path(__file__).parent.parent / "watcher/schema/result-v2.json").read_text())
+    assert schema["$id"] == "watcher.result/2" and SCHEMA_VERSION.startswith("2.")
+    assert re.fullmatch(schema["properties"]["schema_version"]["pattern"], SCHEMA_VERSION)

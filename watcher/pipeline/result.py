@@ -1,4 +1,4 @@
-"""Render: the result JSON (schema `watcher.result/1`), its Markdown, and error records."""
+"""Render: the result JSON (schema `watcher.result/2`), its Markdown, and error records."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from watcher.pipeline.assets import figures, linked
 from watcher.pipeline.outputs import Output, build_outputs
 from watcher.pipeline.structure import structured_blocks
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "2.0"
 ERROR_SCHEMA_VERSION = "1.1"
 
 
