@@ -312,6 +312,27 @@ def rotate_flag_pdf(pdf: bytes, degrees: int) -> bytes:
         doc.close()
 
 
+def photo(width: int = 400, height: int = 300, seed: int = 1) -> Image.Image:
+    """A picture with no text in it: smooth colour and grain, as a photograph has."""
+    rng = np.random.default_rng(seed)
+    x = np.broadcast_to(np.linspace(0, 1, width)[None, :, None], (height, width, 1))
+    y = np.broadcast_to(np.linspace(0, 1, height)[:, None, None], (height, width, 1))
+    base = np.concatenate([x * 200 + 30, y * 180 + 40, (1 - x) * 160 + 60], axis=2)
+    grain = rng.normal(0, 25, (height, width, 3))
+    return Image.fromarray(np.clip(base + grain, 0, 255).astype("uint8"), "RGB")
+
+
+def pdf_with_picture(lines: Sequence[str], dpi: int = 150) -> bytes:
+    """One A4 page: `lines` as real text (DejaVu, 12 pt) and, under them, `photo()` placed
+    at 400 x 300 pixels of a `dpi` rendering, its top-left 100 mm down and 40 mm in.
+    Ground truth: `lines`, and one figure."""
+    pdf = _fpdf("DejaVuSans.ttf", 12)
+    pdf.add_page()
+    _write_lines(pdf, lines, 12)
+    pdf.image(io.BytesIO(image_bytes(photo(), "PNG")), x=40, y=100, w=400 / dpi * 25.4, h=300 / dpi * 25.4)
+    return bytes(pdf.output())
+
+
 def pdf_mostly_image_with_caption(lines: Sequence[str], caption: str, seed: int = 0,
                                   dpi: int = 150) -> bytes:
     """One A4 page: `caption` as real text (DejaVu, 12 pt) at the top, and under it a degraded

@@ -6,6 +6,7 @@ Documents come from tests/rudocs.py with known text; OCR is the real CPU engine.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -485,3 +486,34 @@ async def test_chunks_of_a_long_document_follow_its_pages_and_stay_within_size(
         assert 0 <= prov.bbox.t < prov.bbox.b <= page.size.height + 1
     assert abs(docling.pages[1].size.width - 595.3) < 1  # an A4 page, in points
     assert " ".join(PAGE[0].split()) in docling.export_to_markdown()
+
+
+async def test_figures_on_scans_and_born_digital_pages_are_written_beside_the_markdown(
+    weed: SeaweedS3, bucket: str, s3: Any
+) -> None:
+    lines = PAGE[:6]
+    born = rudocs.pdf_with_picture(lines)
+    docs = {"born.pdf": born, "scan.pdf": rudocs.scan_pdf(rudocs.render_pages(born, 150))}
+    for name, body in docs.items():
+        s3.put_object(Bucket=bucket, Key=f"input/{name}", Body=body)
+    settings = make_settings(weed, bucket, render_dpi=150)
+    assets = [f"output/{name}.assets/page-1-figure-1.png" for name in docs]
+    async with daemon_running(settings, CountingEngine()):
+        await wait_for_keys(s3, bucket, [*(f"output/{n}.json" for n in docs), *assets])
+    for name in docs:
+        result = _json(s3, bucket, f"output/{name}.json")
+        jsonschema.validate(result, RESULT_SCHEMA)
+        (figure,) = [b for b in result["pages"][0]["blocks"] if b["kind"] == "figure"]
+        assert figure["asset"] == f"{name}.assets/page-1-figure-1.png"
+        markdown = s3.get_object(Bucket=bucket, Key=f"output/{name}.md")["Body"].read().decode()
+        assert f"]({name}.assets/page-1-figure-1.png)" in markdown
+        asset = s3.get_object(Bucket=bucket, Key=f"output/{name}.assets/page-1-figure-1.png")
+        png = Image.open(io.BytesIO(asset["Body"].read()))
+        if name == "born.pdf":  # the PDF says where its picture is
+            assert abs(png.width - 400) <= 12 and abs(png.height - 300) <= 12, png.size
+        else:  # Tesseract's layout analysis finds most of it
+            assert 0.5 <= png.width * png.height / (400 * 300) <= 1.1, png.size
+        # The text is all there, and the figure comes after it in reading order.
+        page_markdown = result["pages"][0]["markdown"]
+        assert rudocs.similarity("\n".join(lines), page_markdown.split("![")[0]) > 0.95
+    assert _json(s3, bucket, "output/born.pdf.json")["pages"][0]["text_source"] == "text_layer"

@@ -69,3 +69,15 @@ class PageResult:
     @property
     def text(self) -> str:
         return " ".join(b.text for b in self.blocks if b.text)
+
+
+def with_figures(blocks: list[Block], figures: list[Block]) -> list[Block]:
+    """`blocks` (in reading order) with `figures` put where they stand: each before the
+    first block that starts below its top. `order` follows the new sequence."""
+    out = list(blocks)
+    for figure in sorted(figures, key=lambda b: b.bbox[1]):
+        at = next((n for n, b in enumerate(out) if b.bbox[1] > figure.bbox[1]), len(out))
+        out.insert(at, figure)
+    for n, block in enumerate(out):
+        block.order = n
+    return out

@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from watcher.core.pages import Block, PageResult, RenderedPage
+from watcher.core.pages import Block, PageResult, RenderedPage, with_figures
 from watcher.engines.base import Engine, check_warm_page, synthetic_page
 
 DEFAULT_LANGUAGES = "rus+eng"
@@ -44,6 +44,10 @@ SURE_ORIENTATION_CONFIDENCE = 6.0
 # Lines Tesseract finds in pictures and noise: no letter or digit and little confidence.
 MIN_SYMBOL_LINE_CONFIDENCE = 60.0
 
+
+# Tesseract's block types (tesserocr.PT) for pictures: flowing, heading and pull-out images.
+_IMAGE_BLOCKS = {9, 10, 11}
+MIN_PICTURE_PIXELS = 32
 
 # OSD names the script too (script_conf ~3-5 on a clean page of text). A page in a script
 # none of WATCHER_OCR_LANGUAGES writes comes out as confident noise in theirs: it is said,
@@ -232,11 +236,24 @@ class CpuReader:
                 order=len(blocks),
                 extra={"paragraph": max(paragraph, 0)},
             ))
+        pictures = self._pictures(api)
         api.Clear()
         page_script = _majority(" ".join(b.text for b in blocks))
         for block in blocks:
             block.text = settle_scripts(block.text, page_script)
-        return Reading(blocks, paragraphs_to_markdown(blocks), _mean_confidence(blocks))
+        markdown, confidence = paragraphs_to_markdown(blocks), _mean_confidence(blocks)
+        return Reading(with_figures(blocks, pictures), markdown, confidence)
+
+    def _pictures(self, api: Any) -> list[Block]:
+        """The regions Tesseract's layout analysis calls images, as figure blocks."""
+        tess = self._tesserocr
+        found = []
+        for region in tess.iterate_level(api.GetIterator(), tess.RIL.BLOCK):
+            box = region.BoundingBox(tess.RIL.BLOCK)
+            if (box is not None and region.BlockType() in _IMAGE_BLOCKS
+                    and min(box[2] - box[0], box[3] - box[1]) >= MIN_PICTURE_PIXELS):
+                found.append(Block(type="image", bbox=[float(v) for v in box], text=""))
+        return found
 
 
 def _orientation(found: dict[str, Any] | None) -> tuple[int, float]:

@@ -1,5 +1,7 @@
-"""Figures beside the Markdown: the blocks an engine calls a figure (image, chart, seal,
-picture), cropped from the page at the resolution it was read at and written under
+"""Figures beside the Markdown: the blocks of kind `figure` (a VLM's image, chart, seal or
+picture; a born-digital page's pictures from its text layer; the image regions of
+Tesseract's layout analysis), cropped from the page at the resolution it was read at and
+written under
 `<result name>.assets/` (`page-3-figure-1.png`), so that a Markdown viewer opened on the
 output prefix shows them.
 

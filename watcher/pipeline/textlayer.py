@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from watcher.core.pages import Block, PageResult, TextSource
+from watcher.core.pages import Block, PageResult, TextSource, with_figures
 
 # number alone says nothing about what else is drawn there.
 MIN_CHARS = 32
@@ -34,6 +34,8 @@ MIN_PLAIN_SHARE = 0.85
 # A page whose pictures cover this much of it is a scan unless its text covers them.
 IMAGE_PAGE_SHARE = 0.5
 MIN_TEXT_OVER_IMAGES = 0.02
+# Pictures smaller than this on either side (at the render resolution) are not figures.
+MIN_PICTURE_PIXELS = 32
 # Text this share of which is invisible or on pictures was left by an OCR over a scan.
 HIDDEN_LAYER_SHARE = 0.5
 # Many more drawn paths than characters: text drawn as outlines (a CAD export, a logo page).
@@ -79,13 +81,16 @@ def read_text_layer(page: pdfium.PdfPage, index: int, width: int, height: int) -
     visible = [c for c in chars if not c.text.isspace()]
     if turns % 2:
         width, height = height, width
-    blocks = _blocks(chars, _PixelFrame(page, width, height, turns))
+    frame = _PixelFrame(page, width, height, turns)
+    blocks = _blocks(chars, frame)
+    drawn = _drawn(page)
     result = PageResult(
-        index=index, width=width, height=height, blocks=blocks,
+        index=index, width=width, height=height,
+        blocks=with_figures(blocks, _pictures(page, drawn[0], frame)),
         markdown=_markdown(blocks), text_source=TextSource.TEXT_LAYER.value,
         rotation=(360 - 90 * turns) % 360,
     )
-    trusted, reason, stats = _verdict(page, visible)
+    trusted, reason, stats = _verdict(page, visible, drawn)
     return TextLayer(result, trusted, reason, len(visible), stats)
 
 
@@ -220,7 +225,21 @@ def _is_plain(char: Char) -> bool:
     return category[0] in "LNP" or category in ("Sm", "Sc", "So", "Sk")
 
 
-def _verdict(page: pdfium.PdfPage, visible: list[Char]) -> tuple[bool, str, dict[str, float]]:
+def _pictures(page: pdfium.PdfPage, images: list[Box], frame: _PixelFrame) -> list[Block]:
+    """The page's pictures as figure blocks: not specks, and not a scan covering the page
+    (that is the page itself, not a figure on it)."""
+    page_area = max(page.get_width() * page.get_height(), 1.0)
+    out = []
+    for image in images:
+        bbox = frame.box(image)
+        if (_area(image) < IMAGE_PAGE_SHARE * page_area and bbox[2] - bbox[0] >= MIN_PICTURE_PIXELS
+                and bbox[3] - bbox[1] >= MIN_PICTURE_PIXELS):
+            out.append(Block(type="image", bbox=bbox, text=""))
+    return out
+
+
+def _verdict(page: pdfium.PdfPage, visible: list[Char],
+             drawn: tuple[list[Box], list[Box]]) -> tuple[bool, str, dict[str, float]]:
     count = len(visible)
     stats: dict[str, float] = {"chars": count}
     if count < MIN_CHARS:
@@ -236,7 +255,7 @@ def _verdict(page: pdfium.PdfPage, visible: list[Char]) -> tuple[bool, str, dict
     if latin1 > MAX_LATIN1_LETTER_SHARE:
         # Windows-1251 (or KOI8-R) bytes shown as Latin-1 letters: Russian with broken fonts.
         return False, "mojibake", stats
-    images, paths = _drawn(page)
+    images, paths = drawn
     page_area = max(page.get_width() * page.get_height(), 1.0)
     image_share = min(sum(_area(b) for b in images) / page_area, 1.0)
     hidden = sum(c.invisible or _on_picture(c, images) for c in visible) / count
@@ -311,6 +330,8 @@ def take_exact_text(read: PageResult, layer: PageResult) -> int:
     located = [b for b in read.blocks if _box_area(b.bbox) < WHOLE_PAGE_SHARE * page_area]
     owned: dict[int, list[str]] = {}
     for line in layer.blocks:
+        if not line.text:
+            continue  # a picture of the page, not a line of text
         cx = (line.bbox[0] + line.bbox[2]) / 2 * sx
         cy = (line.bbox[1] + line.bbox[3]) / 2 * sy
         inside = [b for b in located if b.bbox[0] - BOX_SLACK <= cx <= b.bbox[2] + BOX_SLACK
