@@ -20,12 +20,14 @@ from waiting import eventually
 
 from watcher.core.pages import Block, PageResult
 from watcher.engines.capacity import AdaptiveLimit, parse_vllm_gauges, poll_server_gauges
+from watcher.engines.child import ReaderSpec
 from watcher.engines.paddleocr_vl import (
     FIXED_BATCH_PAGES,
     INITIAL_BLOCKS_PER_PAGE,
     MAX_BATCH_PAGES,
     PageBatches,
 )
+from watcher.engines.supervisor import SupervisedEngine, _Job
 from watcher.service.http import serve_app
 
 
@@ -462,3 +464,23 @@ async def test_poller_feeds_the_gauges_and_falls_back_to_latency_mode(
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+
+
+async def test_a_worker_batch_is_not_cut_short_by_calls_that_go_alone() -> None:
+    # A document's finish call, or a page retried alone, between the pages of others: the
+    # worker keeps it for its next call and fills this one with pages.
+    engine = SupervisedEngine(ReaderSpec("unused:Reader"), name="batches", model="-", batch_pages=4)
+    engine._jobs = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def job(op: str, solo: bool = False) -> _Job:
+        return _Job(op, None, loop.create_future(), solo=solo)
+
+    first, finish, alone = job("pages"), job("finish"), job("pages", solo=True)
+    queued = [job("pages"), finish, job("pages"), alone, job("pages"), job("pages")]
+    for item in queued:
+        engine._jobs.put_nowait(item)
+    worker = engine.workers[0]
+    batch = engine._take_more(first, worker)
+    assert batch == [first, queued[0], queued[2], queued[4]]
+    assert worker.carry == [finish, alone] and engine._jobs.qsize() == 1

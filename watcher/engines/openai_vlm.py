@@ -352,8 +352,10 @@ async def _streamed(resp: aiohttp.ClientResponse) -> tuple[str, bool]:
         if data == "[DONE]":
             break
         try:
-            choice = json.loads(data)["choices"][0]
-            delta = str((choice.get("delta") or {}).get("content") or "")
+            choices = json.loads(data).get("choices")
+            if not choices:
+                continue  # a usage or keep-alive event: no text
+            delta = str((choices[0].get("delta") or {}).get("content") or "")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise VlmRequestRejected(f"unexpected event from the VLM server: {data[:200]!r}") from exc
         parts.append(delta)

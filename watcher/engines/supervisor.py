@@ -364,6 +364,10 @@ class SupervisedEngine(Engine):
         log.info("engine_worker_ready", engine=self.name, worker=worker.index, pid=worker.pid,
                  rss_mb=worker.rss_mb)
         reason, detail = await self._serve(worker)
+        # What it held back for its next calls goes to the other workers, not to wait for
+        # this one's warm-up.
+        carried, worker.carry = worker.carry, []
+        self._requeue(carried)
         # Only a worker recycled for memory is healthy enough to be asked to stop.
         await self._stop_process(worker, kill=reason != "memory")
         self._record_restart(worker, reason, detail)
