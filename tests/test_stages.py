@@ -257,17 +257,23 @@ def applied(store: MemoryS3, actor: str, since: int = 0) -> list[tuple[str, str]
 
 
 # --- publish: the order a commit writes in -------------------------------------------
+async def claimed(store: MemoryS3, parts: Parts) -> tuple[ObjectRef, Lease]:
+    """`input/a.pdf` uploaded, and this replica's lease on it."""
+    ref = ObjectRef(BUCKET, "input/a.pdf", store.put("input/a.pdf", b"%PDF-1.7 v1"), 11)
+    lease = await parts.leases.acquire(ref)
+    assert isinstance(lease, Lease)
+    return ref, lease
+
+
 def test_a_commit_fences_writes_markdown_then_json_then_marks_done() -> None:
     clock = VirtualClock()
 
     async def main() -> None:
         store = MemoryS3()
         parts = parts_for(store, clock)
-        etag = store.put("input/a.pdf", b"%PDF-1.7 v1")
-        ref = ObjectRef(BUCKET, "input/a.pdf", etag, 11)
         store.put("output/a.pdf.error.json", b"{}", metadata={SOURCE_ETAG_META: "old"})
-        lease = await parts.leases.acquire(ref)
-        assert isinstance(lease, Lease)
+        ref, lease = await claimed(store, parts)
+        etag = ref.etag
         since = len(store.requests)
         await Publisher(parts.storage, parts.names, parts.done).result(ref, lease, b"{}", b"# a")
         lease_key, marker = parts.names.lease(ref.key), parts.names.marker(ref.key, etag)
@@ -291,11 +297,8 @@ def test_chunks_are_written_before_the_json_and_removed_with_the_result() -> Non
     async def main() -> None:
         store = MemoryS3()
         parts = parts_for(store, clock)
-        etag = store.put("input/a.pdf", b"%PDF-1.7 v1")
-        ref = ObjectRef(BUCKET, "input/a.pdf", etag, 11)
         publisher = Publisher(parts.storage, parts.names, parts.done, outputs_of(settings(chunks=True)))
-        lease = await parts.leases.acquire(ref)
-        assert isinstance(lease, Lease)
+        ref, lease = await claimed(store, parts)
         since = len(store.requests)
         await publisher.result(ref, lease, b"{}", b"# a", {".chunks.jsonl": b'{"id": "c1"}\n'})
         puts = [key for op, key in applied(store, "replica", since) if op == "put"]

@@ -371,9 +371,10 @@ class PaddleOcrVlEngine(SupervisedEngine):
         pipeline_factory: str = "paddleocr:PaddleOCRVL",
         probe_interval: float = 2.0,
     ) -> None:
+        kwargs = pipeline_kwargs(settings)
         super().__init__(
             ReaderSpec("watcher.engines.paddleocr_vl:PaddleVlReader",
-                       {"pipeline_kwargs": pipeline_kwargs(settings), "factory": pipeline_factory,
+                       {"pipeline_kwargs": kwargs, "factory": pipeline_factory,
                         "predict_kwargs": predict_kwargs(settings)},
                        env=worker_env(settings)),
             name="paddleocr-vl",
@@ -393,7 +394,7 @@ class PaddleOcrVlEngine(SupervisedEngine):
         self.api_key = settings.vlm_api_key.get_secret_value() if settings.vlm_api_key else None
         self.batches = PageBatches(
             workers=settings.engine_concurrency,
-            per_worker=pipeline_kwargs(settings)["vl_rec_max_concurrency"],
+            per_worker=kwargs["vl_rec_max_concurrency"],
             upper=settings.vlm_max_concurrency, timeout=settings.vlm_timeout)
         self.batches.pages_in_calls = self.pages_in_calls
         self._gauges: asyncio.Task[None] | None = None

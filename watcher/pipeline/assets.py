@@ -23,13 +23,13 @@ from PIL import Image
 from watcher.core.errors import DocumentError
 from watcher.core.logs import get_logger
 from watcher.core.pages import Block, PageResult
+from watcher.core.settings import MiB
 from watcher.pipeline.decode import Decoder, Document
 from watcher.pipeline.structure import kind_of
 
 log = get_logger("watcher.pipeline.assets")
 
 MIN_SIDE = 8  # pixels: smaller "figures" are specks, not pictures
-MB = 1024 * 1024
 
 
 def figures(page: PageResult) -> list[Block]:
@@ -54,7 +54,7 @@ async def crop_figures(decoder: Decoder, doc: Document, pages: list[PageResult],
         for n, (block, png) in enumerate(crops, start=1):
             if total + len(png) > max_bytes:
                 page.warnings.append({"code": "assets_limited", "message": (
-                    f"page {page.index + 1}: figures past {max_bytes // MB} MB of this document's "
+                    f"page {page.index + 1}: figures past {max_bytes // MiB} MB of this document's "
                     "assets (WATCHER_ASSETS_MAX_MB) are not written")})
                 return assets
             name = f"page-{page.index + 1}-figure-{n}.png"

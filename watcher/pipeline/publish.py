@@ -28,10 +28,9 @@ from watcher.bucket.leases import Lease, LeaseLost
 from watcher.bucket.names import ASSETS_META, SOURCE_ETAG_META, SOURCE_SHA256_META, Names
 from watcher.bucket.storage import PreconditionFailed, Storage
 from watcher.core.refs import ObjectRef, clean_etag
-from watcher.pipeline.outputs import Output, build_outputs
+from watcher.pipeline.outputs import JSON, Output, build_outputs
 from watcher.pipeline.result import now, source_fields, to_json_bytes
 
-JSON = "application/json; charset=utf-8"
 MARKDOWN = "text/markdown; charset=utf-8"
 PNG = "image/png"
 # Commits that found the output changed under them before giving up (for now).
@@ -82,28 +81,31 @@ class Publisher:
                                      extras[output.suffix], output.content_type))
         writes.append(_Write(self.names.result_json(ref.key), result_json, JSON,
                              ((ASSETS_META, str(len(assets))),) if assets else ()))
-        # An earlier version's failure no longer describes this source, nor do figures of
-        # an earlier version that this one does not have.
-        stale = [key for key in await self._assets_of(ref) if key not in {w.key for w in writes}]
-        await self._commit(ref, lease, writes, [self.names.error_json(ref.key), *stale])
+        # An earlier version's failure no longer describes this source (nor do its figures
+        # that this version does not have: _commit).
+        await self._commit(ref, lease, writes, [self.names.error_json(ref.key)])
 
     async def error(self, ref: ObjectRef, lease: Lease | None, record: dict[str, Any]) -> None:
         removes = [self.names.result_json(ref.key), self.names.result_markdown(ref.key)]
         removes += [self.names.result_extra(ref.key, output.suffix) for output in self.outputs]
-        removes += await self._assets_of(ref)
         if self.names.shadowed_by(ref.key) is not None and record["error"]["code"] == "name_collision":
             removes = []  # its result name belongs to the other source's error record: leave it
         await self._commit(ref, lease, [
             _Write(self.names.error_json(ref.key), to_json_bytes(record), JSON),
         ], removes, error=True)
 
-    async def _assets_of(self, ref: ObjectRef) -> list[str]:
-        """The figure assets the current result has: listed only when its JSON says it has
-        some, so that documents without figures cost no listing."""
-        head = await self.storage.head(self.names.result_json(ref.key))
+    async def _stale_assets(self, ref: ObjectRef, heads: dict[str, dict[str, Any] | None],
+                            writes: list[_Write]) -> dict[str, dict[str, Any] | None]:
+        """The figures of the result this commit replaces or removes that it does not write
+        again, with their heads: listed only when that result's JSON (already looked at by
+        the commit) says it has some, so that documents without figures cost nothing."""
+        head = heads.get(self.names.result_json(ref.key))
         if not head or not head.get("Metadata", {}).get(ASSETS_META):
-            return []
-        return [item.key async for item in self.storage.list_objects(self.names.result_assets(ref.key))]
+            return {}
+        written = {w.key for w in writes}
+        return {item.key: await self.storage.head(item.key)
+                async for item in self.storage.list_objects(self.names.result_assets(ref.key))
+                if item.key not in written}
 
     async def repoint(self, ref: ObjectRef, lease: Lease, engine: dict[str, str]) -> str | None:
         """When the existing result was made from the same content (an upload of the same
@@ -139,12 +141,14 @@ class Publisher:
             if current != ref.etag:
                 raise Superseded(ref.key)
             heads = {key: await self.storage.head(key) for key in [*(w.key for w in writes), *removes]}
+            stale = await self._stale_assets(ref, heads, writes)
+            heads.update(stale)
             seen = {key: clean_etag(head["ETag"]) if head else None for key, head in heads.items()}
             try:
                 for w in writes:
                     await self.storage.put(w.key, w.body, w.content_type, _meta(ref, w),
                                            if_none_match=seen[w.key] is None, if_match=seen[w.key])
-                for key in removes:
+                for key in [*removes, *stale]:
                     if seen[key] is not None:
                         await self.storage.delete(key, if_match=seen[key])
             except PreconditionFailed:

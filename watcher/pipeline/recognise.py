@@ -38,10 +38,10 @@ from watcher.core.logs import get_logger
 from watcher.core.metrics import Metrics, StageTimer
 from watcher.core.pages import PageResult
 from watcher.core.refs import ObjectRef
-from watcher.core.settings import Settings, TextLayerMode
+from watcher.core.settings import MiB, Settings, TextLayerMode
 from watcher.engines.base import Engine
 from watcher.pipeline import words
-from watcher.pipeline.assets import MB, crop_figures
+from watcher.pipeline.assets import crop_figures
 from watcher.pipeline.budget import PageBudget, Ticket
 from watcher.pipeline.checkpoint import Checkpoints
 from watcher.pipeline.decode import Decoder, Document, Limits
@@ -310,7 +310,7 @@ class DocumentReader:
         self.page_concurrency = settings.page_concurrency
         self.limits = Limits(settings.max_pages, settings.max_page_pixels, settings.render_dpi)
         self.recogniser = Recogniser(decoder, engine, settings.text_layer, settings.ocr_languages)
-        self.assets_max = settings.assets_max_mb * MB if settings.assets else None
+        self.assets_max = settings.assets_max_mb * MiB if settings.assets else None
 
     def engine_id(self) -> dict[str, str]:
         return {"name": self.engine.name, "model": self.engine.model}
