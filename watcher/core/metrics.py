@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from watcher.core.progress import Progress
+
 STAGES = ("claim", "fetch", "decode", "engine", "render", "publish", "settle", "document")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -60,6 +62,62 @@ class Metrics:
             "watcher_engine_restarts", "Engine worker processes replaced, by reason.", ["reason"],
             registry=r,
         )
+        self.ready = Gauge(
+            "watcher_ready", "1 when /ready answers 200 (engine warm, S3 reachable, not draining).",
+            registry=r,
+        )
+        self.s3_reachable = Gauge(
+            "watcher_s3_reachable", "1 while the last S3 request of discovery succeeded.", registry=r
+        )
+        self.pickup_seconds = Histogram(
+            "watcher_pickup_seconds",
+            "From a source's Last-Modified to its first lease (clock skew clamped at 0).",
+            buckets=(*_BUCKETS, 1800, 3600, 7200), registry=r,
+        )
+        self.engine_workers = Gauge(
+            "watcher_engine_workers", "Engine worker processes, by state.", ["state"], registry=r
+        )
+        self.vlm_inflight = Gauge(
+            "watcher_vlm_requests_inflight", "Requests of this daemon in flight to the VLM server now.",
+            registry=r,
+        )
+        self.vlm_server_requests = Gauge(
+            "watcher_vlm_server_requests",
+            "The VLM server's own gauges, last read: requests running and waiting (all clients).",
+            ["state"], registry=r,
+        )
+        self.list_budget = Gauge(
+            "watcher_list_requests_per_second_budget",
+            "WATCHER_LIST_REQUESTS_PER_SECOND: the LIST rate discovery keeps under.", registry=r,
+        )
+        self.callbacks = Counter(
+            "watcher_callbacks", "Result callbacks, by how they ended (sent, failed, dropped).",
+            ["result"], registry=r,
+        )
+        self.notifications = Counter(
+            "watcher_notifications",
+            "S3 event notifications taken in, by source (webhook, sqs) and result.",
+            ["source", "result"], registry=r,
+        )
+        self.notification_source_up = Gauge(
+            "watcher_notification_source_up",
+            "1 while a notification source (sqs) answers, 0 after it failed.", ["source"], registry=r,
+        )
+        self.pages_in_progress = Gauge(
+            "watcher_document_pages",
+            "Pages of the documents being read now: `total` known so far and `done`.", ["state"],
+            registry=r,
+        )
+        self.documents_in_progress = Gauge(
+            "watcher_documents_in_progress", "Documents claimed and being read now.", registry=r
+        )
+        # Read at scrape time from the documents being read (core/progress.py).
+        self.progress = Progress()
+        self.pages_in_progress.labels("done").set_function(lambda: self.progress.pages()[0])
+        self.pages_in_progress.labels("total").set_function(lambda: self.progress.pages()[1])
+        self.documents_in_progress.set_function(lambda: len(self.progress))
+        for source, result in (("webhook", "accepted"), ("sqs", "received")):
+            self.notifications.labels(source, result)
         for reason in ("timeout", "crash", "memory"):
             self.engine_restarts.labels(reason)
         for outcome in ("done", "error", "skipped", "held", "retry", "refused"):
@@ -68,6 +126,10 @@ class Metrics:
             self.s3_requests.labels(op)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        for result in ("sent", "failed", "dropped"):
+            self.callbacks.labels(result)
+        for state in ("running", "waiting"):
+            self.vlm_server_requests.labels(state)
 
     def timer(self) -> StageTimer:
         """A stopwatch for one document's run."""

@@ -139,6 +139,8 @@ class AdaptiveLimit:
         # Gauges older than this count as gone; poll_server_gauges sets it to 3 intervals.
         self.stale_after = 1.5
         self.recent_latency: float | None = None
+        # The server's (running, waiting) as last read, shown on /health and /metrics.
+        self.server_gauges: tuple[float, float] | None = None
         self.baseline_latency: float | None = None
         self._baseline_load = 0
         self._clock = clock
@@ -152,6 +154,12 @@ class AdaptiveLimit:
         self._gauges_at: float | None = None
         self._last_decrease = -math.inf
         self._window = _Window(size=self._window_size())
+
+    def server_view(self) -> dict[str, float | None]:
+        """The server's queue as last read; None while its gauges are stale or absent."""
+        fresh = self.mode == "metrics" and self.server_gauges is not None
+        running, waiting = self.server_gauges if fresh and self.server_gauges else (None, None)
+        return {"server_running": running, "server_waiting": waiting}
 
     @property
     def mode(self) -> str:
@@ -233,6 +241,7 @@ class AdaptiveLimit:
 
     def observe_server(self, running: float, waiting: float) -> None:
         self._gauges_at = self._clock()
+        self.server_gauges = (running, waiting)
         queue = max(2, math.ceil(self.queue_share * running))
         if waiting > queue:
             target = math.ceil(running + queue)

@@ -225,6 +225,7 @@ class OpenAIVlmEngine(Engine):
             "upper_bound": self.requests.upper,
             "inflight": self.requests.inflight,
             "mode": self.requests.mode,
+            **self.requests.server_view(),
         }}
 
     # --- requests ------------------------------------------------------------------------

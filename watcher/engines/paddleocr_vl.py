@@ -412,6 +412,7 @@ class PaddleOcrVlEngine(SupervisedEngine):
             "upper_bound": limit.upper,
             "inflight": self.batches.in_flight(),
             "mode": limit.mode,
+            **limit.server_view(),
             "pages_per_call": self.batches.size(),
             "blocks_per_page": round(self.batches.blocks_per_page, 1),
         }}

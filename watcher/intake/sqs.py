@@ -76,7 +76,8 @@ class SqsSource:
     """Reads S3 notifications from an SQS queue and offers the documents they name."""
 
     def __init__(self, settings: Settings, queue: Offers, poke: Callable[[], None],
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 counted: Callable[[str], None] = lambda _result: None) -> None:
         if not settings.sqs_queue_url:
             raise ValueError("SqsSource needs WATCHER_SQS_QUEUE_URL")
         self.settings = settings
@@ -87,6 +88,7 @@ class SqsSource:
         self.intake = EventIntake(settings.s3_bucket, Names.from_settings(settings), queue.offer, poke)
         self.received = 0
         self.deleted = 0
+        self.counted = counted  # told "received" / "deleted" per message
         self.reachable: bool | None = None
         self.last_error: str | None = None
         self._in_progress: dict[str, _InProgress] = {}  # message id -> message
@@ -161,6 +163,7 @@ class SqsSource:
 
     def _take_guarded(self, message: dict[str, Any]) -> None:
         self.received += 1
+        self.counted("received")
         try:
             self._take(message)
         except Exception as exc:
@@ -243,6 +246,7 @@ class SqsSource:
             self._trouble("delete", exc)
             return
         self.deleted += 1
+        self.counted("deleted")
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         if self._client is None:  # not running (yet, or any more): the message comes back

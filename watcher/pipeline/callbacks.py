@@ -22,6 +22,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -51,7 +52,7 @@ class CallbackFailed(Exception):
 
 class Notifier:
     def __init__(self, url: str, secret: str | None, bucket: str, names: Names,
-                 max_wait: float = 60.0) -> None:
+                 max_wait: float = 60.0, counted: Callable[[str], None] = lambda _result: None) -> None:
         self.url = url
         self.secret = secret
         self.bucket = bucket
@@ -60,6 +61,8 @@ class Notifier:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self.sent = 0
         self.dropped = 0
+        # Told "sent", "failed" (attempts used up) or "dropped" (queue full) per callback.
+        self.counted = counted
 
     def ended(self, report: Report) -> None:
         """An outcome hook: results and error records are told; other outcomes are not."""
@@ -77,6 +80,7 @@ class Notifier:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.dropped += 1
+            self.counted("dropped")
             log.warning("callback_dropped", key=ref.key, reason="queue full")
 
     async def run(self) -> None:
@@ -99,10 +103,12 @@ class Notifier:
                     await self._post(http, body, self._headers(event["id"], body))
         except RetryError as exc:
             self.dropped += 1
+            self.counted("failed")
             log.warning("callback_failed", key=event["source"]["key"], attempts=ATTEMPTS,
                         error=str(exc.last_attempt.exception()))
             return
         self.sent += 1
+        self.counted("sent")
 
     def _headers(self, event_id: str, body: bytes) -> dict[str, str]:
         """Fresh for each attempt: its own timestamp, signed with the body."""

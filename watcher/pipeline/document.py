@@ -157,13 +157,17 @@ class DocumentPipeline:
         lease = claim.lease
         log.info("document_claimed", crashes=lease.crashes, alone=entry.alone or None,
                  blamed_pages=lease.blamed or None)
+        if ref.last_modified is not None and not lease.crashes:
+            waited = time.time() - ref.last_modified.timestamp()
+            self.metrics.pickup_seconds.observe(max(0.0, waited))
         plan = self._plan(lease, entry)
         if plan is None:
             # Every earlier attempt ended with its process: do not offer it another.
             return await self._give_up(ref, lease, ErrorCode.ENGINE_FAILED)
         try:
             await self._check_name_collision(ref)
-            report = await self._run(ref, lease, ticket, timer, plan)
+            with self.metrics.progress.reading(ref):
+                report = await self._run(ref, lease, ticket, timer, plan)
         except asyncio.CancelledError:
             await lease.release()  # drained: the next holder starts at once
             raise

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from watcher.core import progress
 from watcher.core.errors import DocumentError, EngineCrashed, EngineUnavailable, ErrorCode
 from watcher.core.logs import get_logger
 from watcher.core.metrics import Metrics, StageTimer
@@ -346,6 +347,9 @@ class DocumentReader:
             if 0 <= index < doc.page_count and results[index] is None:
                 results[index] = blamed_page(index, plan.attempts)
                 log.warning("page_left_out", page=index, attempts=plan.attempts)
+        shown = progress.current()
+        if shown is not None:
+            shown.pages(doc.page_count, done=sum(r is not None for r in results))
         checkpointed = plan.alone or self.checkpoints.wanted(doc.page_count)
         gate = asyncio.Semaphore(1 if plan.alone else self.page_concurrency)
 
@@ -363,6 +367,8 @@ class DocumentReader:
                 if checkpointed:
                     await self.checkpoints.save(ref, result)
                 self.metrics.pages.inc()
+                if shown is not None:
+                    shown.page_done()
 
         try:
             async with asyncio.TaskGroup() as group:

@@ -100,10 +100,12 @@ class Daemon:
         self.outcomes = LastOutcomes()
         self.notifier = (Notifier(settings.callback_url, settings.callback_secret.get_secret_value()
                                   if settings.callback_secret else None, settings.s3_bucket,
-                                  Names.from_settings(settings))
+                                  Names.from_settings(settings),
+                                  counted=lambda result: self.metrics.callbacks.labels(result).inc())
                          if settings.callback_url else None)
         self.poller = Poller(self.queue, self.metrics, settings.poll_interval, self._busy)
-        self.sqs = (SqsSource(settings, self.queue, self.poke, lambda: self._stop.is_set())
+        self.sqs = (SqsSource(settings, self.queue, self.poke, lambda: self._stop.is_set(),
+                              counted=lambda result: self.metrics.notifications.labels("sqs", result).inc())
                     if settings.sqs_queue_url else None)
         self.status = Status(settings, self.engine, self.metrics, self.poller, self.pages, sqs=self.sqs,
                              decoding=self.decoding)

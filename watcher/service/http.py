@@ -59,7 +59,9 @@ class HealthServer:
     async def post_events(self, request: web.Request) -> web.Response:
         hook = self.webhook
         assert hook is not None
+        counted = self.status.metrics.notifications
         if not hook.intake.authorised(request.headers.get("Authorization"), hook.token):
+            counted.labels("webhook", "unauthorised").inc()
             return web.json_response({"error": "missing or wrong bearer token"}, status=401)
         too_large = web.json_response({"error": f"body over {hook.max_bytes} bytes"}, status=413)
         if (request.content_length or 0) > hook.max_bytes:
@@ -71,7 +73,11 @@ class HealthServer:
         try:
             intake = hook.intake.take(body)
         except BadEvent as exc:
+            counted.labels("webhook", "bad").inc()
             return web.json_response({"error": str(exc)}, status=400)
+        for result, count in (("accepted", intake.accepted), ("ignored", intake.ignored),
+                              ("refused", len(intake.refused))):
+            counted.labels("webhook", result).inc(count)
         answer: dict[str, object] = {"accepted": intake.accepted, "ignored": intake.ignored}
         if intake.refused:
             answer["refused"] = intake.refused

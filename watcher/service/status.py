@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,16 @@ from watcher.core.logs import scrubber
 from watcher.core.metrics import Metrics
 from watcher.core.settings import Settings
 from watcher.engines.base import Engine, EngineState
+from watcher.engines.supervisor import WorkerState
 from watcher.intake.fleet import FleetDiscovery, Role
 from watcher.intake.sqs import SqsSource
 from watcher.pipeline.budget import PageBudget
 from watcher.pipeline.isolation import Isolation
 from watcher.service.poller import Poller
 from watcher.service.workers import WorkerPool
+
+# Documents in progress listed on /health (the status page shows as many).
+IN_PROGRESS_SHOWN = 20
 
 
 @dataclass
@@ -106,6 +111,9 @@ class Status:
                 "sqs": self.sqs.snapshot() if self.sqs is not None else None,
             },
             "inflight_documents": self.inflight,
+            # Pages done of pages total per document being read (the longest-running first,
+            # bounded): a long PDF shows it moves.
+            "in_progress": self._in_progress(),
             # A suspect (crashes on record) running alone, nothing else claimed meanwhile.
             "isolated": self._isolated(),
             "inflight_pages": self.budget.in_use,
@@ -118,6 +126,12 @@ class Status:
         }
         scrubbed: dict[str, Any] = scrubber.scrub(body)
         return scrubbed
+
+    def _in_progress(self) -> dict[str, Any]:
+        progress = self.metrics.progress
+        done, total = progress.pages()
+        return {"documents": len(progress), "pages_done": done, "pages_total": total,
+                "shown": progress.snapshot(IN_PROGRESS_SHOWN)}
 
     def _decoding(self) -> dict[str, Any] | None:
         if self.decoding is None:
@@ -164,6 +178,25 @@ class Status:
         limit = engine.request_limit()
         if limit is not None:
             m.vlm_request_limit.set(limit)
+        m.ready.set(0 if self.problems() else 1)
+        m.s3_reachable.set(1 if self.poller.s3_reachable else 0)
+        m.list_budget.set(self.settings.list_requests_per_second)
+        self._engine_gauges(engine.snapshot())
+        if self.sqs is not None and self.sqs.reachable is not None:
+            m.notification_source_up.labels("sqs").set(1 if self.sqs.reachable else 0)
+
+    def _engine_gauges(self, snapshot: dict[str, Any]) -> None:
+        m = self.metrics
+        states = Counter(w["state"] for w in snapshot.get("workers", []))
+        for worker_state in WorkerState:
+            m.engine_workers.labels(worker_state.value).set(states[worker_state.value])
+        vlm = snapshot.get("vlm_requests")
+        if vlm is not None:
+            m.vlm_inflight.set(vlm["inflight"])
+            for state in ("running", "waiting"):
+                seen = vlm.get(f"server_{state}")
+                if seen is not None:
+                    m.vlm_server_requests.labels(state).set(seen)
 
     def metrics_text(self) -> bytes:
         self.refresh_gauges()
