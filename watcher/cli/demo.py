@@ -71,7 +71,7 @@ async def _demo(server: SeaweedS3, keep_running: bool, http_port: int) -> int:
         s3_endpoint=server.endpoint, s3_bucket=BUCKET,
         s3_access_key=server.access_key, s3_secret_key=server.secret_key,
         poll_interval=1.0, http_port=http_port, http_host="127.0.0.1",
-        log_level=os.environ.get("WATCHER_LOG_LEVEL", "WARNING"),
+        log_level=os.environ.get("WATCHER_LOG_LEVEL", "WARNING"), status_page=True,
     )
     configure_logging(settings.log_level, "console", settings.secrets())
     client = server.sync_client()
@@ -85,6 +85,7 @@ async def _demo(server: SeaweedS3, keep_running: bool, http_port: int) -> int:
         # Ctrl-C from here on is one stop request: the daemon drains once, quietly.
         daemon.install_signal_handlers()
         print(connection_help(server, settings))
+        print(f"status page   http://127.0.0.1:{daemon.http.port}/")
         print(f"health        http://127.0.0.1:{daemon.http.port}/health  (/ready, /metrics)\n",
               flush=True)
         if not await _samples(client, daemon, settings):

@@ -10,12 +10,40 @@ runs in (`current()`: page tasks inherit the context), so no stage passes it alo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from watcher.core.refs import ObjectRef
+
+# The status page's throughput: 30 bins of 20 seconds, the last ten minutes.
+BIN_SECONDS = 20
+BINS = 30
+
+
+class Bins:
+    """Counts per BIN_SECONDS over the last BINS of them (what the status page charts)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._counts: dict[int, int] = {}  # bin start -> count
+
+    def _start(self, when: float) -> int:
+        return int(when // BIN_SECONDS) * BIN_SECONDS
+
+    def add(self, count: int = 1) -> None:
+        now = self.clock()
+        start = self._start(now)
+        self._counts[start] = self._counts.get(start, 0) + count
+        for old in [s for s in self._counts if s <= start - BIN_SECONDS * BINS]:
+            del self._counts[old]
+
+    def series(self) -> list[tuple[int, int]]:
+        """(bin start, count) of every bin of the window, oldest first, empty ones too."""
+        newest = self._start(self.clock())
+        return [(s, self._counts.get(s, 0))
+                for s in (newest - BIN_SECONDS * i for i in reversed(range(BINS)))]
 
 
 @dataclass
@@ -27,6 +55,7 @@ class DocumentProgress:
     started_at: float = field(default_factory=time.time)
     pages_total: int | None = None
     pages_done: int = 0
+    read: Bins | None = None  # every page read, of all documents
 
     def pages(self, total: int, done: int = 0) -> None:
         """The document is decoded: `total` pages, `done` of them already (checkpoints)."""
@@ -34,6 +63,8 @@ class DocumentProgress:
 
     def page_done(self) -> None:
         self.pages_done += 1
+        if self.read is not None:
+            self.read.add()
 
     def view(self) -> dict[str, object]:
         return {"key": self.key, "etag": self.etag, "pages_done": self.pages_done,
@@ -50,12 +81,13 @@ def current() -> DocumentProgress | None:
 
 
 class Progress:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._reading: dict[tuple[str, str], DocumentProgress] = {}
+        self.pages_read = Bins(clock)
 
     @contextmanager
     def reading(self, ref: ObjectRef) -> Iterator[DocumentProgress]:
-        entry = DocumentProgress(ref.key, ref.etag)
+        entry = DocumentProgress(ref.key, ref.etag, read=self.pages_read)
         self._reading[(ref.key, ref.etag)] = entry
         token = _current.set(entry)
         try:

@@ -248,6 +248,10 @@ class Settings(BaseSettings):
     """address the health server (/health, /ready, /metrics) listens on"""
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8081, alias="WATCHER_HTTP_PORT")
     """port of the health server (0: any free port)"""
+    status_page: bool = Field(default=False, alias="WATCHER_STATUS_PAGE")
+    """serve a live status page at `/` on the health port (backlog, throughput, engine,
+    documents in progress and the last ones done, with their names: when
+    WATCHER_WEBHOOK_TOKEN is set it asks for that token); `watcher demo` turns it on"""
     log_level: str = Field(default="INFO", alias="WATCHER_LOG_LEVEL")
     """`DEBUG`, `INFO`, `WARNING`, `ERROR`"""
     log_format: str = Field(default="json", alias="WATCHER_LOG_FORMAT")

@@ -46,8 +46,8 @@ from watcher.pipeline.callbacks import Notifier
 from watcher.pipeline.decode_workers import ProcessDecoder, decode_workers
 from watcher.pipeline.document import DocumentPipeline, Parts
 from watcher.pipeline.fetch import prepare_work_dir
-from watcher.service.hooks import HeldRetry, LastOutcomes, MetricsHook
-from watcher.service.http import HealthServer, Webhook
+from watcher.service.hooks import HeldRetry, LastOutcomes, MetricsHook, RecentWork
+from watcher.service.http import HealthServer, StatusPage, Webhook
 from watcher.service.poller import Poller
 from watcher.service.status import Status
 from watcher.service.tasks import keep_running
@@ -112,7 +112,11 @@ class Daemon:
         intake = EventIntake(settings.s3_bucket, Names.from_settings(settings), self.queue.offer, self.poke)
         webhook = (Webhook(intake, settings.webhook_token.get_secret_value(), settings.webhook_max_bytes)
                    if settings.webhook_token is not None else None)
-        self.http = HealthServer(self.status, settings.http_host, settings.http_port, webhook)
+        self.recent = RecentWork()
+        self.page = (StatusPage(settings.webhook_token.get_secret_value() if settings.webhook_token else None,
+                                self.recent, self._read_output)
+                     if settings.status_page else None)
+        self.http = HealthServer(self.status, settings.http_host, settings.http_port, webhook, self.page)
         self.running: Running | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -172,6 +176,13 @@ class Daemon:
         """--once: sources whose last run did not end with a result."""
         return self.outcomes.unfinished()
 
+    async def _read_output(self, key: str) -> bytes | None:
+        """What the status page links to: objects under the output prefix only."""
+        if self.running is None or not key.startswith(self.settings.output_prefix):
+            return None
+        got = await self.running.storage.get_bytes(key)
+        return got[0] if got is not None else None
+
     def _busy(self) -> set[ObjectRef]:
         return self.running.pool.busy() if self.running is not None else set()
 
@@ -203,7 +214,7 @@ class Daemon:
                                                  ProcessDecoder(self.decoding))
         fleet = self.build_discovery(storage)
         hooks: list[OutcomeHook] = [MetricsHook(self.metrics, self.status.refresh_gauges),
-                                    self.outcomes, HeldRetry(self.retry_at), fleet]
+                                    self.outcomes, self.recent, HeldRetry(self.retry_at), fleet]
         hooks += [hook for hook in (self.sqs, self.notifier) if hook is not None]
         pool = WorkerPool(pipeline, self.queue, self.pages, self.metrics, hooks,
                           self._wait_engine_ready, self.settings.max_inflight_documents)

@@ -4,11 +4,14 @@ follower and the callbacks subscribe with `ended(report)` methods of their own.)
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from watcher.core.metrics import Metrics
-from watcher.core.outcome import Outcome, Report
+from watcher.core.outcome import FINISHED, Outcome, Report
+from watcher.core.progress import Bins
 from watcher.core.refs import ObjectRef
 
 # Sources whose last run is remembered for `--once`'s report (it sees each source once
@@ -44,6 +47,31 @@ class LastOutcomes:
         """Sources whose last run did not end with a result."""
         bad = (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED, Outcome.HELD)
         return sorted((r for r in self.reports.values() if r.outcome in bad), key=lambda r: r.ref.key)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished run as the status page lists it."""
+
+    at: float  # epoch seconds
+    report: Report
+
+
+class RecentWork:
+    """The last runs that finished (result, error record, skipped), newest first, and how
+    many finished per bin of the status page's chart. Held and retried runs are left
+    out: they come back."""
+
+    def __init__(self, limit: int = 25, clock: Callable[[], float] = time.time) -> None:
+        self.last: deque[Finished] = deque(maxlen=limit)
+        self.clock = clock
+        self.finished = Bins(clock)
+
+    def ended(self, report: Report) -> None:
+        if report.outcome not in FINISHED:
+            return
+        self.last.appendleft(Finished(self.clock(), report))
+        self.finished.add()
 
 
 class HeldRetry:

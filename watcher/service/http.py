@@ -1,4 +1,5 @@
-"""The operator's HTTP surface on WATCHER_HTTP_PORT: /health, /ready, /metrics.
+"""The operator's HTTP surface on WATCHER_HTTP_PORT: /health, /ready, /metrics, and the
+status page at / when it is on (service/page.py).
 
 It starts before anything else and only reads a `Status` (service/status.py), an
 in-memory snapshot, so it answers within milliseconds while the engine warms or pages
@@ -7,13 +8,19 @@ are being recognised; `POST /events` hands notifications to the event intake.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from watcher.intake.events import BadEvent, EventIntake
+from watcher.service import page
+from watcher.service.hooks import RecentWork
 from watcher.service.status import Status
+
+RESULTS_PATH = "/results/"
+_TYPES = {".json": "application/json", ".md": "text/markdown"}
 
 
 async def serve_app(
@@ -37,12 +44,24 @@ class Webhook:
     max_bytes: int
 
 
+@dataclass
+class StatusPage:
+    """The status page's parts: the token it asks for (/events' one), the recent work it
+    lists, and how a result it links to is read (set once S3 is reached; None before)."""
+
+    token: str | None
+    recent: RecentWork
+    read_output: Callable[[str], Awaitable[bytes | None]] | None = field(default=None)
+
+
 class HealthServer:
-    def __init__(self, status: Status, host: str, port: int, webhook: Webhook | None = None) -> None:
+    def __init__(self, status: Status, host: str, port: int, webhook: Webhook | None = None,
+                 status_page: StatusPage | None = None) -> None:
         self.status = status
         self.host = host
         self.port = port
         self.webhook = webhook
+        self.status_page = status_page
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -54,7 +73,60 @@ class HealthServer:
         app.router.add_get("/metrics", self.metrics)
         if self.webhook is not None:
             app.router.add_post("/events", self.post_events)
+        if self.status_page is not None:
+            app.router.add_get("/", self.page)
+            app.router.add_get("/status/live", self.live)
+            app.router.add_get("/static/{name}", self.static)
+            app.router.add_get("/favicon.ico", self.favicon)
+            app.router.add_get(RESULTS_PATH + "{key:.+}", self.result)
         return app
+
+    # --- the status page -----------------------------------------------------------------
+    def _page_allowed(self, request: web.Request) -> bool:
+        token = self.status_page.token if self.status_page is not None else None
+        return token is None or EventIntake.authorised(request.headers.get("Authorization"), token)
+
+    def _live(self) -> str:
+        assert self.status_page is not None
+        return page.live(self.status.health(), self.status_page.recent,
+                         self.status.metrics.progress.pages_read, RESULTS_PATH)
+
+    async def page(self, request: web.Request) -> web.Response:
+        allowed = self._page_allowed(request)
+        # Without the token the page is only its frame and a form: no document names.
+        return _page_response(page.page(self._live() if allowed else None), 200 if allowed else 401)
+
+    async def live(self, request: web.Request) -> web.Response:
+        if not self._page_allowed(request):
+            return _page_response("a token is needed", 401)
+        return _page_response(self._live())
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        kinds = {"status.js": "text/javascript", "status.css": "text/css", "favicon.svg": "image/svg+xml"}
+        if name not in kinds:
+            raise web.HTTPNotFound()
+        return web.Response(body=page.static_file(name), content_type=kinds[name], charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def favicon(self, _request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/static/favicon.svg")
+
+    async def result(self, request: web.Request) -> web.Response:
+        """A result or error record the page links to, read from S3 with the daemon's
+        credentials; only the output prefix's JSON and Markdown (service/daemon.py)."""
+        if not self._page_allowed(request):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        key = request.match_info["key"]
+        read = self.status_page.read_output if self.status_page is not None else None
+        kind = next((t for suffix, t in _TYPES.items() if key.endswith(suffix)), None)
+        body = await read(key) if read is not None and kind is not None else None
+        if body is None:
+            return web.json_response({"error": f"no result {key!r} to show"}, status=404)
+        return web.Response(body=body, content_type=kind, charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    # --- notifications -------------------------------------------------------------------
 
     async def post_events(self, request: web.Request) -> web.Response:
         hook = self.webhook
@@ -83,6 +155,7 @@ class HealthServer:
             answer["refused"] = intake.refused
         return web.json_response(answer)
 
+    # --- probes --------------------------------------------------------------------------
     async def health(self, _request: web.Request) -> web.Response:
         body = self.status.health()
         return web.json_response(body, status=200 if body["status"] == "healthy" else 503)
@@ -103,3 +176,9 @@ class HealthServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _page_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8",
+                        headers={"Content-Security-Policy": page.CSP, "Cache-Control": "no-store",
+                                 "X-Content-Type-Options": "nosniff"})
