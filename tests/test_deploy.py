@@ -32,7 +32,8 @@ START_SH = REPO / "start.sh"
 GPU_CHECK = REPO / "deploy" / "gpu-check.sh"
 CLOUDRU_DOC = REPO / "deploy" / "cloudru-ml-inference.md"
 # Custom resources: no schema in kubernetes-validate; checked by the tests below instead.
-CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
+CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor"),
+                ("monitoring.coreos.com/v1", "PrometheusRule")}
 # The oldest Kubernetes the manifests are meant for, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.28", kubernetes_validate.utils.latest_version())
 
