@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import os
 import shlex
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import lenient_store
 from vlm_fake import FakeVlmServer
+from waiting import eventually
 
 from watcher.cli import gpu
-from watcher.cli.check import Checker, Probe
+from watcher.cli.check import Checker, Probe, _not_s3, connection_cause
 from watcher.cli.embedded import SeaweedS3
 from watcher.core.settings import load_settings
+from watcher.service.http import serve_app
 
 pytestmark = pytest.mark.e2e  # `watcher check` in subprocesses
 
@@ -266,3 +275,266 @@ async def test_a_hanging_nvidia_smi_is_given_up_after_its_timeout(
     assert time.monotonic() - started < 10
     assert finding == gpu.Finding("FAIL", "nvidia-smi gave no answer within 0.5 s: the driver may be "
                                           "wedged; the GPU is not usable")
+
+
+# --- an endpoint that is not S3, or cannot be reached ---------------------------------------
+SECRET = "check-secret-never-printed-5e1d"
+S3_PROBES = 6  # credentials, bucket, list, two write/read/delete, conditional; then clock, engine
+
+
+async def check_endpoint(endpoint: str, capsys: pytest.CaptureFixture[str],
+                         **values: Any) -> tuple[int, list[str]]:
+    """`watcher check`'s Checker against `endpoint`, with a secret that must never be printed."""
+    settings = load_settings(s3_endpoint=endpoint, s3_bucket="some-bucket", s3_access_key="tenant-1:key-1",
+                             s3_secret_key=SECRET, s3_max_attempts=1, **values)
+    code = await Checker(settings).run()
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    lines = out.out.strip().splitlines()
+    # The first probe names the cause; every other S3 probe is skipped, not blamed.
+    assert lines[0].startswith("FAIL S3 at "), lines
+    assert all(line.startswith("skip") for line in lines[1:S3_PROBES + 1]), lines
+    assert "CLOUDRU_S3_BUCKET" not in out.out and code == 1
+    return code, lines
+
+
+@contextlib.asynccontextmanager
+async def http_server(answer: Callable[[], web.Response]) -> AsyncIterator[int]:
+    """A plain HTTP server (aiohttp, as the watcher's health port is) giving one answer to
+    every request; yields its port."""
+    async def handle(_request: web.Request) -> web.Response:
+        return answer()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner, port = await serve_app(app, "127.0.0.1", 0)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers; yields its port."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port  # nothing listens once the socket is closed
+
+
+def health_404() -> web.Response:
+    return web.json_response({"error": "no result 'some-bucket' to show"}, status=404)
+
+
+def web_page() -> web.Response:
+    return web.Response(status=200, text="<!doctype html><html><body>Welcome</body></html>",
+                        content_type="text/html")
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (health_404, ["HTTP 404 with application/json", "watcher's health port"]),
+    (web_page, ["HTTP 200 with text/html", "web page"]),
+], ids=["json-404", "html-200"])
+async def test_a_server_that_is_not_s3_is_named_as_such(
+    capsys: pytest.CaptureFixture[str], answer: Callable[[], web.Response], words: list[str]
+) -> None:
+    async with http_server(answer) as port:
+        endpoint = f"http://127.0.0.1:{port}"
+        _code, lines = await check_endpoint(endpoint, capsys)
+    assert f"CLOUDRU_S3_ENDPOINT={endpoint} is not an S3 server: it answered" in lines[0], lines[0]
+    assert "not S3's XML" in lines[0]
+    assert "set CLOUDRU_S3_ENDPOINT to the object storage's address" in lines[0]
+    assert all(word in lines[0] for word in words), lines[0]
+    assert "accepts these credentials: CLOUDRU" in lines[0]  # no "signed requests accepted"
+
+
+@pytest.mark.e2e
+async def test_check_pointed_at_a_running_watchers_health_port_says_it_is_not_s3() -> None:
+    """The slip from the report: CLOUDRU_S3_ENDPOINT set to the watcher's own port 8081."""
+    health = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDRU_", "WATCHER_"))}
+    env.update(CLOUDRU_S3_BUCKET="some-bucket", CLOUDRU_S3_ACCESS_KEY="tenant-1:key-1",
+               CLOUDRU_S3_SECRET_KEY=SECRET, WATCHER_HTTP_HOST="127.0.0.1")
+    # A real daemon (its S3 is nowhere: it serves /health all the same).
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watcher", "run",
+        env={**env, "CLOUDRU_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+             "WATCHER_HTTP_PORT": str(health)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async def answers() -> bool:
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{health}/health") as response:
+                        return response.status in (200, 503)
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(answers, 60, "the daemon's /health")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watcher", "check",
+            env={**env, "CLOUDRU_S3_ENDPOINT": f"http://127.0.0.1:{health}"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        daemon.terminate()
+        await daemon.wait()
+    assert proc.returncode == 1, out + err
+    first = out.decode().splitlines()[0]
+    assert first.startswith("FAIL S3") and "is not an S3 server" in first, first
+    assert f"CLOUDRU_S3_ENDPOINT=http://127.0.0.1:{health}" in first
+    assert b"CLOUDRU_S3_BUCKET" not in out and SECRET.encode() not in out + err
+
+
+async def test_an_unknown_host_is_a_dns_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    _code, lines = await check_endpoint("http://nothing.invalid:9000", capsys)
+    assert "cannot resolve host 'nothing.invalid' (DNS): check CLOUDRU_S3_ENDPOINT's host name" in lines[0]
+    assert "refused" not in lines[0]
+
+    _code, lines = await check_endpoint("http://nothing.invalid:9000", capsys, s3_addressing="virtual")
+    assert "cannot resolve host 'some-bucket.nothing.invalid' (DNS)" in lines[0]
+    assert "CLOUDRU_S3_ADDRESSING=path" in lines[0]
+
+
+async def test_a_port_nobody_listens_on_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    _code, lines = await check_endpoint(f"http://127.0.0.1:{port}", capsys)
+    assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in lines[0], lines[0]
+    assert "CLOUDRU_S3_ENDPOINT" in lines[0] and "DNS" not in lines[0]
+
+
+async def test_https_to_a_plain_http_server_is_a_tls_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    async with http_server(health_404) as port:
+        _code, lines = await check_endpoint(f"https://127.0.0.1:{port}", capsys)
+    assert f"TLS handshake with 127.0.0.1:{port} failed: " in lines[0], lines[0]
+    assert "is the endpoint http:// rather than https://, or is the certificate untrusted?" in lines[0]
+    assert f"set CLOUDRU_S3_ENDPOINT=http://127.0.0.1:{port}" in lines[0]
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_an_untrusted_certificate_is_a_tls_failure_and_aws_ca_bundle_cures_it(
+    capsys: pytest.CaptureFixture[str], self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    app = web.Application()
+
+    async def not_found(_request: web.Request) -> web.Response:
+        return web.json_response({}, status=404)
+
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock, ssl_context=context).start()
+    endpoint = f"https://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        _code, lines = await check_endpoint(endpoint, capsys)
+        assert "TLS handshake with 127.0.0.1:" in lines[0] and "certificate verify failed" in lines[0]
+        assert "AWS_CA_BUNDLE" in lines[0], lines[0]
+
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))  # trusted now: the answer itself is read
+        _code, lines = await check_endpoint(endpoint, capsys)
+        assert "is not an S3 server: it answered HTTP 404 with application/json" in lines[0], lines[0]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_server_that_never_answers_times_out_quickly(capsys: pytest.CaptureFixture[str]) -> None:
+    async with silent_server() as port:
+        started = time.monotonic()
+        _code, lines = await check_endpoint(f"http://127.0.0.1:{port}", capsys,
+                                            s3_connect_timeout=0.5, s3_read_timeout=0.5)
+        assert time.monotonic() - started < 5
+    assert f"no answer from 127.0.0.1:{port} within 0.5 s (read timeout)" in lines[0], lines[0]
+    assert "CLOUDRU_S3_ENDPOINT" in lines[0] and "WATCHER_S3_READ_TIMEOUT" in lines[0]
+
+
+# connection_cause on aiohttp's own exceptions (botocore's wrappers are above), from real connections.
+async def failure(url: str, timeout: float = 5.0) -> BaseException:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
+                http.get(url) as response:
+            await response.read()
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"{url} answered")
+
+
+async def test_connection_cause_reads_aiohttps_exceptions_too() -> None:
+    dns = await failure("http://nothing.invalid:9000/")
+    assert connection_cause(dns, "http://nothing.invalid:9000").startswith(
+        "cannot resolve host 'nothing.invalid' (DNS)")
+    port = free_port()
+    refused = await failure(f"http://127.0.0.1:{port}/")
+    assert connection_cause(refused, f"http://127.0.0.1:{port}").startswith(
+        f"nothing listens on 127.0.0.1:{port} (connection refused)")
+    async with http_server(health_404) as port:
+        tls = await failure(f"https://127.0.0.1:{port}/")
+    assert connection_cause(tls, f"https://127.0.0.1:{port}").startswith(
+        f"TLS handshake with 127.0.0.1:{port} failed")
+    async with silent_server() as port:
+        silent = await failure(f"http://127.0.0.1:{port}/", timeout=0.3)
+    assert connection_cause(silent, f"http://127.0.0.1:{port}", read_timeout=0.3).startswith(
+        f"no answer from 127.0.0.1:{port} within 0.3 s")
+
+
+S3_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchBucket</Code>'
+            b"<Message>The specified bucket does not exist</Message></Error>")
+S3_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+              b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name></ListBucketResult>')
+
+
+@pytest.mark.parametrize(("status", "headers", "body", "words"), [
+    (404, {"Content-Type": "application/xml", "x-amz-request-id": "1"}, S3_ERROR, None),
+    (404, {"Content-Type": "application/xml"}, S3_ERROR, None),  # a proxy dropped the x-amz headers
+    (200, {"Content-Type": "application/xml"}, S3_LISTING, None),
+    (403, {"X-Amz-Request-Id": "1"}, b"", None),
+    (404, {"Content-Type": "application/json; charset=utf-8", "Server": "Python/3.11 aiohttp"},
+     b'{"error": "not found"}', ["HTTP 404 with application/json", "server 'Python/3.11 aiohttp'",
+                                 "watcher's health port"]),
+    (404, {"Content-Type": "application/json", "x-amz-request-id": "1"}, b"{}", ["application/json"]),
+    (200, {"Content-Type": "text/html"}, b"<!DOCTYPE html><html></html>", ["text/html", "web page"]),
+    (404, {"Content-Type": "text/plain"}, b"404: Not Found", ["HTTP 404 with text/plain"]),
+    (404, {"Server": "keryx"}, b"", ["HTTP 404 with an empty body"]),
+    (301, {"Location": "https://store.example/some-bucket"}, b"", ["redirects to https://store.example"]),
+    (502, {"Content-Type": "text/html"}, b"<html>Bad Gateway</html>", ["HTTP 502", "proxy"]),
+    (200, {"Content-Type": "application/xml"}, b"<?xml version='1.0'?><rss/>", ["root is <rss>"]),
+], ids=["s3-error", "s3-error-bare", "s3-listing", "s3-headers-only", "json", "json-with-amz-header",
+        "html", "text", "empty", "redirect", "bad-gateway", "other-xml"])
+def test_not_s3_tells_s3s_answers_from_other_servers(
+    status: int, headers: dict[str, str], body: bytes, words: list[str] | None
+) -> None:
+    why = _not_s3(status, headers, body)
+    if words is None:
+        assert why is None
+    else:
+        assert why is not None and all(word in why for word in words), why
+        assert why.startswith(f"it answered HTTP {status} with ")

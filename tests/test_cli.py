@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docgen import make_pdf
+from docgen import make_image, make_pdf
 from waiting import eventually_sync
 
 from watcher.cli.embedded import SeaweedS3, free_ports
@@ -162,12 +162,46 @@ def test_run_once_processes_what_is_pending_and_exits_with_what_happened(
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert {"output/a.pdf.json", "output/b.pdf.json"} <= keys
 
+    assert "watcher: --once: 2 done, 0 error records" in first.stderr, first.stderr
+
     s3.put_object(Bucket=bucket, Key="input/c.png", Body=b"\x89PNG\r\n\x1a\n not really")
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     # The bad one got its error record, and the exit code says that not all went well.
     assert second.returncode == 1, second.stderr
-    assert "not finished: input/c.png (error)" in second.stderr
+    record = json.loads(s3.get_object(Bucket=bucket, Key="output/c.png.error.json")["Body"].read())
+    assert "watcher: --once: 0 done, 1 error record" in second.stderr, second.stderr
+    # The failure with its code and where its error record is.
+    assert f"watcher: error  input/c.png → output/c.png.error.json  {record['error']['code']}" \
+        in second.stderr, second.stderr
     assert "input/a.pdf" not in second.stderr  # done before: skipped, not redone
+
+    # A rerun reads nothing, but does not pretend all is well: the error record stands.
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert third.returncode == 1, third.stderr
+    assert "watcher: --once: 0 done, 0 error records" in third.stderr, third.stderr
+    assert "1 source(s) already had an error record" in third.stderr
+    assert "watcher:   input/c.png → output/c.png.error.json" in third.stderr
+
+    # Fixed by a new version: read, done, exit 0 again.
+    s3.put_object(Bucket=bucket, Key="input/c.png", Body=make_image(["Fixed upload"], "PNG"))
+    fourth = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "watcher: --once: 1 done, 0 error records" in fourth.stderr, fourth.stderr
+    assert "already had an error record" not in fourth.stderr
+
+
+def test_run_once_exits_2_when_s3_cannot_be_listed() -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    env = base_env(
+        CLOUDRU_S3_ENDPOINT=f"http://127.0.0.1:{port}", CLOUDRU_S3_BUCKET="documents",
+        CLOUDRU_S3_ACCESS_KEY="tenant:key", CLOUDRU_S3_SECRET_KEY=SECRET,
+        WATCHER_HTTP_PORT="0", WATCHER_HTTP_HOST="127.0.0.1", WATCHER_S3_MAX_ATTEMPTS="1",
+    )
+    proc = subprocess.run([sys.executable, "-m", "watcher", "run", "--once"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"S3 could not be listed at http://127.0.0.1:{port}" in proc.stderr
+    assert "watcher check" in proc.stderr and SECRET not in proc.stderr + proc.stdout
 
 
 def test_a_taken_health_port_names_the_setting_to_change() -> None:
@@ -180,10 +214,12 @@ def test_a_taken_health_port_names_the_setting_to_change() -> None:
             CLOUDRU_S3_ACCESS_KEY="tenant:key", CLOUDRU_S3_SECRET_KEY=SECRET,
             WATCHER_HTTP_HOST="127.0.0.1", WATCHER_HTTP_PORT=str(port),
         )
-        proc = run_cli(env)
-    assert proc.returncode == 1
-    assert f"127.0.0.1:{port}" in proc.stderr and "WATCHER_HTTP_PORT" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
+        procs = [run_cli(env), subprocess.run([sys.executable, "-m", "watcher", "run", "--once"],
+                                              env=env, capture_output=True, text=True, timeout=60)]
+    for proc in procs:  # a start-up problem: exit 2 in every mode (1 is about documents)
+        assert proc.returncode == 2, proc.stderr
+        assert f"127.0.0.1:{port}" in proc.stderr and "WATCHER_HTTP_PORT" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
 
 
 def test_every_configuration_problem_is_reported_in_one_round() -> None:
@@ -205,10 +241,15 @@ def test_run_help_lists_every_setting_with_its_default_and_meaning() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for name, info in Settings.model_fields.items():
-        assert f"  {info.alias} (default: " in proc.stdout, name
+        shown = "(required)" if info.is_required() else "(default: "
+        assert f"  {info.alias} {shown}" in proc.stdout, name
         assert info.description, f"{name} has no docstring"
     assert "WATCHER_TEXT_LAYER (default: auto)" in proc.stdout
-    assert "CLOUDRU_S3_ENDPOINT (default: required)" in proc.stdout
+    assert "CLOUDRU_S3_ENDPOINT (required)" in proc.stdout
+    # Booleans the way the variables are written.
+    assert "WATCHER_STATUS_PAGE (default: false)" in proc.stdout
+    assert "WATCHER_ASSETS (default: true)" in proc.stdout
+    assert "True" not in proc.stdout and "False" not in proc.stdout
 
 
 def test_the_readme_settings_tables_are_the_settings_model() -> None:

@@ -14,10 +14,11 @@ from watcher.core.settings import Settings, SettingsError, load_settings, settin
 if TYPE_CHECKING:
     from watcher.service.daemon import Daemon
 
-EXIT_CONFIG = 2
-
-
+# Exit statuses, the same in every mode: 1 is about documents (`--once`: an error
+# record or a document not finished), 2 about the set-up (settings, a port, S3 that
+# cannot be listed, an engine that does not start).
 EXIT_UNFINISHED = 1
+EXIT_CONFIG = 2
 
 
 def _settings() -> Settings | None:
@@ -44,7 +45,8 @@ def _run(once: bool = False) -> int:
     if settings is None:
         return EXIT_CONFIG
 
-    from watcher.core.logs import configure_logging
+    from watcher.core.logs import configure_logging, resolve_format
+    from watcher.service.console import stop_summary
     from watcher.service.daemon import Daemon
 
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
@@ -68,28 +70,36 @@ def _run(once: bool = False) -> int:
         daemon = asyncio.run(main())
     except OSError as exc:
         # Nearly always the health port being taken; say so in one line, not a traceback.
-        print(f"watcher: cannot start: {_start_error(exc, settings.http_host, settings.http_port)}",
+        print(f"watcher: cannot start: {start_error(exc, settings.http_host, settings.http_port)}",
               file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     if once:
         return _once_report(daemon)
+    if resolve_format(settings.log_format) == "human":
+        for line in stop_summary(daemon.stopped()):
+            print(line, flush=True)
     return 0
 
 
-def _start_error(exc: OSError, host: str, port: int) -> str:
+def start_error(exc: OSError, host: str, port: int, option: str = "WATCHER_HTTP_PORT") -> str:
+    """Nearly always the health port being taken: say which setting moves it."""
     if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-        return (f"cannot listen on {host}:{port}: {exc.strerror}; "
-                "set WATCHER_HTTP_PORT (or WATCHER_HTTP_HOST) to a free one")
+        return f"cannot listen on {host}:{port}: {exc.strerror}; set {option} to a free port"
     return str(exc)
 
 
 def _once_report(daemon: Daemon) -> int:
-    unfinished = daemon.unfinished()
-    for report in unfinished:
-        print(f"watcher: not finished: {report.ref.key} ({report.outcome.value})", file=sys.stderr)
-    if daemon.unfinished_reason:
-        print(f"watcher: {daemon.unfinished_reason}", file=sys.stderr)
-    return EXIT_UNFINISHED if unfinished or daemon.unfinished_reason else 0
+    """The summary on stderr (stdout keeps the JSON logs), and the exit status."""
+    from watcher.service.console import once_summary
+
+    run = daemon.once_run()
+    for line in once_summary(run):
+        print(f"watcher: {line}", file=sys.stderr)
+    if daemon.start_problem:
+        return EXIT_CONFIG
+    if run.failures or run.unfinished or run.earlier_errors or run.reason:
+        return EXIT_UNFINISHED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--once", action="store_true",
-                     help="process everything pending, drain and exit: 0 when every document "
-                     "has a result, 1 when any got an error record or could not be finished")
+                     help="process everything pending, print a summary, drain and exit: 0 when "
+                     "every document has a result, 1 when any got an error record (in this run "
+                     "or an earlier one) or could not be finished, 2 when the settings, the "
+                     "health port, S3 or the engine kept it from starting")
     sub.add_parser(
         "check", help="check the configuration, S3 access and the engine before deploying",
         description="Validate the settings (as `watcher run` reads them), then probe S3 "
@@ -125,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         return _check()
     if args.command == "run":
         return _run(once=args.once)
-    from watcher.cli.demo import run_demo
+    from watcher.cli.demo import DemoCannotStart, run_demo
 
     try:
         return run_demo(keep_running=args.keep_running, http_port=args.http_port,
                         s3_port=args.s3_port, data_dir=args.data_dir)
-    except OSError as exc:
+    except DemoCannotStart as exc:
         print(f"watcher: cannot start the demo: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
+    except OSError as exc:
+        why = start_error(exc, "127.0.0.1", args.http_port, "--http-port")
+        print(f"watcher: cannot start the demo: {why}", file=sys.stderr)
+        return EXIT_CONFIG
 

@@ -1,4 +1,5 @@
-"""structlog set-up: one JSON event per line, secrets scrubbed from every value."""
+"""structlog set-up: one JSON event per line (or a terminal's formats), secrets scrubbed
+from every value."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from typing import Any
 import structlog
 
 REDACTED = "***"
+# WATCHER_LOG_FORMAT: `auto` is `human` on a terminal and `json` elsewhere.
+LOG_FORMATS = ("auto", "json", "console", "human")
+# In the `human` format one line per document says these (service/console.py).
+TOLD_BY_DOCUMENT_LINES = frozenset({"document_failed", "document_deferred"})
 _SENSITIVE_KEYS = ("secret", "password", "token", "authorization", "credential", "api_key")
 
 
@@ -59,15 +64,37 @@ class SecretScrubber:
 scrubber = SecretScrubber()
 
 
+def resolve_format(fmt: str, stream: Any = None) -> str:
+    """`auto` made definite: `human` when `stream` (stdout) is a terminal, else `json`."""
+    if fmt != "auto":
+        return fmt
+    isatty = getattr(stream or sys.stdout, "isatty", None)
+    return "human" if isatty is not None and isatty() else "json"
+
+
+def _drop_told_by_document_lines(_logger: Any, _method: str,
+                                 event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if event_dict.get("event") in TOLD_BY_DOCUMENT_LINES:
+        raise structlog.DropEvent
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
-    """Route structlog and the standard library's logging through one JSON renderer."""
+    """Route structlog and the standard library's logging through one renderer: JSON, or
+    for a person at a terminal (`human`: warnings and errors only, beside the document
+    lines that service/console.py prints)."""
     scrubber.add(secrets)
+    fmt = resolve_format(fmt)
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    human: list[Any] = [_drop_told_by_document_lines] if fmt == "human" else []
+    if fmt == "human" and logging.getLevelName(level) < logging.WARNING:
+        level = "WARNING"
     shared: list[Any] = [
+        *human,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

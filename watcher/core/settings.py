@@ -26,6 +26,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from watcher.core.logs import LOG_FORMATS
+
 MiB = 1024 * 1024
 
 
@@ -254,8 +256,10 @@ class Settings(BaseSettings):
     WATCHER_WEBHOOK_TOKEN is set it asks for that token); `watcher demo` turns it on"""
     log_level: str = Field(default="INFO", alias="WATCHER_LOG_LEVEL")
     """`DEBUG`, `INFO`, `WARNING`, `ERROR`"""
-    log_format: str = Field(default="json", alias="WATCHER_LOG_FORMAT")
-    """`json` (one event per line) or `console`"""
+    log_format: str = Field(default="auto", alias="WATCHER_LOG_FORMAT")
+    """`json` (one event per line), `human` (one line per document, then warnings and
+    errors), `console` (every event, readable) or `auto`: `human` when stdout is a
+    terminal, `json` otherwise"""
 
     # --- notifications ---
     webhook_token: SecretStr | None = Field(default=None, alias="WATCHER_WEBHOOK_TOKEN")
@@ -409,8 +413,8 @@ class Settings(BaseSettings):
     @field_validator("log_format")
     @classmethod
     def _format(cls, value: str) -> str:
-        if value not in {"json", "console"}:
-            raise ValueError("must be 'json' or 'console'")
+        if value not in LOG_FORMATS:
+            raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
         return value
 
     @model_validator(mode="after")
@@ -527,7 +531,10 @@ def _shown_default(name: str, info: FieldInfo) -> str:
         return "unset"
     if isinstance(value, StrEnum):
         value = value.value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool):
+        # As the variable is written (WATCHER_STATUS_PAGE=true), not Python's True.
+        value = str(value).lower()
+    elif isinstance(value, float) and value.is_integer():
         value = int(value)
     return f"`{value}`"
 
@@ -556,7 +563,8 @@ def settings_help() -> str:
         if vlm:
             parts.append("\nread by the VLM engines (paddleocr-vl, openai-vlm) only:")
         for name, default, meaning in settings_rows(vlm):
-            parts.append(f"  {name} (default: {default.replace('`', '')})")
+            shown = "(required)" if default == "required" else f"(default: {default.replace('`', '')})"
+            parts.append(f"  {name} {shown}")
             parts.append(textwrap.fill(meaning.replace("`", ""), 88, initial_indent="      ",
                                        subsequent_indent="      "))
     return "\n".join(parts)

@@ -59,6 +59,8 @@ class Discovery:
         self._marker_times: dict[str, float] = {}  # marker key -> when it was written
         self._prune = settings.results_of_deleted_sources is DeletedSourceResults.DELETE
         self._orphans: set[str] = set()  # results whose source the last listing lacked
+        # Versions the last scan found with an error record (`--once` names them).
+        self.error_recorded: list[ObjectRef] = []
 
     def _mine(self, key: str) -> bool:
         if self.settings.claim_mode is not ClaimMode.SHARD:
@@ -83,6 +85,7 @@ class Discovery:
             markers.cancel()
         todo: list[ObjectRef] = []
         stale: list[str] = []
+        error_recorded: list[ObjectRef] = []
         for n, ref in enumerate(listed, 1):
             if n % BATCH == 0:
                 await asyncio.sleep(0)
@@ -95,6 +98,9 @@ class Discovery:
                 todo.append(ref)
             if here & mine:
                 stale.extend(here - mine)
+            if self.names.marker(ref.key, ref.etag, error=True) in here:
+                error_recorded.append(ref)
+        self.error_recorded = error_recorded
         stale.extend(self._orphan_markers(listed, marked, started))
         await self._remove_stale_markers(stale)
         await self._sweep_leases(listed, marked, started)

@@ -344,6 +344,48 @@ def _flatten(rgba: Image.Image) -> Image.Image:
     return flat
 
 
+# What common files that are not documents start with, to name them in the error record.
+_NOT_DOCUMENTS = (
+    (b"PK\x03\x04", "a ZIP archive (Word, Excel and OpenDocument files are ZIP archives)"),
+    (b"\xd0\xcf\x11\xe0", "an old Microsoft Office file (.doc, .xls)"),
+    (b"{\\rtf", "an RTF text document"),
+    (b"GIF8", "a GIF image"),
+    (b"%!PS", "a PostScript file"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"Rar!", "a RAR archive"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"),
+)
+_DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+def not_a_document(head: bytes, suffix: str) -> str:
+    """Why content no reader takes is refused, naming what it looks like where it can."""
+    kind = next((name for magic, name in _NOT_DOCUMENTS if head.startswith(magic)), None)
+    if kind is None and head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1"):
+        kind = "a HEIC photo (export it as JPEG)"
+    if kind is None and _is_text(head):
+        html = head.lstrip().lower().startswith((b"<!doctype html", b"<html"))
+        kind = "an HTML page" if html else "text"
+    if suffix.lower() in _DOCUMENT_SUFFIXES:
+        claimed = f"; its name ends in '{suffix}' but its bytes are not a {suffix} file"
+    else:
+        claimed = f"; '{suffix}' files are not among them" if suffix else ""
+    what = f"the content is {kind}, not" if kind else "the content is not"
+    return (f"{what} a document the watcher reads ({SUPPORTED}){claimed}; "
+            "convert it to PDF or an image and upload that")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # Cut in the middle of a character at the end of the sample, or not UTF-8 at all.
+        text = head[:-4].decode("utf-8", "replace") if len(head) > 4 else ""
+        if text.count("\ufffd") > 0:
+            return False
+    return bool(text) and all(c.isprintable() or c in "\r\n\t\f" for c in text)
+
+
 def open_document(path: Path, size: int, limits: Limits, key: str = "") -> Document:
     """Open `path` (already downloaded) as a document; raise DocumentError when bad."""
     if size == 0:
@@ -352,12 +394,7 @@ def open_document(path: Path, size: int, limits: Limits, key: str = "") -> Docum
         head = fh.read(2048)
     fmt = sniff(head)
     if fmt is None:
-        suffix = Path(key).suffix
-        named = f" although its name ends in '{suffix}'" if suffix else ""
-        raise DocumentError(
-            ErrorCode.UNSUPPORTED_FORMAT,
-            f"the content is not a supported document type ({SUPPORTED}){named}",
-        )
+        raise DocumentError(ErrorCode.UNSUPPORTED_FORMAT, not_a_document(head, Path(key).suffix))
     doc: Document = PdfDocument(path, limits) if fmt is Format.PDF else ImageDocument(
         path, fmt, limits
     )

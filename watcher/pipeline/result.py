@@ -144,3 +144,57 @@ def build_result(
     timings = {**timings_of(seconds), "render_seconds": time.perf_counter() - started}
     result = result_of(ref, engine, doc_format, pages, markdown, timings)
     return markdown.encode("utf-8"), to_json_bytes(result), build_outputs(outputs, result)
+
+
+def _schema(name: str) -> dict[str, Any]:
+    """A JSON Schema shipped in the package (`watcher/schema/<name>`)."""
+    from importlib.resources import files
+
+    schema: dict[str, Any] = json.loads((files("watcher") / "schema" / name).read_text(encoding="utf-8"))
+    return schema
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    """A property's JSON type in words: `string or null`, `array of number`, enum values."""
+    if "const" in node:
+        return f"`{json.dumps(node['const'])}`"
+    if "enum" in node:
+        return ", ".join(f"`{v}`" if isinstance(v, str) else f"`{json.dumps(v)}`" for v in node["enum"])
+    kinds = node.get("type")
+    if kinds is None:
+        return "any"
+    if isinstance(kinds, list):
+        return " or ".join(kinds)
+    if kinds == "array" and isinstance(node.get("items"), dict):
+        return f"array of {_type_of(node['items'])}"
+    if kinds == "object" and isinstance(node.get("additionalProperties"), dict):
+        return f"object of {_type_of(node['additionalProperties'])}"
+    return str(kinds)
+
+
+def _fields(node: dict[str, Any], prefix: str) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for key, prop in node.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        rows.append((path, _type_of(prop), " ".join(str(prop.get("description", "")).split())))
+        rows += _fields(prop, f"{path}.")
+        items = prop.get("items")
+        if isinstance(items, dict):
+            rows += _fields(items, f"{path}[].")
+    return rows
+
+
+def schema_fields(name: str) -> list[tuple[str, str, str]]:
+    """Every property of the packaged schema `name` (`result-v2.json`), depth first in the
+    schema's order: its path (`pages[].blocks[].score`), JSON type and description."""
+    return _fields(_schema(name), "")
+
+
+def fields_table(name: str) -> str:
+    """The README's table of the fields of schema `name`, generated from the schema."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| Field | Type | Meaning |", "|---|---|---|"]
+    lines += [f"| `{cell(path)}` | {cell(kind)} | {cell(text)} |" for path, kind, text in schema_fields(name)]
+    return "\n".join(lines) + "\n"

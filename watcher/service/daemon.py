@@ -30,9 +30,9 @@ from typing import Any
 from watcher.bucket.names import Names
 from watcher.bucket.storage import KeyRefused, Storage, StorageUnavailable, open_storage
 from watcher.core.identity import Identity
-from watcher.core.logs import get_logger
+from watcher.core.logs import get_logger, resolve_format
 from watcher.core.metrics import Metrics
-from watcher.core.outcome import OutcomeHook, Report
+from watcher.core.outcome import Outcome, OutcomeHook, Report
 from watcher.core.refs import ObjectRef
 from watcher.core.settings import ClaimMode, Settings
 from watcher.engines import Engine, EngineState, create_engine
@@ -46,6 +46,7 @@ from watcher.pipeline.callbacks import Notifier
 from watcher.pipeline.decode_workers import ProcessDecoder, decode_workers
 from watcher.pipeline.document import DocumentPipeline, Parts
 from watcher.pipeline.fetch import prepare_work_dir
+from watcher.service.console import DocumentLines, OnceRun, Stopped
 from watcher.service.hooks import HeldRetry, LastOutcomes, MetricsHook, RecentWork
 from watcher.service.http import HealthServer, StatusPage, Webhook
 from watcher.service.poller import Poller
@@ -88,6 +89,9 @@ class Daemon:
         # Kubernetes Jobs).
         self.once = once
         self.unfinished_reason: str | None = None
+        # A configuration or start-up problem that kept it from working (exit 2).
+        self.start_problem: str | None = None
+        self.released = 0  # documents the drain cut off
         self.identity = identity or Identity(settings.replica_id)
         self.engine = engine or create_engine(settings)
         self.storage_factory = storage_factory
@@ -98,9 +102,10 @@ class Daemon:
         # PDFium and Pillow run in worker processes of their own (pipeline/decode_workers.py).
         self.decoding = decode_workers(settings)
         self.outcomes = LastOutcomes()
+        self.names = Names.from_settings(settings)
         self.notifier = (Notifier(settings.callback_url, settings.callback_secret.get_secret_value()
                                   if settings.callback_secret else None, settings.s3_bucket,
-                                  Names.from_settings(settings),
+                                  self.names,
                                   counted=lambda result: self.metrics.callbacks.labels(result).inc())
                          if settings.callback_url else None)
         self.poller = Poller(self.queue, self.metrics, settings.poll_interval, self._busy)
@@ -109,7 +114,7 @@ class Daemon:
                     if settings.sqs_queue_url else None)
         self.status = Status(settings, self.engine, self.metrics, self.poller, self.pages, sqs=self.sqs,
                              decoding=self.decoding)
-        intake = EventIntake(settings.s3_bucket, Names.from_settings(settings), self.queue.offer, self.poke)
+        intake = EventIntake(settings.s3_bucket, self.names, self.queue.offer, self.poke)
         webhook = (Webhook(intake, settings.webhook_token.get_secret_value(), settings.webhook_max_bytes)
                    if settings.webhook_token is not None else None)
         self.recent = RecentWork()
@@ -183,6 +188,24 @@ class Daemon:
         got = await self.running.storage.get_bytes(key)
         return got[0] if got is not None else None
 
+    def stopped(self) -> Stopped:
+        """For the stop summary."""
+        where = f"s3://{self.settings.s3_bucket}/{self.settings.output_prefix}"
+        return Stopped(self.outcomes.counts, self.released, where)
+
+    def once_run(self) -> OnceRun:
+        """For `--once`'s summary: this run's error records and what stayed unfinished,
+        and the sources whose error record is from an earlier run."""
+        failed = self.outcomes.ended_with(Outcome.ERROR)
+        now = {r.ref.key for r in failed}
+        fleet = self.fleet
+        earlier = [(ref.key, self.names.error_json(ref.key))
+                   for ref in (fleet.discovery.error_recorded if fleet is not None else [])
+                   if ref.key not in now]
+        unfinished = self.outcomes.ended_with(Outcome.RETRY, Outcome.REFUSED, Outcome.HELD)
+        return OnceRun(self.outcomes.counts, failed, unfinished, earlier,
+                       self.start_problem or self.unfinished_reason)
+
     def _busy(self) -> set[ObjectRef]:
         return self.running.pool.busy() if self.running is not None else set()
 
@@ -216,6 +239,8 @@ class Daemon:
         hooks: list[OutcomeHook] = [MetricsHook(self.metrics, self.status.refresh_gauges),
                                     self.outcomes, self.recent, HeldRetry(self.retry_at), fleet]
         hooks += [hook for hook in (self.sqs, self.notifier) if hook is not None]
+        if resolve_format(self.settings.log_format) == "human":
+            hooks.append(DocumentLines())
         pool = WorkerPool(pipeline, self.queue, self.pages, self.metrics, hooks,
                           self._wait_engine_ready, self.settings.max_inflight_documents)
         running = Running(storage, work_dir, pipeline, pool, fleet)
@@ -247,7 +272,7 @@ class Daemon:
         self.status.draining = True
         log.info("drain_started", inflight=running.pool.inflight, grace_seconds=self.settings.drain_seconds)
         await _cancel(running.tasks.pop("discovery"), running.tasks.pop("engine-warm"))
-        await running.pool.drain(self.settings.drain_seconds, self._force)
+        self.released = await running.pool.drain(self.settings.drain_seconds, self._force)
         # After the drain: the messages of documents it finished are deleted first.
         await _cancel(*(t for t in [running.tasks.pop("sqs", None)] if t is not None))
         await running.fleet.close()  # hands listing over; a failed delete is logged there
@@ -322,9 +347,17 @@ class Daemon:
                 return
             while self.queue.unfinished():
                 if self.engine.state is EngineState.FAILED:
-                    self.unfinished_reason = f"the engine failed to start: {self.engine.error}"
+                    self.start_problem = f"the engine failed to start: {self.engine.error}"
                     return
                 await asyncio.sleep(0.1)
+        if self.poller.s3_reachable is False:
+            where = f"at {self.settings.s3_endpoint} (bucket {self.settings.s3_bucket})"
+            if not self.poller.last_poll:
+                self.start_problem = (f"S3 could not be listed {where}: {self.poller.s3_error}; "
+                                      "`watcher check` says why")
+            else:
+                self.unfinished_reason = f"S3 stopped answering {where}: {self.poller.s3_error}"
+            return
         self.unfinished_reason = "documents were still pending after the last round"
 
     async def _keep_engine_warm(self) -> None:

@@ -5,7 +5,7 @@ follower and the callbacks subscribe with `ended(report)` methods of their own.)
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,13 +31,16 @@ class MetricsHook:
 
 
 class LastOutcomes:
-    """How each source's last run ended, newest last, bounded."""
+    """How each source's last run ended, newest last, bounded; and how many runs ended
+    each way."""
 
     def __init__(self, limit: int = OUTCOMES_REMEMBERED) -> None:
         self.limit = limit
         self.reports: OrderedDict[str, Report] = OrderedDict()
+        self.counts: Counter[Outcome] = Counter()  # every run since start, by outcome
 
     def ended(self, report: Report) -> None:
+        self.counts[report.outcome] += 1
         self.reports[report.ref.key] = report
         self.reports.move_to_end(report.ref.key)
         while len(self.reports) > self.limit:
@@ -45,8 +48,10 @@ class LastOutcomes:
 
     def unfinished(self) -> list[Report]:
         """Sources whose last run did not end with a result."""
-        bad = (Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED, Outcome.HELD)
-        return sorted((r for r in self.reports.values() if r.outcome in bad), key=lambda r: r.ref.key)
+        return self.ended_with(Outcome.ERROR, Outcome.RETRY, Outcome.REFUSED, Outcome.HELD)
+
+    def ended_with(self, *outcomes: Outcome) -> list[Report]:
+        return sorted((r for r in self.reports.values() if r.outcome in outcomes), key=lambda r: r.ref.key)
 
 
 @dataclass(frozen=True)

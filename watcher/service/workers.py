@@ -107,8 +107,9 @@ class WorkerPool:
                 log.error("outcome_hook_failed", hook=type(hook).__name__,
                           error=f"{type(exc).__name__}: {exc}", exc_info=True)
 
-    async def drain(self, grace: float, force: asyncio.Event) -> None:
-        """Idle loops stop now; busy ones get `grace` seconds (less when `force` is set)."""
+    async def drain(self, grace: float, force: asyncio.Event) -> int:
+        """Idle loops stop now; busy ones get `grace` seconds (less when `force` is set).
+        Returns how many documents were cut off (their leases released)."""
         self.stopping = True
         for task in self._loops:
             if self._busy.get(task) is None:
@@ -128,3 +129,4 @@ class WorkerPool:
             for task in leftover:
                 task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        return len(leftover)
