@@ -152,6 +152,12 @@ class Names:
         record (a failed source stays in the input prefix, whatever WATCHER_SOURCE_ACTION)."""
         return f"{self.marker_dir(key)}{etag}{ERROR_MARKER if error else ''}"
 
+    def markers(self, key: str, etag: str) -> tuple[str, str, str]:
+        """(marker_dir, result marker, error-record marker) of a version, hashing the key
+        once: discovery asks for them for every object it lists."""
+        folder = self.marker_dir(key)
+        return folder, f"{folder}{etag}", f"{folder}{etag}{ERROR_MARKER}"
+
     def result_keys_fit(self, key: str) -> bool:
         names = [self.result_json(key), self.result_markdown(key),
                  *(self.result_extra(key, suffix) for suffix in self.extras)]

@@ -45,7 +45,7 @@ def _run(once: bool = False) -> int:
     if settings is None:
         return EXIT_CONFIG
 
-    from watcher.core.logs import configure_logging, resolve_format
+    from watcher.core.logs import configure_logging
     from watcher.service.console import stop_summary
     from watcher.service.daemon import Daemon
 
@@ -75,7 +75,7 @@ def _run(once: bool = False) -> int:
         return EXIT_CONFIG
     if once:
         return _once_report(daemon)
-    if resolve_format(settings.log_format) == "human":
+    if daemon.for_people:
         for line in stop_summary(daemon.stopped()):
             print(line, flush=True)
     return 0

@@ -91,14 +91,15 @@ class Discovery:
                 await asyncio.sleep(0)
             if not (self.names.is_document_key(ref.key) and self._mine(ref.key)):
                 continue
-            here = marked.get(self.names.marker_dir(ref.key), set())
-            mine = self._markers_of(ref.key, ref.etag)
-            has_result = self.names.marker(ref.key, ref.etag) in here
+            folder, result_marker, error_marker = self.names.markers(ref.key, ref.etag)
+            here = marked.get(folder, set())
+            mine = {result_marker, error_marker}
+            has_result = result_marker in here
             if not here & mine or (self._settles and has_result):
                 todo.append(ref)
             if here & mine:
                 stale.extend(here - mine)
-            if self.names.marker(ref.key, ref.etag, error=True) in here:
+            if error_marker in here:
                 error_recorded.append(ref)
         self.error_recorded = error_recorded
         stale.extend(self._orphan_markers(listed, marked, started))
@@ -111,7 +112,7 @@ class Discovery:
 
     def _markers_of(self, key: str, etag: str) -> set[str]:
         """The keys a marker of this version may have (result, error record)."""
-        return {self.names.marker(key, etag), self.names.marker(key, etag, error=True)}
+        return set(self.names.markers(key, etag)[1:])
 
     def _done(self, key: str, etag: str, marked: dict[str, set[str]]) -> bool:
         return bool(self._markers_of(key, etag) & marked.get(self.names.marker_dir(key), set()))

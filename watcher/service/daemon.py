@@ -92,6 +92,9 @@ class Daemon:
         # A configuration or start-up problem that kept it from working (exit 2).
         self.start_problem: str | None = None
         self.released = 0  # documents the drain cut off
+        # A person reads stdout (WATCHER_LOG_FORMAT human, or auto on a terminal): a line
+        # per document, and a summary when it stops.
+        self.for_people = resolve_format(settings.log_format) == "human"
         self.identity = identity or Identity(settings.replica_id)
         self.engine = engine or create_engine(settings)
         self.storage_factory = storage_factory
@@ -239,7 +242,7 @@ class Daemon:
         hooks: list[OutcomeHook] = [MetricsHook(self.metrics, self.status.refresh_gauges),
                                     self.outcomes, self.recent, HeldRetry(self.retry_at), fleet]
         hooks += [hook for hook in (self.sqs, self.notifier) if hook is not None]
-        if resolve_format(self.settings.log_format) == "human":
+        if self.for_people:
             hooks.append(DocumentLines())
         pool = WorkerPool(pipeline, self.queue, self.pages, self.metrics, hooks,
                           self._wait_engine_ready, self.settings.max_inflight_documents)
